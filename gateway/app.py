@@ -1,0 +1,200 @@
+"""`create_app(config)`: the ASGI application and its lifespan.
+
+Routes are thin: parse, decide (routing, policies), then hand the exchange to the proxy.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.config import GatewayConfig
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    error_response,
+    to_gateway_error,
+)
+from gateway.exchange import Exchange
+from gateway.openai_requests import parse_body
+from gateway.proxy import ProxyResponse
+from gateway.services import Gateway
+from gateway.upstream import forwardable_request_headers
+from routing.types import RoutingRequest
+
+log = logging.getLogger("gravity")
+
+_SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Every response carries `x-request-id`: the client's own when sane, else a new one."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = b""
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v if _SANE_REQUEST_ID.match(v) else b""
+                break
+        if not rid:
+            rid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+async def proxy_route(request: Request, route: str) -> Response | ProxyResponse:
+    gw = _gateway(request)
+    model = "unknown"
+    try:
+        raw = await read_body(request, gw.cfg.server.max_body_bytes)
+        parsed = parse_body(route, raw)
+        model = parsed.model
+        session_id = request.headers.get("x-session-id") or (
+            parsed.user if gw.cfg.routing.session_from_user else None)
+        routing_req = RoutingRequest(
+            model=parsed.model, prompt=parsed.prompt, session_id=session_id, cache_salt=parsed.cache_salt,
+            prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
+            priority=request.headers.get("x-gravity-priority", "standard"),
+            request_id=request.scope["state"]["request_id"],
+        )
+        ex = Exchange(
+            request_id=routing_req.request_id, route=route, model=parsed.model, body=parsed.body, raw=raw,
+            stream=parsed.stream, client_wants_usage=parsed.wants_usage, routing=routing_req,
+            forward_headers=forwardable_request_headers(request.scope["headers"]),
+        )
+        ex.forward_headers["x-request-id"] = ex.request_id
+        ex.decision = gw.scheduler.schedule(routing_req)
+    except Exception as exc:  # noqa: BLE001 - the one error mapping answers everything
+        err = to_gateway_error(exc)
+        if not isinstance(exc, GatewayError) and err.status >= 500:
+            log.exception("request failed before dispatch")
+        if err.code in ("model_not_found", "no_healthy_backend"):
+            gw.metrics.routing_errors.labels(model, err.code or "").inc()
+        return error_response(err)
+    return ProxyResponse(gw, ex)
+
+
+async def chat_completions(request: Request) -> Response | ProxyResponse:
+    return await proxy_route(request, "chat/completions")
+
+
+async def completions(request: Request) -> Response | ProxyResponse:
+    return await proxy_route(request, "completions")
+
+
+async def embeddings(request: Request) -> Response | ProxyResponse:
+    return await proxy_route(request, "embeddings")
+
+
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    created = int(gw.started_at)
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "gravity"}
+            for m in sorted(gw.datastore.served_models())]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    ok, missing = _gateway(request).ready()
+    body = {"status": "ready" if ok else "not_ready", "models_without_healthy_backend": missing}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_gateway(request).metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def admin_backends(request: Request) -> Response:
+    return Response(orjson.dumps(_gateway(request).datastore.describe(), default=str),
+                    media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+    return error_response(GatewayError(str(exc.detail), status=exc.status_code, type="invalid_request_error",
+                                       code=None))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(exc)
+
+
+def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> Starlette:
+    gw = gateway or Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/backends", admin_backends, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app.state.gateway = gw
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,84 @@
+"""`gravity` command line: serve, sim, demo, eval, check-config, keys."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiktoken_cache() -> None:
+    # tiktoken would download its BPE files; the package ships them in tiktoken's cache format.
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO / "config" / "tiktoken"))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gravity: invalid config {args.config}:\n{exc}", file=sys.stderr)
+        return 2
+    server = cfg.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
+                                           if v is not None})
+    cfg = cfg.model_copy(update={"server": server})
+    app = create_app(cfg)
+    uvicorn.run(app, host=server.host, port=server.port, loop="uvloop", http="httptools",
+                access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({len(cfg.backends)} backends, {len(cfg.routing.profiles)} routing profiles)")
+    return 0
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    main = importlib.import_module(module).main
+    return int(main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _tiktoken_cache()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with their own parsers take the rest of the line untouched.
+    delegated = {"sim": "simulator.cli", "eval": "routing.eval.cli", "demo": "gateway.demo",
+                 "keys": "gateway.keys_cli"}
+    if argv and argv[0] in delegated:
+        return _delegate(delegated[argv[0]], argv[1:])
+
+    parser = argparse.ArgumentParser(prog="gravity", description="Gravity LLM inference gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level", default="warning")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    for name, help_ in (("sim", "run a simulated vLLM backend"), ("demo", "run a local stack"),
+                        ("eval", "replay a workload through the scheduler in virtual time"),
+                        ("keys", "manage API keys kept in Redis")):
+        sub.add_parser(name, help=help_, add_help=False)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "serve":
+        return _serve(args)
+    return _check_config(args)

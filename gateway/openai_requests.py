@@ -1,0 +1,129 @@
+"""Parse and check OpenAI request bodies just enough to route them; the backend validates the rest.
+
+Wrong types fail here with a 400 that names the parameter, as OpenAI does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidRequest
+
+ROUTES = ("chat/completions", "completions", "embeddings")
+
+
+class ParsedBody:
+    __slots__ = ("body", "model", "stream", "wants_usage", "max_tokens", "prompt", "cache_salt", "user")
+
+    def __init__(self, body: dict[str, Any], model: str, stream: bool, wants_usage: bool, max_tokens: int,
+                 prompt: bytes, cache_salt: str | None, user: str | None) -> None:
+        self.body = body
+        self.model = model
+        self.stream = stream
+        self.wants_usage = wants_usage
+        self.max_tokens = max_tokens
+        self.prompt = prompt
+        self.cache_salt = cache_salt
+        self.user = user
+
+
+def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequest(f"Invalid type for '{name}': expected an integer.", param=name,
+                             code="invalid_type")
+    if v < minimum:
+        raise InvalidRequest(f"Invalid '{name}': must be at least {minimum}.", param=name,
+                             code="invalid_value")
+    return v
+
+
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        raise InvalidRequest(f"Invalid type for '{name}': expected {what}.", param=name, code="invalid_type")
+    return v
+
+
+def _content_bytes(content: Any) -> bytes:
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, list):
+        return b"".join(
+            (part.get("text") or "").encode() if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else b"" for part in content
+        )
+    return b""
+
+
+def chat_prompt_bytes(messages: list[dict[str, Any]]) -> bytes:
+    """A cheap stable rendering of the conversation for prefix hashing (bytes, not tokens)."""
+    parts = []
+    for m in messages:
+        parts.append(str(m.get("role", "")).encode())
+        parts.append(b"\x1f")
+        parts.append(_content_bytes(m.get("content")))
+        parts.append(b"\x1e")
+    return b"".join(parts)
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages",
+                             code="invalid_type" if not isinstance(messages, list) else "invalid_value")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequest(f"Invalid 'messages[{i}]': each message needs a string 'role'.",
+                                 param=f"messages[{i}]", code="invalid_type")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequest(f"Invalid type for 'messages[{i}].content': expected a string or an array.",
+                                 param=f"messages[{i}].content", code="invalid_type")
+    return messages
+
+
+def parse_body(route: str, raw: bytes) -> ParsedBody:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.",
+                             code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter (a non-empty string).", param="model",
+                             code="invalid_type" if model is not None else "missing_required_parameter")
+    stream = bool(_optional(body, "stream", bool, "a boolean"))
+    opts = _optional(body, "stream_options", dict, "an object")
+    wants_usage = bool(opts.get("include_usage")) if opts else False
+    max_tokens = _int(body, "max_completion_tokens", 1) or _int(body, "max_tokens", 1) or 0
+    _int(body, "n", 1)
+    _optional(body, "temperature", (int, float), "a number")
+    cache_salt = _optional(body, "cache_salt", str, "a string")
+    user = _optional(body, "user", str, "a string")
+    if route == "chat/completions":
+        prompt = chat_prompt_bytes(_check_messages(body.get("messages")))
+    elif route == "completions":
+        p = body.get("prompt")
+        if isinstance(p, str):
+            prompt = p.encode()
+        elif isinstance(p, list) and p:
+            prompt = orjson.dumps(p)
+        else:
+            raise InvalidRequest("'prompt' must be a string or a non-empty array.", param="prompt",
+                                 code="invalid_type")
+    else:
+        inp = body.get("input")
+        if not isinstance(inp, (str, list)) or not inp:
+            raise InvalidRequest("'input' must be a non-empty string or array.", param="input",
+                                 code="invalid_type")
+        prompt = inp.encode() if isinstance(inp, str) else orjson.dumps(inp)
+        stream = False
+    return ParsedBody(body, model, stream, wants_usage, max_tokens, prompt, cache_salt, user)

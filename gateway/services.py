@@ -1,0 +1,105 @@
+"""The gateway's long-lived parts, built from config and started/stopped by the app lifespan.
+
+No globals: handlers reach this object through `request.app.state.gateway`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from gateway.config import GatewayConfig
+from gateway.exchange import Exchange, FinishHook
+from gateway.metrics import GatewayMetrics
+from gateway.redis_conn import RedisHandle, open_redis
+from gateway.upstream import BackendTarget, Upstream
+from routing.datastore import Datastore
+from routing.scheduler import Scheduler, build_scheduler
+from routing.scraper import Collector
+from routing.types import EndpointSpec
+
+log = logging.getLogger("gravity")
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.metrics = GatewayMetrics()
+        self.upstream = Upstream(cfg.server)
+        self.datastore = Datastore()
+        self.targets: dict[str, BackendTarget] = {}
+        for b in cfg.backends:
+            target = BackendTarget.from_config(b)
+            self.targets[b.name] = target
+            self.datastore.upsert(EndpointSpec(
+                name=b.name, url=b.url, models=frozenset(b.models) if b.models else None,
+                models_url=target.models_url, metrics_url=target.metrics_url,
+            ))
+        self.scheduler: Scheduler = build_scheduler(cfg.routing, self.datastore)
+        self.collector = Collector(self.datastore, self._fetch, interval_s=cfg.routing.scrape_interval_s,
+                                   timeout_s=cfg.routing.scrape_timeout_s)
+        self.redis: RedisHandle | None = None
+        self.finish_hooks: list[FinishHook] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _fetch(self, url: str) -> tuple[int, str]:
+        return await self.upstream.fetch_text(url, self.cfg.routing.scrape_timeout_s)
+
+    async def start(self) -> None:
+        await self.upstream.open()
+        self.redis = open_redis(self.cfg.state)
+        # One scrape before serving, so /ready and routing start from real state.
+        with contextlib.suppress(Exception):
+            await self.collector.refresh_once()
+        self._tasks.append(asyncio.create_task(self.collector.run(), name="gravity-collector"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.upstream.close()
+        if self.redis is not None:
+            await self.redis.close()
+            self.redis = None
+
+    def configured_models(self) -> set[str]:
+        return {m for b in self.cfg.backends for m in (b.models or ())}
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Ready when every configured (or discovered) model has a healthy backend."""
+        served = self.datastore.served_models()
+        wanted = self.configured_models() or {m for e in self.datastore.snapshot() for m in (e.models or ())}
+        missing = sorted(wanted - served)
+        return (bool(served) and not missing), missing
+
+    async def finish(self, ex: Exchange) -> None:
+        """Account for a finished exchange: in-flight counts, metrics, then other layers' hooks."""
+        ex.finished_at = time.perf_counter()
+        ticket = ex.extras.pop("inflight_ticket", None)
+        if ticket is not None:
+            self.datastore.end(ticket)
+        m = self.metrics
+        m.requests.labels(ex.route, ex.model, ex.backend or "", str(ex.status)).inc()
+        m.latency.labels(ex.route, ex.model).observe(ex.finished_at - ex.started)
+        if ex.first_chunk_at is not None:
+            m.ttft.labels(ex.model).observe(ex.first_chunk_at - ex.started)
+        if ex.usage:
+            prompt = ex.usage.get("prompt_tokens")
+            completion = ex.usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                m.tokens.labels(ex.model, "prompt").inc(prompt)
+            if isinstance(completion, int):
+                m.tokens.labels(ex.model, "completion").inc(completion)
+            details = ex.usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                m.cached_tokens.labels(ex.model, ex.backend or "").inc(details["cached_tokens"])
+        for hook in self.finish_hooks:
+            try:
+                await hook(ex)
+            except Exception:  # noqa: BLE001 - a hook must never break the response path
+                log.exception("finish hook %r failed for request %s", hook, ex.request_id)

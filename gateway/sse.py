@@ -1,0 +1,69 @@
+"""Split a server-sent-event byte stream into whole events without delaying any of them.
+
+Used to find (and, when the client did not ask for it, drop) the final usage-only chunk.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+
+
+class EventSplitter:
+    """Feed raw chunks; get back the complete events in them (each with its trailing blank line)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            cut = buf.find(b"\n\n", start)
+            if cut < 0:
+                crlf = buf.find(b"\r\n\r\n", start)
+                if crlf < 0:
+                    break
+                end = crlf + 4
+            else:
+                end = cut + 2
+            events.append(buf[start:end])
+            start = end
+        self._buf = buf[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """Whatever followed the last separator (a backend that ended without one)."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def event_json(event: bytes) -> Any | None:
+    """The JSON payload of a `data:` event, or None for [DONE], comments and non-JSON data."""
+    data = b"".join(
+        line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")
+    )
+    if not data or data == b"[DONE]":
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def usage_of(event: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """(usage, usage_only) for one event: usage_only marks the extra chunk include_usage adds."""
+    if b'"usage"' not in event:
+        return None, False
+    payload = event_json(event)
+    if not isinstance(payload, dict):
+        return None, False
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None, False
+    return usage, payload.get("choices") == []

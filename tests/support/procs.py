@@ -1,0 +1,124 @@
+"""Start real processes (gateway, simulator, redis-server) on free loopback ports and stop them."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+@dataclass
+class Proc:
+    """A child process with its log file; `stop()` is idempotent."""
+
+    args: list[str]
+    port: int
+    log_path: Path
+    popen: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = 20.0) -> Proc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        full_env = {**os.environ, **(env or {})}
+        self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+        log.close()
+        try:
+            wait_for_port(self.port, timeout, self.popen)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"{self.args!r} failed to start:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("redis-server not found; `make test` installs it with apt-get")
+    return found
+
+
+def start_redis(tmp: Path, port: int | None = None, extra: list[str] | None = None) -> Proc:
+    port = port or free_port()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(tmp), *(extra or [])]
+    return Proc(args, port, tmp / f"redis-{port}.log").start()
+
+
+def start_sim(tmp: Path, model: str = "sim-llama", extra: list[str] | None = None,
+              port: int | None = None) -> Proc:
+    port = port or free_port()
+    args = [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(port),
+            "--model", model, *(extra or [])]
+    return Proc(args, port, tmp / f"sim-{port}.log").start()
+
+
+def write_config(tmp: Path, cfg: dict[str, object]) -> Path:
+    path = Path(tempfile.mkstemp(suffix=".yaml", dir=tmp)[1])
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_gateway(tmp: Path, cfg: dict[str, object], port: int | None = None,
+                  env: dict[str, str] | None = None) -> Proc:
+    port = port or free_port()
+    server = dict(cfg.get("server", {}))  # type: ignore[call-overload]
+    server.update(host="127.0.0.1", port=port)
+    cfg = {**cfg, "server": server}
+    path = write_config(tmp, cfg)
+    args = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+    return Proc(args, port, tmp / f"gateway-{port}.log").start(env=env)
+
+
+@contextlib.contextmanager
+def running(*procs: Proc) -> Iterator[tuple[Proc, ...]]:
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
