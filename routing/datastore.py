@@ -1,0 +1,228 @@
+"""The endpoint datastore: the single writer of backend state (specs, models, health, metrics, in-flight).
+
+Scheduling reads immutable :class:`Snapshot` copies; only the collector, the gateway and the
+resilience layer write, and always through these methods.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot
+
+__all__ = ["Datastore", "InflightTicket", "RestartListener"]
+
+RestartListener = Callable[[str], None]
+
+
+@dataclass
+class InflightTicket:
+    """Handle returned by :meth:`Datastore.begin`; ending it twice is harmless."""
+
+    endpoint: str
+    prompt_tokens: int
+    max_tokens: int
+    generation: int
+    done: bool = False
+
+
+@dataclass
+class _State:
+    spec: EndpointSpec
+    models: frozenset[str] | None
+    loras: frozenset[str] = frozenset()
+    healthy: bool = True  # optimistic until a scrape says otherwise, so static setups work
+    health_reason: str = ""
+    circuit_open: bool = False
+    metrics: EndpointMetrics | None = None
+    inflight_requests: int = 0
+    inflight_prompt_tokens: int = 0
+    inflight_decode_tokens: int = 0
+    generation: int = 0
+    restarts: int = 0
+
+
+class Datastore:
+    """Holds every endpoint's state; all methods are O(1) except snapshot/describe (O(endpoints))."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, stale_after_s: float = 2.0) -> None:
+        self._clock = clock
+        self._stale_after_s = stale_after_s
+        self._states: dict[str, _State] = {}
+        self._restart_listeners: list[RestartListener] = []
+
+    # -- configuration -------------------------------------------------------------------------
+    def upsert(self, spec: EndpointSpec) -> None:
+        current = self._states.get(spec.name)
+        if current is None:
+            self._states[spec.name] = _State(spec=spec, models=spec.models)
+            return
+        current.spec = spec
+        if spec.models is not None:
+            current.models = spec.models
+
+    def remove(self, name: str) -> None:
+        if self._states.pop(name, None) is not None:
+            # A removed endpoint's cache is gone as far as routing is concerned.
+            self._notify_restart(name)
+
+    def specs(self) -> list[EndpointSpec]:
+        return [s.spec for s in self._states.values()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
+
+    # -- writers -------------------------------------------------------------------------------
+    def set_models(self, name: str, models: set[str] | frozenset[str], loras: set[str] | frozenset[str] = frozenset()) -> None:
+        state = self._states.get(name)
+        if state is None:
+            return
+        state.models = frozenset(models)
+        state.loras = frozenset(loras)
+
+    def set_healthy(self, name: str, ok: bool, reason: str = "") -> None:
+        state = self._states.get(name)
+        if state is None:
+            return
+        state.healthy = ok
+        state.health_reason = "" if ok else reason
+
+    def set_circuit_open(self, name: str, is_open: bool) -> None:
+        """Written by the resilience layer's circuit breaker; the healthy filter honours it."""
+        state = self._states.get(name)
+        if state is not None:
+            state.circuit_open = is_open
+
+    def update_metrics(self, name: str, m: EndpointMetrics) -> None:
+        state = self._states.get(name)
+        if state is None:
+            return
+        previous = state.metrics
+        state.metrics = dataclasses.replace(m, updated_at=self._clock())
+        if previous is not None and _restarted(previous, m):
+            self.on_restart(name)
+
+    # -- restart handling ----------------------------------------------------------------------
+    def add_restart_listener(self, listener: RestartListener) -> None:
+        """Plugins holding per-endpoint cache state (the prefix index) register here."""
+        self._restart_listeners.append(listener)
+
+    def on_restart(self, name: str) -> None:
+        """An endpoint restarted: its KV cache is empty, so everything we believed about it goes."""
+        state = self._states.get(name)
+        if state is not None:
+            state.generation += 1
+            state.restarts += 1
+        self._notify_restart(name)
+
+    def _notify_restart(self, name: str) -> None:
+        for listener in self._restart_listeners:
+            listener(name)
+
+    # -- in-flight accounting ------------------------------------------------------------------
+    def begin(self, name: str, prompt_tokens: int, max_tokens: int) -> InflightTicket:
+        state = self._states.get(name)
+        generation = -1
+        if state is not None:
+            state.inflight_requests += 1
+            state.inflight_prompt_tokens += prompt_tokens
+            state.inflight_decode_tokens += max_tokens
+            generation = state.generation
+        return InflightTicket(name, prompt_tokens, max_tokens, generation)
+
+    def end(self, ticket: InflightTicket) -> None:
+        if ticket.done:
+            return
+        ticket.done = True
+        state = self._states.get(ticket.endpoint)
+        if state is None:
+            return
+        # Clamp at zero: an endpoint removed and re-added between begin and end must not go negative.
+        state.inflight_requests = max(0, state.inflight_requests - 1)
+        state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
+        state.inflight_decode_tokens = max(0, state.inflight_decode_tokens - ticket.max_tokens)
+
+    # -- readers -------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        now = self._clock()
+        views = {name: self._view(s, now) for name, s in self._states.items()}
+        return Snapshot(endpoints=views, taken_at=now)
+
+    def _view(self, s: _State, now: float) -> EndpointView:
+        fresh = s.metrics is not None and now - s.metrics.updated_at <= self._stale_after_s
+        return EndpointView(
+            name=s.spec.name,
+            url=s.spec.url,
+            models=s.models,
+            loras=s.loras,
+            healthy=s.healthy,
+            health_reason=s.health_reason,
+            circuit_open=s.circuit_open,
+            metrics=s.metrics,
+            fresh=fresh,
+            inflight_requests=s.inflight_requests,
+            inflight_prompt_tokens=s.inflight_prompt_tokens,
+            inflight_decode_tokens=s.inflight_decode_tokens,
+            generation=s.generation,
+        )
+
+    def served_models(self) -> set[str]:
+        out: set[str] = set()
+        for s in self._states.values():
+            if s.healthy and s.models is not None:
+                out |= s.models
+                out |= s.loras
+        return out
+
+    def models_of(self, name: str) -> frozenset[str] | None:
+        state = self._states.get(name)
+        return None if state is None else state.models
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready state for ``GET /admin/backends``."""
+        now = self._clock()
+        out: dict[str, Any] = {}
+        for name, s in self._states.items():
+            view = self._view(s, now)
+            metrics: dict[str, Any] | None = None
+            if s.metrics is not None:
+                metrics = dataclasses.asdict(s.metrics)
+                metrics["loras_running"] = sorted(s.metrics.loras_running)
+                metrics["loras_waiting"] = sorted(s.metrics.loras_waiting)
+                metrics["age_s"] = round(now - s.metrics.updated_at, 3)
+                del metrics["updated_at"]
+            out[name] = {
+                "url": s.spec.url,
+                "models": None if s.models is None else sorted(s.models),
+                "loras": sorted(s.loras),
+                "healthy": s.healthy,
+                "reason": s.health_reason,
+                "circuit_open": s.circuit_open,
+                "fresh": view.fresh,
+                "metrics": metrics,
+                "inflight": {
+                    "requests": s.inflight_requests,
+                    "prompt_tokens": s.inflight_prompt_tokens,
+                    "decode_tokens": s.inflight_decode_tokens,
+                },
+                "restarts": s.restarts,
+            }
+        return out
+
+
+def _restarted(old: EndpointMetrics, new: EndpointMetrics) -> bool:
+    if None not in (old.process_start_time, new.process_start_time) and (
+        new.process_start_time != old.process_start_time
+    ):
+        return True
+    for before, after in (
+        (old.prefix_queries_total, new.prefix_queries_total),
+        (old.prefix_hits_total, new.prefix_hits_total),
+        (old.requests_total, new.requests_total),
+    ):
+        if before is not None and after is not None and after < before:
+            return True
+    return False

@@ -1,0 +1,1 @@
+"""Built-in scheduler plugins, one per module; see registry.default_registry()."""

@@ -1,0 +1,30 @@
+"""Picker ``max-score``: rank by total score, breaking ties at random so equal replicas share load.
+"""
+from __future__ import annotations
+
+from routing.plugins.base import BuildContext, CycleContext, NoParams, PluginFactory
+from routing.types import Candidate
+
+__all__ = ["FACTORY", "MaxScorePicker", "rank_by_score"]
+
+
+def rank_by_score(ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
+    shuffled = list(candidates)
+    ctx.rng.shuffle(shuffled)  # stable sort after a shuffle = random tie-break
+    shuffled.sort(key=lambda c: c.score, reverse=True)
+    return shuffled
+
+
+class MaxScorePicker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def pick(self, ctx: CycleContext, candidates: list[Candidate]) -> list[Candidate]:
+        return rank_by_score(ctx, candidates)
+
+
+def _build(name: str, params: NoParams, deps: BuildContext) -> MaxScorePicker:
+    return MaxScorePicker(name)
+
+
+FACTORY = PluginFactory("max-score", "picker", NoParams, _build, "highest total score, random tie-break")

@@ -1,0 +1,149 @@
+"""Value types shared by the datastore, the scheduler, its plugins and the evaluator.
+
+Nothing here knows about HTTP; the gateway, ext_proc and the virtual-time evaluator all build these.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Candidate",
+    "Decision",
+    "EndpointMetrics",
+    "EndpointSpec",
+    "EndpointView",
+    "RoutingRequest",
+    "Snapshot",
+]
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """A configured backend. ``models=None`` means discover them from ``models_url``."""
+
+    name: str
+    url: str
+    models: frozenset[str] | None = None
+    # vLLM serves /v1/models and /metrics at the root; KServe puts OpenAI routes under /openai/v1,
+    # so the gateway fills these in per endpoint and the collector never guesses.
+    models_url: str | None = None
+    metrics_url: str | None = None
+
+    def resolved_metrics_url(self) -> str:
+        return self.metrics_url or self.url.rstrip("/") + "/metrics"
+
+    def resolved_models_url(self) -> str:
+        return self.models_url or self.url.rstrip("/") + "/v1/models"
+
+
+@dataclass(frozen=True)
+class EndpointMetrics:
+    """What one scrape says about an endpoint (summed over the models it serves).
+
+    Counters are kept raw (monotonic totals) so the datastore can detect a restart when one goes
+    backwards; ``updated_at`` is stamped by the datastore with its own clock.
+    """
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float | None = None  # fraction in [0, 1]; None when the engine does not report it
+    prefix_queries_total: float | None = None  # tokens looked up in the prefix cache
+    prefix_hits_total: float | None = None  # tokens found there
+    requests_total: float | None = None  # finished requests, any reason
+    kv_capacity_tokens: int | None = None  # num_gpu_blocks * block_size from cache_config_info
+    loras_running: frozenset[str] = frozenset()
+    loras_waiting: frozenset[str] = frozenset()
+    max_loras: int = 0
+    process_start_time: float | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """An immutable copy of one endpoint's state inside a :class:`Snapshot`."""
+
+    name: str
+    url: str
+    models: frozenset[str] | None  # None until discovered
+    loras: frozenset[str]
+    healthy: bool
+    health_reason: str
+    circuit_open: bool
+    metrics: EndpointMetrics | None  # None until the first scrape
+    fresh: bool  # metrics present and younger than stale_after_s
+    inflight_requests: int
+    inflight_prompt_tokens: int
+    inflight_decode_tokens: int
+    generation: int  # bumped on every detected restart
+
+    def serves(self, model: str) -> bool:
+        return self.models is not None and (model in self.models or model in self.loras)
+
+    def trusted_metrics(self) -> EndpointMetrics | None:
+        """Scraped metrics only when fresh: stale numbers are worse than none."""
+        return self.metrics if self.fresh else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A point-in-time clone of the datastore; scheduling never reads live state."""
+
+    endpoints: Mapping[str, EndpointView]
+    taken_at: float
+
+    def __iter__(self) -> Iterator[EndpointView]:
+        return iter(self.endpoints.values())
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What the scheduler needs to know about one inference request."""
+
+    model: str
+    prompt: bytes  # rendered prompt text, hashed in byte blocks (no tokenizer on the hot path)
+    session_id: str | None = None
+    session_endpoint: str | None = None  # affinity hint the gateway looked up in Redis
+    cache_salt: str | None = None
+    lora: str | None = None
+    prompt_tokens: int = 0  # estimate
+    max_tokens: int = 0
+    priority: str = "standard"
+    request_id: str = ""
+    profile: str | None = None  # None selects RoutingConfig.default_profile
+
+
+@dataclass
+class Candidate:
+    """One ranked endpoint: the weighted total and each scorer's clamped, unweighted score."""
+
+    endpoint: str
+    url: str
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    """The scheduler's answer: candidates best first, so the resilience layer can retry down it."""
+
+    model: str
+    profile: str
+    ranked: list[Candidate]
+    latency_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # plugin name -> seconds
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked[0]
+
+    def header(self, limit: int = 3) -> str:
+        """Compact form for the ``x-gravity-route`` debug header."""
+        parts = []
+        for c in self.ranked[:limit]:
+            detail = ",".join(f"{k}={v:.2f}" for k, v in c.scores.items())
+            parts.append(f"{c.endpoint};score={c.score:.3f}" + (f";{detail}" if detail else ""))
+        return f"profile={self.profile} " + " ".join(parts)

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from routing.types import EndpointSpec
+from tests.unit.routing.helpers import FakeClock, make_datastore, metrics
+
+
+def test_inflight_accounting_is_symmetric_and_idempotent() -> None:
+    ds = make_datastore()
+    t1 = ds.begin("a", 100, 10)
+    t2 = ds.begin("a", 50, 5)
+    view = ds.snapshot().endpoints["a"]
+    assert (view.inflight_requests, view.inflight_prompt_tokens, view.inflight_decode_tokens) == (2, 150, 15)
+    ds.end(t1)
+    ds.end(t1)
+    ds.end(t2)
+    view = ds.snapshot().endpoints["a"]
+    assert (view.inflight_requests, view.inflight_prompt_tokens, view.inflight_decode_tokens) == (0, 0, 0)
+
+
+def test_inflight_survives_remove_and_unknown_endpoints() -> None:
+    ds = make_datastore()
+    ticket = ds.begin("a", 1, 1)
+    ds.remove("a")
+    ds.upsert(EndpointSpec("a", "http://a", frozenset({"m"})))
+    ds.end(ticket)
+    assert ds.snapshot().endpoints["a"].inflight_requests == 0
+    ds.end(ds.begin("ghost", 1, 1))
+
+
+def test_snapshot_is_a_copy() -> None:
+    ds = make_datastore()
+    snap = ds.snapshot()
+    ds.begin("a", 1, 1)
+    ds.set_healthy("b", False, "down")
+    assert snap.endpoints["a"].inflight_requests == 0
+    assert snap.endpoints["b"].healthy
+
+
+def test_staleness_follows_the_clock() -> None:
+    clock = FakeClock()
+    ds = make_datastore(clock=clock)
+    ds.update_metrics("a", metrics(waiting=3))
+    assert ds.snapshot().endpoints["a"].fresh
+    clock.now += 2.5
+    view = ds.snapshot().endpoints["a"]
+    assert not view.fresh and view.trusted_metrics() is None
+    assert ds.describe()["a"]["fresh"] is False
+
+
+def test_served_models_only_counts_healthy_endpoints() -> None:
+    ds = make_datastore(names=("a", "b"))
+    ds.set_models("b", {"other"}, {"adapter"})
+    assert ds.served_models() == {"m", "other", "adapter"}
+    ds.set_healthy("b", False, "scrape failed")
+    assert ds.served_models() == {"m"}
+    assert ds.models_of("b") == frozenset({"other"})
+
+
+def test_restart_detected_from_counters_and_start_time() -> None:
+    ds = make_datastore()
+    restarted: list[str] = []
+    ds.add_restart_listener(restarted.append)
+    ds.update_metrics("a", metrics(prefix_queries_total=100.0, process_start_time=1.0))
+    ds.update_metrics("a", metrics(prefix_queries_total=150.0, process_start_time=1.0))
+    assert restarted == []
+    ds.update_metrics("a", metrics(prefix_queries_total=10.0, process_start_time=1.0))
+    ds.update_metrics("a", metrics(prefix_queries_total=20.0, process_start_time=2.0))
+    assert restarted == ["a", "a"]
+    assert ds.snapshot().endpoints["a"].generation == 2
+    ds.remove("a")
+    assert restarted[-1] == "a"
+
+
+def test_describe_is_json_ready() -> None:
+    import json
+
+    ds = make_datastore(names=("a",))
+    ds.update_metrics("a", metrics(waiting=2, loras_running=frozenset({"x"})))
+    ds.begin("a", 5, 6)
+    body = json.loads(json.dumps(ds.describe()))
+    assert body["a"]["metrics"]["waiting"] == 2
+    assert body["a"]["metrics"]["loras_running"] == ["x"]
+    assert body["a"]["inflight"] == {"requests": 1, "prompt_tokens": 5, "decode_tokens": 6}

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from routing.config import RoutingConfig
+from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
+from routing.scheduler import build_scheduler
+from routing.types import RoutingRequest
+from tests.unit.routing.helpers import FakeClock, make_datastore, metrics
+
+
+def _req(**kw: object) -> RoutingRequest:
+    return RoutingRequest(model=str(kw.pop("model", "m")), prompt=b"hello", **kw)  # type: ignore[arg-type]
+
+
+def test_default_profile_prefers_the_shorter_queue() -> None:
+    ds = make_datastore()
+    ds.begin("a", 1, 1)
+    ds.update_metrics("b", metrics(waiting=4))
+    decision = build_scheduler(RoutingConfig(), ds, rng=random.Random(0)).schedule(_req())
+    assert [c.endpoint for c in decision.ranked] == ["c", "a", "b"]
+    assert decision.ranked[0].scores == {"queue": 1.0}
+    assert decision.profile == "default" and decision.latency_s >= 0
+    assert {"model-served", "healthy", "queue", "max-score"} <= decision.timings.keys()
+
+
+def test_ties_are_broken_at_random() -> None:
+    ds = make_datastore()
+    sched = build_scheduler(RoutingConfig(), ds, rng=random.Random(1))
+    firsts = Counter(sched.schedule(_req()).best.endpoint for _ in range(300))
+    assert set(firsts) == {"a", "b", "c"} and min(firsts.values()) > 60
+
+
+def test_inflight_spreads_a_burst() -> None:
+    ds = make_datastore()
+    sched = build_scheduler(RoutingConfig(), ds, rng=random.Random(2))
+    picks = []
+    for _ in range(6):
+        best = sched.schedule(_req()).best.endpoint
+        ds.begin(best, 10, 10)
+        picks.append(best)
+    assert Counter(picks) == {"a": 2, "b": 2, "c": 2}
+
+
+def test_unknown_model_and_no_healthy_endpoint() -> None:
+    clock = FakeClock()
+    ds = make_datastore(clock=clock)
+    sched = build_scheduler(RoutingConfig(), ds, rng=random.Random(0))
+    with pytest.raises(ModelNotServed) as missing:
+        sched.schedule(_req(model="other"))
+    assert missing.value.code == "model_not_found"
+    ds.set_healthy("a", False, "down")
+    ds.set_circuit_open("b", True)
+    ds.update_metrics("c", metrics())
+    clock.now += 10  # c's metrics go stale
+    with pytest.raises(NoHealthyEndpoint) as none:
+        sched.schedule(_req())
+    assert none.value.code == "no_healthy_endpoint" and "healthy" in str(none.value)
+
+
+def test_unknown_profile_is_an_error() -> None:
+    sched = build_scheduler(RoutingConfig(), make_datastore(), rng=random.Random(0))
+    with pytest.raises(UnknownProfile):
+        sched.schedule(_req(profile="nope"))
+
+
+def test_framework_clamps_and_weights() -> None:
+    class Wild:
+        name = "wild"
+
+        def score(self, ctx: object, endpoints: list[object]) -> list[float]:
+            return [5.0, float("nan"), -3.0][: len(endpoints)]
+
+    from routing.plugins.base import Params, PluginFactory
+    from routing.plugins.registry import default_registry
+
+    registry = default_registry()
+    registry.add(PluginFactory("wild-scorer", "scorer", Params, lambda name, p, d: Wild()))
+    cfg = RoutingConfig.model_validate(
+        {"profiles": [{"name": "w", "plugins": [{"ref": "wild-scorer", "weight": 2}]}]},
+        context={"registry": registry},
+    )
+    decision = build_scheduler(cfg, make_datastore(), rng=random.Random(0), registry=registry).schedule(_req())
+    by_name = {c.endpoint: c for c in decision.ranked}
+    assert by_name["a"].score == 2.0 and by_name["a"].scores["wild"] == 1.0
+    assert by_name["b"].score == 0.0 and by_name["c"].score == 0.0
+    assert decision.best.endpoint == "a"
