@@ -27,12 +27,11 @@ from gateway.errors import (
     error_response,
     to_gateway_error,
 )
-from gateway.exchange import Exchange
+from gateway.dispatch import new_exchange, schedule
 from gateway.openai_requests import parse_body
 from gateway.proxy import ProxyResponse
 from gateway.services import Gateway
 from gateway.upstream import forwardable_request_headers
-from routing.types import RoutingRequest
 
 log = logging.getLogger("gravity")
 
@@ -88,31 +87,25 @@ def _gateway(request: Request) -> Gateway:
 async def proxy_route(request: Request, route: str) -> Response | ProxyResponse:
     gw = _gateway(request)
     model = "unknown"
+    ex = None
     try:
         raw = await read_body(request, gw.cfg.server.max_body_bytes)
         parsed = parse_body(route, raw)
         model = parsed.model
-        session_id = request.headers.get("x-session-id") or (
-            parsed.user if gw.cfg.routing.session_from_user else None)
-        routing_req = RoutingRequest(
-            model=parsed.model, prompt=parsed.prompt, session_id=session_id, cache_salt=parsed.cache_salt,
-            prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
-            priority=request.headers.get("x-gravity-priority", "standard"),
-            request_id=request.scope["state"]["request_id"],
-        )
-        ex = Exchange(
-            request_id=routing_req.request_id, route=route, model=parsed.model, body=parsed.body, raw=raw,
-            stream=parsed.stream, client_wants_usage=parsed.wants_usage, routing=routing_req,
-            forward_headers=forwardable_request_headers(request.scope["headers"]),
-        )
-        ex.forward_headers["x-request-id"] = ex.request_id
-        ex.decision = gw.scheduler.schedule(routing_req)
+        ex = new_exchange(gw, route, parsed, raw, request.headers, request.scope["state"]["request_id"],
+                          forwardable_request_headers(request.scope["headers"]))
+        await schedule(gw, ex, request.headers)
     except Exception as exc:  # noqa: BLE001 - the one error mapping answers everything
         err = to_gateway_error(exc)
         if not isinstance(exc, GatewayError) and err.status >= 500:
             log.exception("request failed before dispatch")
         if err.code in ("model_not_found", "no_healthy_backend"):
             gw.metrics.routing_errors.labels(model, err.code or "").inc()
+        if ex is not None:
+            # Admitted but not dispatched: let the hooks refund what admission reserved.
+            ex.status, ex.outcome = err.status, "error"
+            await gw.finish(ex)
+            return error_response(err, ex.response_headers)
         return error_response(err)
     return ProxyResponse(gw, ex)
 
@@ -192,6 +185,7 @@ def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/backends", admin_backends, methods=["GET"]),
+        *gw.extra_routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -49,3 +49,10 @@ class Exchange:
 
 
 FinishHook = Callable[[Exchange], Awaitable[None]]
+PreDispatchHook = Callable[[Exchange, Mapping[str, str]], Awaitable[None]]
+
+
+class Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

@@ -123,6 +123,7 @@ class ProxyResponse:
             ex.extras["inflight_ticket"] = ticket
             ex.backend = cand.endpoint
             gw.scheduler.observe(ex.routing, cand.endpoint)
+            await gw.picked(ex)
             return resp
         raise BadGateway(f"No backend for model '{ex.model}' could be reached"
                          f"{f' ({type(last).__name__})' if last else ''}.", code="backend_unreachable")

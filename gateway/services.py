@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 import time
 
+from starlette.routing import BaseRoute
+
 from gateway.config import GatewayConfig
-from gateway.exchange import Exchange, FinishHook
+from gateway.exchange import Exchange, FinishHook, Lifecycle, PreDispatchHook
 from gateway.metrics import GatewayMetrics
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.upstream import BackendTarget, Upstream
@@ -41,7 +44,16 @@ class Gateway:
         self.collector = Collector(self.datastore, self._fetch, interval_s=cfg.routing.scrape_interval_s,
                                    timeout_s=cfg.routing.scrape_timeout_s)
         self.redis: RedisHandle | None = None
+        # Extension points for the admission and state layers (each registers itself in install()).
+        self.pre_dispatch_hooks: list[PreDispatchHook] = []
+        """Run in order before scheduling; may raise (a policy error) or refine `ex.routing`."""
+        self.picked_hooks: list[FinishHook] = []
+        """Run once a backend accepted the request (e.g. remember the session's endpoint)."""
         self.finish_hooks: list[FinishHook] = []
+        """Run after the response ended, whatever the outcome (settle budgets, record usage)."""
+        self.extra_routes: list[BaseRoute] = []
+        self.lifecycle: list[Lifecycle] = []
+        """Objects with async start()/stop(), started after Redis and stopped before it."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _fetch(self, url: str) -> tuple[int, str]:
@@ -54,8 +66,13 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.collector.refresh_once()
         self._tasks.append(asyncio.create_task(self.collector.run(), name="gravity-collector"))
+        for part in self.lifecycle:
+            await part.start()
 
     async def stop(self) -> None:
+        for part in reversed(self.lifecycle):
+            with contextlib.suppress(Exception):
+                await part.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -76,6 +93,17 @@ class Gateway:
         wanted = self.configured_models() or {m for e in self.datastore.snapshot() for m in (e.models or ())}
         missing = sorted(wanted - served)
         return (bool(served) and not missing), missing
+
+    async def before_dispatch(self, ex: Exchange, headers: Mapping[str, str]) -> None:
+        for hook in self.pre_dispatch_hooks:
+            await hook(ex, headers)
+
+    async def picked(self, ex: Exchange) -> None:
+        for hook in self.picked_hooks:
+            try:
+                await hook(ex)
+            except Exception:  # noqa: BLE001 - losing affinity must not fail the request
+                log.exception("picked hook %r failed for request %s", hook, ex.request_id)
 
     async def finish(self, ex: Exchange) -> None:
         """Account for a finished exchange: in-flight counts, metrics, then other layers' hooks."""
