@@ -1,0 +1,343 @@
+"""The simulator's HTTP face: a Starlette app speaking vLLM's OpenAI-compatible API over the engine.
+
+Also serves /metrics with vLLM names and /admin endpoints for faults, resets and request records.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import random
+import struct
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from simulator import tokenizer
+from simulator.engine import Engine, EngineConfig, SimRequest, TokenEvent
+from simulator.faults import Faults
+from simulator.metrics import build_registry, render
+from simulator.openai_api import (ApiError, GenerateParams, chat_prompt_text, chunk, full_response, parse_generate,
+                                  resolve_model, usage)
+from simulator.profiles import get_profile
+from simulator.runner import EngineRunner, RequestStream
+
+
+@dataclass
+class SimServerConfig:
+    """Everything one simulated vLLM replica needs; `engine` usually comes from a profile."""
+
+    model: str = "sim-llama"
+    served_model_names: list[str] = field(default_factory=list)
+    engine: EngineConfig = field(default_factory=lambda: get_profile("tiny"))
+    time_scale: float = 1.0
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)
+    request_log_size: int = 256
+    embedding_dim: int = 384
+
+    @property
+    def names(self) -> list[str]:
+        return self.served_model_names or [self.model]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class _Aborted(Exception):
+    """The engine was reset under a running request."""
+
+
+class SimServer:
+    """Per-app state (no globals): the runner, the faults, and the recent request records."""
+
+    def __init__(self, cfg: SimServerConfig) -> None:
+        self.cfg = cfg
+        self.faults = dataclasses.replace(cfg.faults)
+        self.runner = EngineRunner(self._new_engine, cfg.time_scale)
+        self.records: deque[dict[str, Any]] = deque(maxlen=cfg.request_log_size)
+        self.registry = build_registry(lambda: self.runner, cfg.names[0], cfg.engine.max_loras)
+        self._ids = itertools.count()
+        self.created = int(time.time())
+
+    def _new_engine(self) -> Engine:
+        return Engine(dataclasses.replace(self.cfg.engine), tokenizer.output_tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.runner.run(), name="sim-engine-loop")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ---- generation ------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        body = await _json_body(request)
+        p = parse_generate(kind, body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
+                           self.cfg.engine.scheduling_policy == "priority")
+        base_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{base_id}"
+        record: dict[str, Any] = {
+            "request_id": rid, "path": request.url.path, "model": p.model,
+            "traceparent": request.headers.get("traceparent"), "tracestate": request.headers.get("tracestate"),
+            "prompt_tokens": len(p.prompt_token_ids), "cached_tokens": None, "completion_tokens": 0,
+            "finish_reason": None, "status": "running", "stream": p.stream,
+            "timings": {"received_at": time.time(), "first_token_s": None, "e2e_s": None}}
+        self.records.append(record)
+        headers = {"x-request-id": base_id}
+        failure = self.faults.take_failure()
+        if failure is not None:
+            record["status"] = f"failed:{failure}"
+            raise ApiError(failure, f"Injected failure (simulator fault, status {failure}).")
+        sim = SimRequest(f"{rid}-{next(self._ids)}", p.prompt_token_ids, p.max_tokens, cache_salt=p.cache_salt,
+                         priority=p.priority, lora=p.lora, ignore_eos=p.ignore_eos, seed=p.seed)
+        try:
+            stream = self.runner.submit(sim)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+        events = self._events(stream, record, self.faults.take_exit())
+        if p.stream:
+            return StreamingResponse(self._sse(p, rid, events), media_type="text/event-stream", headers=headers)
+        ids: list[int] = []
+        last: TokenEvent | None = None
+        cached = 0
+        try:
+            async for ev in events:
+                ids += ev.token_ids
+                cached = ev.num_cached_tokens if ev.is_first else cached
+                last = ev
+        except _Aborted:
+            raise ApiError(503, "The engine was restarted while serving this request.") from None
+        finish = last.finish_reason if last else None
+        use = usage(len(p.prompt_token_ids), len(ids), cached)
+        return json_response(full_response(p, rid, tokenizer.decode(ids), finish, use), headers=headers)
+
+    async def _events(self, stream: RequestStream, record: dict[str, Any],
+                      exit_after: int | None) -> AsyncIterator[TokenEvent]:
+        """Engine events with the fault switches applied, keeping the request record current."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        emitted = 0
+        timings = record["timings"]
+        async with stream:
+            while True:
+                if exit_after is not None and emitted >= exit_after:
+                    os._exit(17)  # a crash: no cleanup, no response end
+                stall = self.faults.stall_after
+                if stall is not None and emitted >= stall:
+                    record["status"] = "stalled"
+                    await stream.aclose()
+                    await asyncio.Event().wait()  # held open until the client goes away
+                try:
+                    ev = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                if ev.finish_reason == "abort":
+                    record["status"] = "aborted"
+                    raise _Aborted
+                if ev.is_first:
+                    wait = self.faults.latency_ms / 1000 - (loop.time() - start)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    record["cached_tokens"] = ev.num_cached_tokens
+                    timings["first_token_s"] = loop.time() - start
+                emitted += len(ev.token_ids)
+                record["completion_tokens"] = emitted
+                if ev.finished:
+                    record["finish_reason"], record["status"] = ev.finish_reason, "finished"
+                    timings["e2e_s"] = loop.time() - start
+                yield ev
+
+    async def _sse(self, p: GenerateParams, rid: str, events: AsyncIterator[TokenEvent]) -> AsyncIterator[bytes]:
+        n_prompt, completion, cached = len(p.prompt_token_ids), 0, 0
+        if p.kind == "chat":
+            yield _sse(chunk(p, rid, "", None, role=True))
+        try:
+            async for ev in events:
+                completion += len(ev.token_ids)
+                cached = ev.num_cached_tokens if ev.is_first else cached
+                use = usage(n_prompt, completion, cached) if p.include_usage and p.continuous_usage else None
+                text = tokenizer.decode(ev.token_ids)
+                yield _sse(chunk(p, rid, text, ev.finish_reason if ev.finished else None, use=use))
+        except _Aborted:
+            yield _sse(ApiError(503, "The engine was restarted while serving this request.").body())
+            return
+        if p.include_usage:
+            yield _sse(chunk(p, rid, None, None, use=usage(n_prompt, completion, cached)))
+        yield b"data: [DONE]\n\n"
+
+    # ---- other OpenAI/vLLM endpoints -------------------------------------------------------
+    async def embeddings(self, request: Request) -> Response:
+        body = await _json_body(request)
+        model, _ = resolve_model(body, self.cfg.names, self.cfg.lora_modules)
+        inputs = _embedding_inputs(body.get("input"))
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise ApiError(400, "encoding_format must be 'float' or 'base64'", "encoding_format")
+        dims = body.get("dimensions") or self.cfg.embedding_dim
+        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+            raise ApiError(400, "dimensions must be a positive integer", "dimensions")
+        data = []
+        for i, ids in enumerate(inputs):
+            vec = _embedding(ids, dims)
+            emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
+            data.append({"object": "embedding", "embedding": emb, "index": i})
+        total = sum(map(len, inputs))
+        return json_response({"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                              "model": model, "data": data,
+                              "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0,
+                                        "prompt_tokens_details": None}})
+
+    async def models(self, request: Request) -> Response:
+        def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "vllm", "root": root,
+                    "parent": parent, "max_model_len": self.runner.engine.max_model_len,
+                    "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
+                                    "created": self.created, "allow_create_engine": False,
+                                    "allow_sampling": True, "allow_logprobs": True,
+                                    "allow_search_indices": False, "allow_view": True,
+                                    "allow_fine_tuning": False, "organization": "*", "group": None,
+                                    "is_blocking": False}]}
+        base = self.cfg.names[0]
+        data = [card(n, self.cfg.model, None) for n in self.cfg.names]
+        data += [card(n, path, base) for n, path in self.cfg.lora_modules.items()]
+        return json_response({"object": "list", "data": data})
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await _json_body(request)
+        resolve_model(body, self.cfg.names, self.cfg.lora_modules)
+        if "messages" in body:
+            ids = tokenizer.encode(chat_prompt_text(body))
+        elif isinstance(body.get("prompt"), str):
+            ids = tokenizer.encode(body["prompt"])
+        else:
+            raise ApiError(400, "prompt must be a string (or send messages)", "prompt")
+        return json_response({"count": len(ids), "max_model_len": self.runner.engine.max_model_len,
+                              "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await _json_body(request)
+        resolve_model(body, self.cfg.names, self.cfg.lora_modules)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ApiError(400, "tokens must be a list of integers", "tokens")
+        try:
+            return json_response({"prompt": tokenizer.decode(ids)})
+        except (KeyError, ValueError) as exc:
+            raise ApiError(400, f"invalid token ids: {exc}", "tokens") from exc
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def version(self, request: Request) -> Response:
+        return json_response({"version": "0.0.0+gravity-sim"})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(render(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- admin -----------------------------------------------------------------------------
+    async def admin_requests(self, request: Request) -> Response:
+        return json_response({"requests": list(self.records)})
+
+    async def admin_faults(self, request: Request) -> Response:
+        if request.method == "POST":
+            body = await _json_body(request)
+            try:
+                self.faults.update(body)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from exc
+        elif request.method == "DELETE":
+            self.faults = Faults()
+        return json_response(self.faults.to_dict())
+
+    async def admin_reset(self, request: Request) -> Response:
+        self.runner.reset()
+        return json_response({"restarts": self.runner.restarts, "started_at": self.runner.started_at})
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"Invalid JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _embedding_inputs(value: Any) -> list[list[int]]:
+    if isinstance(value, str):
+        return [tokenizer.encode(value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [tokenizer.encode(v) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [list(value)]
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return [list(v) for v in value]
+    raise ApiError(400, "input must be a string, a list of strings, or token ids", "input")
+
+
+def _embedding(ids: list[int], dims: int) -> list[float]:
+    """A unit vector determined by the token ids alone."""
+    rng = random.Random(zlib.crc32(struct.pack(f"<{len(ids)}q", *ids)))
+    vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
+    return json_response(exc.body(), exc.status, headers)
+
+
+def create_app(cfg: SimServerConfig) -> Starlette:
+    """A Starlette app for one simulated replica; its engine loop lives in the app's lifespan."""
+    sim = SimServer(cfg)
+    routes = [
+        Route("/v1/chat/completions", sim.chat, methods=["POST"]),
+        Route("/v1/completions", sim.completions, methods=["POST"]),
+        Route("/v1/embeddings", sim.embeddings, methods=["POST"]),
+        Route("/v1/models", sim.models, methods=["GET"]),
+        Route("/health", sim.health, methods=["GET"]),
+        Route("/version", sim.version, methods=["GET"]),
+        Route("/tokenize", sim.tokenize, methods=["POST"]),
+        Route("/detokenize", sim.detokenize, methods=["POST"]),
+        Route("/metrics", sim.metrics, methods=["GET"]),
+        Route("/admin/requests", sim.admin_requests, methods=["GET"]),
+        Route("/admin/faults", sim.admin_faults, methods=["GET", "POST", "DELETE"]),
+        Route("/admin/reset", sim.admin_reset, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: _api_error})
+    app.state.sim = sim
+    return app
