@@ -74,6 +74,8 @@ class UpstreamTimeout(GatewayError):
 class UpstreamError(GatewayError):
     """A backend's own error response, normalised to the OpenAI shape with its status kept."""
 
+    code = None
+
 
 def to_gateway_error(exc: BaseException) -> GatewayError:
     """Translate any error raised while serving a request; unknown ones become a bare 500."""

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.openai_requests import chat_prompt_bytes, parse_body
+
+MSG = b'"messages":[{"role":"user","content":"hi"}]'
+
+
+def test_chat_body_is_parsed_for_routing() -> None:
+    p = parse_body("chat/completions", b'{"model":"m","stream":true,"max_tokens":7,' + MSG + b"}")
+    assert (p.model, p.stream, p.wants_usage, p.max_tokens) == ("m", True, False, 7)
+    assert p.prompt == chat_prompt_bytes([{"role": "user", "content": "hi"}])
+
+
+def test_prompt_bytes_are_prefix_stable() -> None:
+    short = chat_prompt_bytes([{"role": "system", "content": "S"}, {"role": "user", "content": "a"}])
+    longer = chat_prompt_bytes([{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                                {"role": "assistant", "content": [{"type": "text", "text": "b"}]}])
+    assert longer.startswith(short)
+
+
+@pytest.mark.parametrize(("route", "raw", "param"), [
+    ("chat/completions", b"{not json", None),
+    ("chat/completions", b"[1,2]", None),
+    ("chat/completions", b'{"messages":[]}', "model"),
+    ("chat/completions", b'{"model":5,' + MSG + b"}", "model"),
+    ("chat/completions", b'{"model":"m","messages":"hi"}', "messages"),
+    ("chat/completions", b'{"model":"m","messages":[{"content":"x"}]}', "messages[0]"),
+    ("chat/completions", b'{"model":"m","messages":[{"role":"user","content":5}]}', "messages[0].content"),
+    ("chat/completions", b'{"model":"m","stream":"yes",' + MSG + b"}", "stream"),
+    ("chat/completions", b'{"model":"m","max_tokens":"10",' + MSG + b"}", "max_tokens"),
+    ("chat/completions", b'{"model":"m","max_tokens":true,' + MSG + b"}", "max_tokens"),
+    ("chat/completions", b'{"model":"m","max_tokens":0,' + MSG + b"}", "max_tokens"),
+    ("chat/completions", b'{"model":"m","temperature":"hot",' + MSG + b"}", "temperature"),
+    ("completions", b'{"model":"m","prompt":7}', "prompt"),
+    ("embeddings", b'{"model":"m"}', "input"),
+])
+def test_bad_input_names_the_parameter(route: str, raw: bytes, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_body(route, raw)
+    assert info.value.param == param
+    assert info.value.status == 400
+
+
+def test_embeddings_never_stream() -> None:
+    assert not parse_body("embeddings", b'{"model":"m","input":"x","stream":true}').stream
