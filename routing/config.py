@@ -24,7 +24,7 @@ __all__ = [
     "resolve",
 ]
 
-DEFAULT_FILTERS = ("model-served", "healthy")
+DEFAULT_FILTERS = ("model-served", "healthy", "lora-capable")
 
 
 class PluginSpec(BaseModel):
@@ -51,7 +51,15 @@ class ProfilePluginRef(BaseModel):
 
 
 def _default_plugins() -> list[PluginSpec]:
-    return [PluginSpec(type="queue-scorer", name="queue")]
+    # Tuned with the evaluator (docs/routing.md); config/routing.yaml spells the same thing out.
+    return [
+        PluginSpec(type="prefix-cache-scorer", name="prefix"),
+        PluginSpec(type="queue-scorer", name="queue"),
+        PluginSpec(type="kv-cache-utilization-scorer", name="kv-cache"),
+        PluginSpec(type="session-affinity-scorer", name="session"),
+        PluginSpec(type="lora-affinity-scorer", name="lora"),
+        PluginSpec(type="load-guard-scorer", name="load-guard"),
+    ]
 
 
 class ProfileSpec(BaseModel):
@@ -65,8 +73,12 @@ class ProfileSpec(BaseModel):
     filters: list[str] = Field(default_factory=lambda: list(DEFAULT_FILTERS))
 
 
+DEFAULT_WEIGHTS = {"prefix": 3.0, "queue": 2.0, "kv-cache": 1.0, "session": 1.0, "lora": 1.0, "load-guard": 4.0}
+
+
 def _default_profiles() -> list[ProfileSpec]:
-    return [ProfileSpec(name="default", plugins=[ProfilePluginRef(ref="queue", weight=1.0)])]
+    refs = [ProfilePluginRef(ref=name, weight=w) for name, w in DEFAULT_WEIGHTS.items()]
+    return [ProfileSpec(name="default", plugins=refs)]
 
 
 class RoutingConfig(BaseModel):

@@ -27,6 +27,7 @@ class InflightTicket:
     max_tokens: int
     generation: int
     done: bool = False
+    prefilled: bool = False
 
 
 @dataclass
@@ -133,6 +134,19 @@ class Datastore:
             generation = state.generation
         return InflightTicket(name, prompt_tokens, max_tokens, generation)
 
+    def first_token(self, ticket: InflightTicket) -> None:
+        """Optional: the first token arrived, so the prompt no longer waits for prefill.
+
+        Callers that report it make ``inflight_prompt_tokens`` mean *prompt tokens awaiting prefill*,
+        the load signal that best predicts time-to-first-token.
+        """
+        if ticket.done or ticket.prefilled:
+            return
+        ticket.prefilled = True
+        state = self._states.get(ticket.endpoint)
+        if state is not None:
+            state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
+
     def end(self, ticket: InflightTicket) -> None:
         if ticket.done:
             return
@@ -142,7 +156,8 @@ class Datastore:
             return
         # Clamp at zero: an endpoint removed and re-added between begin and end must not go negative.
         state.inflight_requests = max(0, state.inflight_requests - 1)
-        state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
+        if not ticket.prefilled:
+            state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
         state.inflight_decode_tokens = max(0, state.inflight_decode_tokens - ticket.max_tokens)
 
     # -- readers -------------------------------------------------------------------------------
@@ -176,6 +191,10 @@ class Datastore:
                 out |= s.models
                 out |= s.loras
         return out
+
+    def metrics_of(self, name: str) -> EndpointMetrics | None:
+        state = self._states.get(name)
+        return None if state is None else state.metrics
 
     def models_of(self, name: str) -> frozenset[str] | None:
         state = self._states.get(name)

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from routing.plugins import healthy, max_score, model_served, queue
+from routing.plugins import (
+    cache_aware,
+    healthy,
+    kv_cache,
+    least_request,
+    load_guard,
+    lora_affinity,
+    lora_capable,
+    max_score,
+    model_served,
+    power_of_two,
+    prefix_scorer,
+    queue,
+    random_picker,
+    round_robin,
+    session,
+    weighted_random,
+)
 from routing.plugins.base import PluginFactory
 
 __all__ = ["Registry", "default_registry"]
@@ -40,7 +57,19 @@ def default_registry() -> Registry:
         [
             model_served.FACTORY,
             healthy.FACTORY,
+            lora_capable.FACTORY,
+            prefix_scorer.FACTORY,
             queue.FACTORY,
+            kv_cache.FACTORY,
+            session.FACTORY,
+            lora_affinity.FACTORY,
+            load_guard.FACTORY,
+            least_request.FACTORY,
             max_score.FACTORY,
+            weighted_random.FACTORY,
+            power_of_two.FACTORY,
+            random_picker.FACTORY,
+            round_robin.FACTORY,
+            cache_aware.FACTORY,
         ]
     )

@@ -22,7 +22,7 @@ def test_default_profile_prefers_the_shorter_queue() -> None:
     ds.update_metrics("b", metrics(waiting=4))
     decision = build_scheduler(RoutingConfig(), ds, rng=random.Random(0)).schedule(_req())
     assert [c.endpoint for c in decision.ranked] == ["c", "a", "b"]
-    assert decision.ranked[0].scores == {"queue": 1.0}
+    assert decision.ranked[0].scores["queue"] == 1.0
     assert decision.profile == "default" and decision.latency_s >= 0
     assert {"model-served", "healthy", "queue", "max-score"} <= decision.timings.keys()
 

@@ -1,0 +1,136 @@
+"""Prefix-cache affinity data: chained block hashes of a prompt and the :class:`PrefixIndex` that maps them to endpoints.
+
+:class:`ApproxPrefixIndex` learns only from the gateway's own picks; a KV-event-fed index can replace it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from routing.types import RoutingRequest
+
+__all__ = ["ApproxPrefixIndex", "PrefixIndex", "block_hashes", "request_seed"]
+
+
+def request_seed(req: RoutingRequest) -> bytes:
+    # KV blocks are only shared within one model, one adapter and one cache_salt, so all three seed
+    # the chain; otherwise two tenants' identical prompts would look like hits for each other.
+    return "\x00".join((req.model, req.lora or "", req.cache_salt or "")).encode()
+
+
+def block_hashes(data: bytes, block_size: int, seed: bytes, max_blocks: int) -> list[int]:
+    """Hash full ``block_size``-byte blocks, each hash covering everything before it (like vLLM's)."""
+    n = min(len(data) // block_size, max_blocks)
+    prev = hashlib.blake2b(seed, digest_size=8).digest()
+    out: list[int] = []
+    for i in range(n):
+        start = i * block_size
+        prev = hashlib.blake2b(prev + data[start : start + block_size], digest_size=8).digest()
+        out.append(int.from_bytes(prev, "little"))
+    return out
+
+
+@runtime_checkable
+class PrefixIndex(Protocol):
+    """Where a request's prompt prefix is probably cached."""
+
+    def match(self, req: RoutingRequest, endpoints: Sequence[str]) -> list[float]:
+        """For each endpoint, the fraction of the prompt believed cached there, in [0, 1]."""
+        ...
+
+    def observe(self, req: RoutingRequest, endpoint: str) -> None:
+        """The request was sent to ``endpoint``; its prefix will be cached there."""
+        ...
+
+    def drop(self, endpoint: str) -> None:
+        """Forget everything about ``endpoint`` (restart, removal)."""
+        ...
+
+
+class ApproxPrefixIndex:
+    """Block hash -> endpoints, with a bounded LRU of hashes per endpoint so memory stays fixed.
+
+    The capacity per endpoint should match what the engine can keep; ``capacity_of`` returns it in
+    blocks per endpoint (the scorer derives it from the scraped KV capacity).
+    """
+
+    def __init__(
+        self,
+        block_size: int,
+        max_blocks: int,
+        capacity_of: Callable[[str], int],
+    ) -> None:
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self._capacity_of = capacity_of
+        self._holders: dict[int, dict[str, None]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        # Schedule then observe usually hash the same request back to back.
+        self._memo: tuple[RoutingRequest, list[int]] | None = None
+
+    def hashes(self, req: RoutingRequest) -> list[int]:
+        memo = self._memo
+        if memo is not None and memo[0] is req:
+            return memo[1]
+        hashes = block_hashes(req.prompt, self.block_size, request_seed(req), self.max_blocks)
+        self._memo = (req, hashes)
+        return hashes
+
+    def matched_blocks(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Leading blocks of ``hashes`` each endpoint holds (contiguous from the start)."""
+        out: dict[str, int] = {}
+        alive: set[str] | None = None
+        i = 0
+        for i, h in enumerate(hashes):
+            holders = self._holders.get(h)
+            if not holders:
+                break
+            now = set(holders) if alive is None else alive.intersection(holders)
+            if alive is not None:
+                for gone in alive - now:
+                    out[gone] = i
+            alive = now
+            if not alive:
+                break
+        else:
+            i = len(hashes)
+        for e in alive or ():
+            out[e] = i
+        return out
+
+    def match(self, req: RoutingRequest, endpoints: Sequence[str]) -> list[float]:
+        hashes = self.hashes(req)
+        if not hashes:
+            return [0.0] * len(endpoints)
+        matched = self.matched_blocks(hashes)
+        return [matched.get(e, 0) / len(hashes) for e in endpoints]
+
+    def observe(self, req: RoutingRequest, endpoint: str) -> None:
+        hashes = self.hashes(req)
+        lru = self._lru.setdefault(endpoint, OrderedDict())
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                self._holders.setdefault(h, {})[endpoint] = None
+        capacity = max(1, self._capacity_of(endpoint))
+        while len(lru) > capacity:
+            old, _ = lru.popitem(last=False)
+            self._forget(old, endpoint)
+
+    def drop(self, endpoint: str) -> None:
+        for h in self._lru.pop(endpoint, {}):
+            self._forget(h, endpoint)
+
+    def _forget(self, h: int, endpoint: str) -> None:
+        holders = self._holders.get(h)
+        if holders is not None:
+            holders.pop(endpoint, None)
+            if not holders:
+                del self._holders[h]
+
+    def size(self, endpoint: str) -> int:
+        return len(self._lru.get(endpoint, ()))
