@@ -56,7 +56,7 @@ async def sse(resp: aiohttp.ClientResponse) -> list[Any]:
 
 async def test_chat_non_stream_shape_and_request_record(client: aiohttp.ClientSession) -> None:
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    async with client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 5},
+    async with client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 5, "ignore_eos": True},
                            headers={"traceparent": tp, "x-request-id": "abc"}) as resp:
         assert resp.status == 200 and resp.headers["x-request-id"] == "abc"
         body = await resp.json()
@@ -72,7 +72,7 @@ async def test_chat_non_stream_shape_and_request_record(client: aiohttp.ClientSe
 
 
 async def test_chat_stream_with_usage_and_cached_tokens_on_repeat(client: aiohttp.ClientSession) -> None:
-    req = {"model": "m", "messages": MSG, "max_tokens": 4, "stream": True,
+    req = {"model": "m", "messages": MSG, "max_tokens": 4, "stream": True, "ignore_eos": True,
            "stream_options": {"include_usage": True}}
     cached = []
     for _ in range(2):
@@ -89,12 +89,12 @@ async def test_chat_stream_with_usage_and_cached_tokens_on_repeat(client: aiohtt
 
 
 async def test_completions_stream_and_token_prompt(client: aiohttp.ClientSession) -> None:
-    async with client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "max_tokens": 3,
+    async with client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": True,
                                                     "stream": True}) as resp:
         chunks = await sse(resp)
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None, None, "length"]
     assert chunks[0]["object"] == "text_completion" and "usage" not in chunks[0]
-    async with client.post("/v1/completions", json={"model": "ad", "prompt": "Once upon"}) as resp:
+    async with client.post("/v1/completions", json={"model": "ad", "prompt": "Once upon", "ignore_eos": True}) as resp:
         body = await resp.json()
     assert body["model"] == "ad" and body["usage"]["completion_tokens"] == 16  # vLLM's default
 
@@ -153,7 +153,7 @@ async def test_models_tokenize_detokenize(client: aiohttp.ClientSession) -> None
 
 
 async def test_metrics_use_vllm_names(client: aiohttp.ClientSession) -> None:
-    async with client.post(CHAT, json={"model": "ad", "messages": MSG, "max_tokens": 2}) as resp:
+    async with client.post(CHAT, json={"model": "ad", "messages": MSG, "max_tokens": 2, "ignore_eos": True}) as resp:
         assert resp.status == 200
     async with client.get("/metrics") as resp:
         text = await resp.text()
@@ -188,7 +188,8 @@ async def test_fail_next_and_latency_faults(client: aiohttp.ClientSession) -> No
 
 async def test_stall_holds_the_stream_open_and_disconnect_frees_it(client: aiohttp.ClientSession) -> None:
     await (await client.post("/admin/faults", json={"stall_after": 2})).release()
-    resp = await client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 50, "stream": True})
+    resp = await client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 50, "stream": True,
+                                           "ignore_eos": True})
     got = []
     with pytest.raises(asyncio.TimeoutError):
         async with asyncio.timeout(0.5):
