@@ -48,9 +48,9 @@ class Faults:
             elif key == "fail_status":
                 if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
                     raise ValueError("fail_status must be an HTTP error status (400-599)")
-            elif value is not None or key in ("fail_next",):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"{key} must be a non-negative integer")
+            elif (value is not None or key == "fail_next") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{key} must be a non-negative integer")
             clean[key] = value
         for key, value in clean.items():
             setattr(self, key, value)

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 from simulator.engine import Engine, SimRequest, TokenEvent
 
@@ -46,7 +47,7 @@ class RequestStream:
             self._runner._forget(self.request_id)
             self._runner.engine.abort(self.request_id)
 
-    async def __aenter__(self) -> RequestStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

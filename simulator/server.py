@@ -32,8 +32,16 @@ from simulator import tokenizer
 from simulator.engine import Engine, EngineConfig, SimRequest, TokenEvent
 from simulator.faults import Faults
 from simulator.metrics import build_registry, render
-from simulator.openai_api import (ApiError, GenerateParams, chat_prompt_text, chunk, full_response, parse_generate,
-                                  resolve_model, usage)
+from simulator.openai_api import (
+    ApiError,
+    GenerateParams,
+    chat_prompt_text,
+    chunk,
+    full_response,
+    parse_generate,
+    resolve_model,
+    usage,
+)
 from simulator.profiles import get_profile
 from simulator.runner import EngineRunner, RequestStream
 

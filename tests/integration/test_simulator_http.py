@@ -115,7 +115,7 @@ def test_exit_after_fault_kills_the_process_mid_stream(tmp_path: Path) -> None:
     try:
         http(proc, "/admin/faults", {"exit_after": 3})
         got = 0
-        with pytest.raises((openai.APIError, openai.APIConnectionError)):  # noqa: PT012
+        with pytest.raises((openai.APIError, openai.APIConnectionError)):
             for chunk in client(proc).chat.completions.create(model="sim-llama", messages=MESSAGES,
                                                                max_tokens=50, stream=True,
                                                                extra_body={"ignore_eos": True}):

@@ -10,15 +10,15 @@ from simulator import tokenizer
 
 @pytest.mark.parametrize(("messages", "kw", "expected"), [
     ([{"role": "user", "content": "hi"}], {},
-     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\n")),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
      {"add_generation_prompt": False},
      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\na\nb<|eot_id|>"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is"}],
      {"add_generation_prompt": False, "continue_final_message": True},
-     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\nThe answer is"),
+     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\nThe answer is")),
 ])
 def test_render_chat(messages: list[dict[str, Any]], kw: dict[str, bool], expected: str) -> None:
     assert tokenizer.render_chat(messages, **kw) == expected
