@@ -9,6 +9,7 @@ from simulator.kvcache import KVCache
 from simulator.profiles import get_profile, profile_names
 from simulator.runner import EngineRunner, RequestStream
 from simulator.stats import EngineStats, Histogram
+from simulator.virtual import RequestResult, replay
 
 __all__ = [
     "Engine",
@@ -17,10 +18,12 @@ __all__ = [
     "EngineStats",
     "Histogram",
     "KVCache",
+    "RequestResult",
     "RequestStream",
     "SimRequest",
     "StepOutcome",
     "TokenEvent",
     "get_profile",
     "profile_names",
+    "replay",
 ]
