@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.config import GatewayConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,17 +49,37 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
     raise SystemExit(f"gravity demo: simulator on port {port} did not start")
 
 
+def _override(cfg: GatewayConfig, base_port: int | None, state_dir: str | None) -> GatewayConfig:
+    backends = [b.model_copy(update={"url": f"http://127.0.0.1:{base_port + i}"}) if base_port else b
+                for i, b in enumerate(cfg.backends)]
+    state = cfg.state.model_copy(update={"embedded_dir": state_dir}) if state_dir else cfg.state
+    return cfg.model_copy(update={"backends": backends, "state": state})
+
+
+def _write_temp(cfg: GatewayConfig) -> str:
+    fd, path = tempfile.mkstemp(prefix="gravity-demo-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), f)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gravity demo", description=__doc__)
     parser.add_argument("--config", default=str(REPO / "config" / "demo.yaml"))
     parser.add_argument("--port", type=int, help="gateway port (default from the config)")
     parser.add_argument("--profile", default="h100-8b", help="simulator profile")
     parser.add_argument("--time-scale", default="1", help="simulators run this many times real time")
+    parser.add_argument("--sim-base-port", type=int,
+                        help="run the simulators on this port and the next ones instead of the config's")
+    parser.add_argument("--state-dir", help="where the embedded Redis keeps its data")
     args = parser.parse_args(argv)
 
     from gateway.config import load_config
 
     cfg = load_config(args.config)
+    if args.sim_base_port or args.state_dir:
+        cfg = _override(cfg, args.sim_base_port, args.state_dir)
+        args.config = _write_temp(cfg)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for b in cfg.backends:
