@@ -1,0 +1,407 @@
+"""Gateway overhead: the same load straight to a static nginx upstream, through a bare
+Starlette+aiohttp proxy, and through the gateway (routing on), all in one run.
+
+    .venv/bin/python loadtests/bench_overhead.py            # ~1 minute; needs nginx and wrk
+    apt-get install -y nginx-light wrk                      # Debian packages it uses
+
+Prints req/s and p50/p99 at 32 connections and p50 at 1 connection for each target, the ratios,
+the added latency, and writes them to loadtests/results/overhead.json. Everything binds to
+127.0.0.1 and every phase is bounded in time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "loadtests" / "results" / "overhead.json"
+MODEL = "bench-model"
+TARGET_RPS = 5000.0
+TARGET_ADDED_P50_MS = 0.3
+
+REQUEST = json.dumps({"model": MODEL, "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Say hello in five words."}], "max_tokens": 16}).encode()
+# A realistic non-streaming answer (~600 bytes), served verbatim by nginx.
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": MODEL,
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                 "message": {"role": "assistant", "content": "Hello there, nice to meet you!",
+                             "tool_calls": [], "reasoning_content": None}}],
+    "usage": {"prompt_tokens": 27, "completion_tokens": 9, "total_tokens": 36,
+              "prompt_tokens_details": {"cached_tokens": 16}},
+    "system_fingerprint": None, "prompt_logprobs": None,
+}, separators=(",", ":"))
+MODELS = json.dumps({"object": "list", "data": [
+    {"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": MODEL,
+     "max_model_len": 8192}]}, separators=(",", ":"))
+# The gauges the scraper reads, idle, so the endpoint is healthy and routable.
+METRICS = "".join(f'{name}{{engine="0",model_name="{MODEL}"}} {value}\n' for name, value in (
+    ("vllm:num_requests_running", 0.0), ("vllm:num_requests_waiting", 0.0),
+    ("vllm:kv_cache_usage_perc", 0.0), ("vllm:prefix_cache_queries_total", 0.0),
+    ("vllm:prefix_cache_hits_total", 0.0)))
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        default_type application/json;
+        location = /v1/chat/completions {{ return 200 '{completion}'; }}
+        location = /v1/models {{ return 200 '{models}'; }}
+        location = /metrics {{ default_type "text/plain; version=0.0.4"; return 200 '{metrics}'; }}
+        location = /health {{ return 200 '{{}}'; }}
+    }}
+}}
+"""
+
+# wrk reports the latency distribution itself; the done() hook prints it as one JSON line.
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'WRKJSON {{"requests": %d, "duration_us": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %f, "connect_errors": %d, "read_errors": %d, "write_errors": %d, "status_errors": %d, ' ..
+    '"timeouts": %d}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.mean, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.status, summary.errors.timeout))
+end
+"""
+
+INSTALL_HINT = ("bench_overhead needs {what}. On Debian/Ubuntu: "
+                "sudo apt-get update && sudo apt-get install -y nginx-light wrk")
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listened on port {port} within {timeout}s")
+
+
+def post_once(port: int, timeout: float = 5.0) -> tuple[int, bytes]:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=REQUEST,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return int(resp.status), bytes(resp.read())
+
+
+def wait_routable(port: int, timeout: float = 20.0) -> None:
+    """The gateway answers 503 until its first scrape marks the backend healthy."""
+    import urllib.error
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = post_once(port)
+            if status == 200 and json.loads(body)["choices"]:
+                return
+            last = status
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise SystemExit(f"port {port} never answered a chat completion with 200 (last: {last})")
+
+
+class Stack:
+    """The processes of one run; stopped in reverse order whatever happens."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: list[str], port: int) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "TIKTOKEN_CACHE_DIR": str(REPO / "config" / "tiktoken")})
+        log.close()
+        self.procs.append(proc)
+        try:
+            wait_port(port, proc)
+        except SystemExit:
+            print((self.tmp / f"{name}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="gravity-bench-") as tmp:
+        s = Stack(Path(tmp))
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+def start_nginx(s: Stack, nginx: str) -> int:
+    port = free_port()
+    conf = s.tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=s.tmp, port=port, completion=COMPLETION, models=MODELS,
+                                      metrics=METRICS))
+    s.start("nginx", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port)
+    return port
+
+
+def start_gateway(s: Stack, upstream: int, extra_yaml: str = "") -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    cfg = s.tmp / "gateway.yaml"
+    cfg.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"state: {{embedded_dir: {json.dumps(str(s.tmp / 'redis'))}}}\n"
+        f"backends:\n  - {{name: nginx-0, url: \"http://127.0.0.1:{upstream}\", kind: vllm, models: [{MODEL}]}}\n"
+        + extra_yaml)
+    proc = s.start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)], port)
+    wait_routable(port)
+    return port, proc
+
+
+def start_bare(s: Stack, upstream: int) -> int:
+    port = free_port()
+    s.start("bare", [sys.executable, str(REPO / "loadtests" / "bare_proxy.py"), "--port", str(port),
+                     "--upstream", f"http://127.0.0.1:{upstream}"], port)
+    wait_routable(port)
+    return port
+
+
+def run_wrk(wrk: str, lua: Path, port: int, connections: int, seconds: float) -> Sample:
+    args = [wrk, "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s",
+            "-s", str(lua), f"http://127.0.0.1:{port}/v1/chat/completions"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.removeprefix("WRKJSON "))
+    errors = sum(r[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    return Sample(rps=r["requests"] / (r["duration_us"] / 1e6), p50_ms=r["p50_us"] / 1000,
+                  p90_ms=r["p90_us"] / 1000, p99_ms=r["p99_us"] / 1000, requests=r["requests"],
+                  errors=errors)
+
+
+async def _aiohttp_load(port: int, connections: int, seconds: float) -> Sample:
+    """Fallback generator when wrk is missing; it spends more CPU than wrk, so figures are lower."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    latencies: list[float] = []
+    errors = 0
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                async with session.post(url, data=REQUEST, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    qs = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Sample(rps=len(latencies) / elapsed, p50_ms=qs[49] * 1000, p90_ms=qs[89] * 1000,
+                  p99_ms=qs[98] * 1000, requests=len(latencies), errors=errors)
+
+
+def measure(wrk: str | None, lua: Path, port: int, connections: int, seconds: float) -> Sample:
+    if wrk:
+        return run_wrk(wrk, lua, port, connections, seconds)
+    return asyncio.run(_aiohttp_load(port, connections, seconds))
+
+
+def _median(samples: list[Sample]) -> Sample:
+    """Per-figure median over rounds: one noisy neighbour burst should not decide the result."""
+    def med(attr: str) -> float:
+        return float(statistics.median(getattr(x, attr) for x in samples))
+    return Sample(rps=med("rps"), p50_ms=med("p50_ms"), p90_ms=med("p90_ms"), p99_ms=med("p99_ms"),
+                  requests=sum(x.requests for x in samples), errors=sum(x.errors for x in samples))
+
+
+def _machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "load_average_1m_at_start": os.getloadavg()[0],
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _busy_processes() -> list[str]:
+    """Other processes using CPU when the run starts, to record what shared the cores."""
+    out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"], capture_output=True,
+                         text=True, check=False).stdout
+    busy = []
+    for line in out.splitlines()[:10]:
+        pcpu, _, comm = line.strip().partition(" ")
+        with contextlib.suppress(ValueError):
+            if float(pcpu) >= 5.0:
+                busy.append(f"{comm.strip()} {pcpu}%")
+    return busy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets; medians are reported")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare Starlette+aiohttp baseline")
+    parser.add_argument("--loadgen", choices=("wrk", "aiohttp"), default="wrk")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 120:
+        parser.error("--rounds must be 1..20 and --seconds 1..120")
+
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if not nginx:
+        print(INSTALL_HINT.format(what="nginx as the static upstream"), file=sys.stderr)
+        return 2
+    wrk = shutil.which("wrk") if args.loadgen == "wrk" else None
+    if args.loadgen == "wrk" and not wrk:
+        print(INSTALL_HINT.format(what="wrk as the load generator") +
+              "\nFalling back to the built-in aiohttp generator (uses more CPU, so figures are lower).",
+              file=sys.stderr)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    machine = _machine()
+    busy = _busy_processes()
+    results: dict[str, dict[str, Sample]] = {}
+    with stack() as s:
+        lua = s.tmp / "post.lua"
+        lua.write_text(WRK_LUA.format(body=REQUEST.decode()))
+        upstream = start_nginx(s, nginx)
+        targets = {"direct": upstream}
+        if not args.no_bare:
+            targets["bare"] = start_bare(s, upstream)
+        targets["gateway"], _ = start_gateway(s, upstream)
+        status, body = post_once(targets["gateway"])
+        if status != 200 or json.loads(body) != json.loads(COMPLETION):
+            raise SystemExit(f"the gateway changed the upstream answer: {status} {body[:200]!r}")
+
+        for port in targets.values():  # warm connection pools and code paths
+            measure(wrk, lua, port, args.connections, 1)
+        rounds: dict[tuple[str, int], list[Sample]] = {}
+        for r in range(args.rounds):
+            for name, port in targets.items():
+                for conns in (args.connections, 1):
+                    sample = measure(wrk, lua, port, conns, args.seconds)
+                    rounds.setdefault((name, conns), []).append(sample)
+                    print(f"round {r + 1}/{args.rounds} {name:8} c={conns:<3} {sample.rps:9.0f} req/s  "
+                          f"p50 {sample.p50_ms:6.3f} ms  p99 {sample.p99_ms:6.3f} ms  errors {sample.errors}",
+                          flush=True)
+        for (name, conns), samples in rounds.items():
+            results.setdefault(name, {})[f"c{conns}"] = _median(samples)
+
+    c = f"c{args.connections}"
+    direct, gateway = results["direct"], results["gateway"]
+    added_p50_ms = gateway["c1"].p50_ms - direct["c1"].p50_ms
+    summary: dict[str, object] = {
+        "gateway_over_direct_rps": gateway[c].rps / direct[c].rps,
+        "added_p50_ms_c1": added_p50_ms,
+        "added_p50_ms_c32": gateway[c].p50_ms - direct[c].p50_ms,
+        "meets_rps_target": gateway[c].rps >= TARGET_RPS,
+        "meets_latency_target": added_p50_ms <= TARGET_ADDED_P50_MS,
+    }
+    if "bare" in results:
+        summary["gateway_over_bare_rps"] = gateway[c].rps / results["bare"][c].rps
+        summary["bare_added_p50_ms_c1"] = results["bare"]["c1"].p50_ms - direct["c1"].p50_ms
+
+    print(f"\n{'target':10} {'req/s c=' + str(args.connections):>14} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'p50 ms c=1':>11}")
+    for name, figs in results.items():
+        print(f"{name:10} {figs[c].rps:14.0f} {figs[c].p50_ms:8.3f} {figs[c].p99_ms:8.3f} {figs['c1'].p50_ms:11.3f}")
+    print(f"\ngateway/direct req/s: {summary['gateway_over_direct_rps']:.3f}"
+          + (f"   gateway/bare req/s: {summary['gateway_over_bare_rps']:.3f}" if "bare" in results else ""))
+    print(f"added p50 at c=1: {added_p50_ms:.3f} ms (target <= {TARGET_ADDED_P50_MS} ms: "
+          f"{'met' if summary['meets_latency_target'] else 'MISSED'});  gateway req/s at c={args.connections}: "
+          f"{gateway[c].rps:.0f} (target >= {TARGET_RPS:.0f}: {'met' if summary['meets_rps_target'] else 'MISSED'})")
+
+    report = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python", "loadtests/bench_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+        "load_generator": "wrk -t1" if wrk else "aiohttp (built-in)",
+        "seconds_per_measurement": args.seconds, "rounds": args.rounds, "connections": args.connections,
+        "machine": machine, "busy_processes_at_start": busy,
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "results": {name: {k: asdict(v) for k, v in figs.items()} for name, figs in results.items()},
+        "summary": summary,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
