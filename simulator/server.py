@@ -135,17 +135,23 @@ class SimServer:
         events = self._events(stream, record, self.faults.take_exit())
         if p.stream:
             return StreamingResponse(self._sse(p, rid, events), media_type="text/event-stream", headers=headers)
-        ids: list[int] = []
-        last: TokenEvent | None = None
-        cached = 0
+        collect = asyncio.ensure_future(_collect(events))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async for ev in events:
-                ids += ev.token_ids
-                cached = ev.num_cached_tokens if ev.is_first else cached
-                last = ev
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                # The client left: cancelling closes the stream, which aborts the sequence.
+                collect.cancel()
+                record["status"] = "client_disconnected"
+        if not collect.done() or collect.cancelled():
+            return Response(status_code=499)
+        try:
+            ids, last = collect.result()
         except _Aborted:
             raise ApiError(503, "The engine was restarted while serving this request.") from None
-        finish = last.finish_reason if last else None
+        cached, finish = (last.num_cached_tokens, last.finish_reason) if last else (0, None)
         use = usage(len(p.prompt_token_ids), len(ids), cached)
         return json_response(full_response(p, rid, tokenizer.decode(ids), finish, use), headers=headers)
 
@@ -292,6 +298,21 @@ class SimServer:
         return json_response({"restarts": self.runner.restarts, "started_at": self.runner.started_at})
 
 
+async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[list[int], TokenEvent | None]:
+    ids: list[int] = []
+    last: TokenEvent | None = None
+    async for ev in events:
+        ids += ev.token_ids
+        last = ev
+    return ids, last
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only disconnect remains)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.body())
@@ -325,7 +346,9 @@ def _embedding(ids: list[int], dims: int) -> list[float]:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
+    headers = {"retry-after": "1"} if exc.status in (429, 503) else {}
+    if rid := request.headers.get("x-request-id"):
+        headers["x-request-id"] = rid
     return json_response(exc.body(), exc.status, headers)
 
 

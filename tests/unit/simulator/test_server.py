@@ -218,3 +218,19 @@ async def test_priority_is_accepted_when_enabled() -> None:
     async with serve(cfg) as session, session.post(CHAT, json={"messages": MSG, "max_tokens": 1,
                                                                "priority": -5}) as resp:
         assert resp.status == 200
+
+
+async def test_non_stream_client_disconnect_frees_the_sequence(client: aiohttp.ClientSession) -> None:
+    body = {"model": "m", "messages": MSG, "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(asyncio.TimeoutError):
+        async with asyncio.timeout(0.2):
+            await client.post(CHAT, json=body)
+    for _ in range(50):
+        async with client.get("/metrics") as m:
+            if 'vllm:num_requests_running{engine="0",model_name="m"} 0.0' in await m.text():
+                break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the sequence kept running after the client left")
+    async with client.get("/admin/requests") as resp:
+        assert (await resp.json())["requests"][-1]["status"] == "client_disconnected"
