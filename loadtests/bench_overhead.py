@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
               "\nFalling back to the built-in aiohttp generator (uses more CPU, so figures are lower).",
               file=sys.stderr)
 
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     machine = _machine()
     busy = _busy_processes()
     results: dict[str, dict[str, Sample]] = {}
