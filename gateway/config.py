@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from policies.config import PoliciesConfig
 from routing.config import RoutingConfig
 
 BackendKind = Literal["vllm", "kserve", "openai"]
@@ -86,6 +87,7 @@ class GatewayConfig(_Model):
     state: StateConfig = StateConfig()
     backends: list[BackendConfig] = Field(default_factory=list)
     routing: RoutingConfig = RoutingConfig()
+    policies: PoliciesConfig = PoliciesConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:

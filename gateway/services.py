@@ -12,6 +12,7 @@ import time
 
 from starlette.routing import BaseRoute
 
+from gateway.admission import install_admission
 from gateway.config import GatewayConfig
 from gateway.exchange import Exchange, FinishHook, Lifecycle, PreDispatchHook
 from gateway.metrics import GatewayMetrics
@@ -55,6 +56,7 @@ class Gateway:
         self.lifecycle: list[Lifecycle] = []
         """Objects with async start()/stop(), started after Redis and stopped before it."""
         self._tasks: list[asyncio.Task[None]] = []
+        install_admission(self)
 
     async def _fetch(self, url: str) -> tuple[int, str]:
         return await self.upstream.fetch_text(url, self.cfg.routing.scrape_timeout_s)

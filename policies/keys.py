@@ -1,0 +1,140 @@
+"""API keys: hashing, the principal a key stands for, and the Redis store behind `gravity keys`.
+
+Only SHA-256 hashes are ever stored or compared; a key's text is shown once, when it is created.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from policies.config import KeyConfig, Limits, Priority
+
+__all__ = ["KEY_PREFIX", "ApiKey", "RedisKeyStore", "generate_key", "hash_key"]
+
+KEY_PREFIX = "gk-"
+
+
+def hash_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    """A new key: 256 random bits, URL-safe, recognisable by its prefix in secret scanners."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """Who a request acts as: a tenant, the models it may use, its budgets and default priority."""
+
+    sha256: str
+    name: str
+    tenant: str
+    models: frozenset[str] | None = None
+    priority: Priority = "standard"
+    limits: Limits = field(default_factory=Limits)
+    created_at: float = 0.0
+    source: str = "config"
+
+    @property
+    def id(self) -> str:
+        """A public handle (a prefix of the hash): safe to print, log and label metrics with."""
+        return self.sha256[:12]
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @classmethod
+    def from_config(cls, k: KeyConfig) -> ApiKey:
+        return cls(sha256=k.sha256, name=k.name, tenant=k.tenant,
+                   models=frozenset(k.models) if k.models is not None else None,
+                   priority=k.priority, limits=k.limits)
+
+    def to_record(self) -> bytes:
+        return orjson.dumps({
+            "name": self.name, "tenant": self.tenant,
+            "models": sorted(self.models) if self.models is not None else None,
+            "priority": self.priority, "limits": self.limits.model_dump(exclude_none=True),
+            "created_at": self.created_at,
+        })
+
+    @classmethod
+    def from_record(cls, sha256: str, raw: bytes) -> ApiKey:
+        data: dict[str, Any] = orjson.loads(raw)
+        models = data.get("models")
+        return cls(sha256=sha256, name=str(data.get("name", "")), tenant=str(data.get("tenant", "default")),
+                   models=frozenset(models) if isinstance(models, list) else None,
+                   priority=data.get("priority", "standard"),
+                   limits=Limits.model_validate(data.get("limits") or {}),
+                   created_at=float(data.get("created_at") or 0.0), source="redis")
+
+
+class _RedisLike(Protocol):
+    async def get(self, name: str) -> Any: ...
+
+    async def smembers(self, name: str) -> Any: ...
+
+    def pipeline(self, transaction: bool = True) -> Any: ...
+
+
+class RedisKeyStore:
+    """Keys kept in Redis: one record per hash plus an index set, all under one hash tag.
+
+    Sharing the tag `{apikeys}` puts every record in one Cluster slot, so create and revoke are
+    single MULTI transactions on a cluster too (keys are few; their lookups are cached).
+    """
+
+    def __init__(self, client: _RedisLike, prefix: str = "gravity") -> None:
+        self.client = client
+        self._index = f"{prefix}:{{apikeys}}"
+
+    def _record(self, sha256: str) -> str:
+        return f"{self._index}:{sha256}"
+
+    async def get(self, sha256: str) -> ApiKey | None:
+        raw = await self.client.get(self._record(sha256))
+        return ApiKey.from_record(sha256, raw) if raw is not None else None
+
+    async def create(self, *, name: str, tenant: str, models: Iterable[str] | None = None,
+                     priority: Priority = "standard", limits: Limits | None = None,
+                     now: float | None = None) -> tuple[str, ApiKey]:
+        """Store a new key and return its text (shown once; only the hash is kept) and record."""
+        text = generate_key()
+        key = ApiKey(sha256=hash_key(text), name=name, tenant=tenant,
+                     models=frozenset(models) if models is not None else None, priority=priority,
+                     limits=limits or Limits(), created_at=time.time() if now is None else now,
+                     source="redis")
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self._record(key.sha256), key.to_record())
+            pipe.sadd(self._index, key.sha256)
+            await pipe.execute()
+        return text, key
+
+    async def list(self) -> list[ApiKey]:
+        hashes = sorted(h.decode() if isinstance(h, bytes) else str(h)
+                        for h in await self.client.smembers(self._index))
+        out = []
+        for h in hashes:
+            key = await self.get(h)
+            if key is not None:
+                out.append(key)
+        return out
+
+    async def revoke(self, id_or_name: str) -> list[ApiKey]:
+        """Delete every key whose id (hash prefix, at least 8 digits) or name matches; returns them."""
+        wanted = id_or_name.lower()
+        gone = [k for k in await self.list()
+                if (len(wanted) >= 8 and k.sha256.startswith(wanted)) or k.name == id_or_name]
+        if gone:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for k in gone:
+                    pipe.delete(self._record(k.sha256))
+                    pipe.srem(self._index, k.sha256)
+                await pipe.execute()
+        return gone

@@ -1,0 +1,160 @@
+-- One admission decision (or one settlement) over every budget of a request, atomically.
+-- A port of policies/bucket.py's decide/settle; keep the two in step (tests compare them).
+--
+-- KEYS: per scope, its bucket hash then its slots sorted set; all share one {hash tag}.
+-- ARGV: mode ("reserve" | "settle"), now in ms ("" = this server's TIME), request id, lease ms,
+--       reserved tokens, actual tokens (settle), then per scope: tpm rpm tpd concurrency (0 = none).
+local MINUTE, DAY = 60000, 86400000
+local KINDS = { { 't', MINUTE }, { 'r', MINUTE }, { 'd', DAY } }
+
+local mode = ARGV[1]
+local now
+if ARGV[2] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+else
+  now = tonumber(ARGV[2])
+end
+local rid = ARGV[3]
+local lease = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local actual = tonumber(ARGV[6])
+local nscopes = #KEYS / 2
+
+local function num(x) return string.format('%.17g', x) end
+
+local function caps_of(i)
+  local base = 6 + (i - 1) * 4
+  return { tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]) }
+end
+
+local function level_at(level, ts, cap, window)
+  if level == nil then return cap end
+  if ts == nil then ts = now end
+  local elapsed = now - ts
+  if elapsed < 0 then elapsed = 0 end
+  local l = level + elapsed * cap / window
+  if l > cap then l = cap end
+  return l
+end
+
+local function need(kind, c, cap)
+  if kind == 'r' then return 1 end
+  if c < cap then return c end
+  return cap
+end
+
+local function read(key)
+  local v = redis.call('HMGET', key, 't', 'ts', 'r', 'rs', 'd', 'ds')
+  return { t = tonumber(v[1]), ts = tonumber(v[2]), r = tonumber(v[3]), rs = tonumber(v[4]),
+           d = tonumber(v[5]), ds = tonumber(v[6]) }
+end
+
+-- Keep a bucket's hash until it would be full again, so idle budgets cost no memory.
+local function write(key, caps, levels)
+  local args, ttl = {}, 1000
+  for j, k in ipairs(KINDS) do
+    local f = k[1]
+    if levels[f] ~= nil then
+      table.insert(args, f); table.insert(args, num(levels[f]))
+      table.insert(args, f .. 's'); table.insert(args, num(now))
+      local full = (caps[j] - levels[f]) * k[2] / caps[j]
+      if full + 1000 > ttl then ttl = full + 1000 end
+    end
+  end
+  if #args > 0 then
+    redis.call('HSET', key, unpack(args))
+    redis.call('PEXPIRE', key, math.ceil(ttl))
+  end
+end
+
+if mode == 'settle' then
+  for i = 1, nscopes do
+    local caps = caps_of(i)
+    local h = read(KEYS[2 * i - 1])
+    local levels = {}
+    for j, k in ipairs(KINDS) do
+      local f = k[1]
+      if caps[j] > 0 and f ~= 'r' then
+        local l = level_at(h[f], h[f .. 's'], caps[j], k[2]) + need(f, cost, caps[j]) - actual
+        if l > caps[j] then l = caps[j] end
+        levels[f] = l
+      end
+    end
+    write(KEYS[2 * i - 1], caps, levels)
+    redis.call('ZREM', KEYS[2 * i], rid)
+  end
+  return 1
+end
+
+local allowed, retry, failed_scope, failed_kind = true, 0, -1, ''
+local all_levels, all_caps = {}, {}
+for i = 1, nscopes do
+  local caps = caps_of(i)
+  local h = read(KEYS[2 * i - 1])
+  local got = {}
+  for j, k in ipairs(KINDS) do
+    local f = k[1]
+    local cap = caps[j]
+    if cap > 0 then
+      local l = level_at(h[f], h[f .. 's'], cap, k[2])
+      got[f] = l
+      local n = need(f, cost, cap)
+      if l < n then
+        local wait = (n - l) * k[2] / cap
+        if wait > retry then retry = wait end
+        if allowed then failed_scope, failed_kind = i - 1, f end
+        allowed = false
+      end
+    end
+  end
+  if caps[4] > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', num(now))
+    if redis.call('ZCARD', KEYS[2 * i]) >= caps[4] then
+      if 1000 > retry then retry = 1000 end
+      if allowed then failed_scope, failed_kind = i - 1, 'c' end
+      allowed = false
+    end
+  end
+  all_levels[i], all_caps[i] = got, caps
+end
+
+if allowed then
+  for i = 1, nscopes do
+    local caps, got = all_caps[i], all_levels[i]
+    for j, k in ipairs(KINDS) do
+      local f = k[1]
+      if got[f] ~= nil then got[f] = got[f] - need(f, cost, caps[j]) end
+    end
+    write(KEYS[2 * i - 1], caps, got)
+    if caps[4] > 0 then
+      redis.call('ZADD', KEYS[2 * i], num(now + lease), rid)
+      redis.call('PEXPIRE', KEYS[2 * i], math.ceil(lease))
+    end
+  end
+end
+
+-- The headers describe the tightest bucket: the one with the least left.
+local req, tok
+for i = 1, nscopes do
+  local caps, got = all_caps[i], all_levels[i]
+  for j, k in ipairs(KINDS) do
+    local f = k[1]
+    local l = got[f]
+    if l ~= nil then
+      local reset = (caps[j] - l) * k[2] / caps[j]
+      if f == 'r' then
+        if req == nil or l < req[1] then req = { l, caps[j], reset } end
+      elseif tok == nil or l < tok[1] then
+        tok = { l, caps[j], reset }
+      end
+    end
+  end
+end
+local function floor0(x) local v = math.floor(x); if v < 0 then return 0 end; return v end
+local lr, rr, sr, lt, rt, st = -1, -1, -1, -1, -1, -1
+if req ~= nil then lr, rr, sr = req[2], floor0(req[1]), math.ceil(req[3]) end
+if tok ~= nil then lt, rt, st = tok[2], floor0(tok[1]), math.ceil(tok[3]) end
+local retry_ms = 0
+if not allowed then retry_ms = math.ceil(retry) end
+return { allowed and 1 or 0, retry_ms, failed_scope, failed_kind, lr, rr, sr, lt, rt, st }
