@@ -55,6 +55,7 @@ def _default_plugins() -> list[PluginSpec]:
     return [
         PluginSpec(type="prefix-cache-scorer", name="prefix"),
         PluginSpec(type="queue-scorer", name="queue"),
+        PluginSpec(type="prefill-cost-scorer", name="prefill-cost"),
         PluginSpec(type="kv-cache-utilization-scorer", name="kv-cache"),
         PluginSpec(type="session-affinity-scorer", name="session"),
         PluginSpec(type="lora-affinity-scorer", name="lora"),
@@ -73,7 +74,9 @@ class ProfileSpec(BaseModel):
     filters: list[str] = Field(default_factory=lambda: list(DEFAULT_FILTERS))
 
 
-DEFAULT_WEIGHTS = {"prefix": 3.0, "queue": 2.0, "kv-cache": 1.0, "session": 1.0, "lora": 1.0, "load-guard": 4.0}
+# prefill-cost carries load and cache misses in one unit (tokens); prefix adds a tie-breaking pull
+# toward warm caches; load-guard caps pile-ups on hot prefixes. Tuned in docs/routing.md.
+DEFAULT_WEIGHTS = {"prefix": 2.0, "prefill-cost": 4.0, "load-guard": 2.0, "session": 1.0, "lora": 1.0}
 
 
 def _default_profiles() -> list[ProfileSpec]:

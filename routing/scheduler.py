@@ -14,6 +14,7 @@ from routing.config import RoutingConfig, resolve
 from routing.datastore import Datastore
 from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
 from routing.plugins.base import BuildContext, CycleContext, Filter, Observer, Picker, Scorer
+from routing.plugins.prefill_cost import PREFIX_MATCH_KEY
 from routing.plugins.registry import Registry, default_registry
 from routing.types import Candidate, Decision, RoutingRequest
 
@@ -82,6 +83,9 @@ class Scheduler:
                 clamped = _clamp(value)
                 cand.scores[scorer.name] = clamped
                 cand.score += weight * clamped
+        matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
+        for cand in candidates:
+            cand.uncached_tokens = round((1.0 - matched.get(cand.endpoint, 0.0)) * req.prompt_tokens)
         t = timer()
         ranked = profile.picker.pick(ctx, candidates)
         timings[profile.picker.name] = timer() - t

@@ -124,6 +124,9 @@ class Candidate:
     url: str
     score: float
     scores: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens expected to need prefill there (the prompt minus the believed-cached prefix);
+    # pass it to Datastore.begin so in-flight prefill load is not inflated by cache hits.
+    uncached_tokens: int = 0
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
+from routing.plugins.prefill_cost import PREFIX_MATCH_KEY
 from routing.prefix import ApproxPrefixIndex, PrefixIndex
 from routing.types import EndpointView, RoutingRequest
 
@@ -31,7 +32,11 @@ class PrefixCacheScorer:
         self.index = index
 
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
-        return self.index.match(ctx.request, [e.name for e in endpoints])
+        names = [e.name for e in endpoints]
+        scores = self.index.match(ctx.request, names)
+        # Producer role: cost-based scorers later in the profile read the match from the scratch pad.
+        ctx.scratch[PREFIX_MATCH_KEY] = dict(zip(names, scores, strict=True))
+        return scores
 
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
         self.index.observe(request, endpoint)

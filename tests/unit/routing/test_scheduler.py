@@ -22,9 +22,9 @@ def test_default_profile_prefers_the_shorter_queue() -> None:
     ds.update_metrics("b", metrics(waiting=4))
     decision = build_scheduler(RoutingConfig(), ds, rng=random.Random(0)).schedule(_req())
     assert [c.endpoint for c in decision.ranked] == ["c", "a", "b"]
-    assert decision.ranked[0].scores["queue"] == 1.0
+    assert decision.ranked[0].scores["prefill-cost"] == 1.0
     assert decision.profile == "default" and decision.latency_s >= 0
-    assert {"model-served", "healthy", "queue", "max-score"} <= decision.timings.keys()
+    assert {"model-served", "healthy", "prefill-cost", "max-score"} <= decision.timings.keys()
 
 
 def test_ties_are_broken_at_random() -> None:

@@ -147,3 +147,15 @@ FILTER_CASES: list[tuple[str, Any, list[EndpointView], dict[str, Any], list[str]
 def test_filter(case: str, flt: Any, views: list[EndpointView], req: dict[str, Any], expected: list[str]) -> None:
     ctx = context(*views, **req)
     assert [e.name for e in flt.filter(ctx, views)] == expected
+
+
+def test_prefill_cost_reads_the_prefix_match_and_in_flight_prefill() -> None:
+    from routing.plugins.prefill_cost import PREFIX_MATCH_KEY, PrefillCostParams, PrefillCostScorer
+
+    scorer = PrefillCostScorer("c", PrefillCostParams(per_request_tokens=0, smoothing_tokens=100))
+    views = [view("a", inflight_prompt_tokens=900, inflight_requests=1), view("b"), view("c")]
+    ctx = context(*views, prompt_tokens=1000)
+    ctx.scratch[PREFIX_MATCH_KEY] = {"a": 1.0, "b": 0.9}
+    # costs: a = 900 queued + 0 uncached; b = 100 uncached; c = 1000 uncached
+    assert scorer.costs(ctx, views) == pytest.approx([900.0, 100.0, 1000.0])
+    assert scorer.score(ctx, views) == pytest.approx([200 / 1000, 1.0, 200 / 1100])

@@ -1,0 +1,189 @@
+"""The virtual-time cluster: trace arrivals, the real scheduler and N simulated engines on one event heap.
+
+Metrics reach the datastore on a scrape period (stale by up to that much); in-flight counts are immediate.
+"""
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import cast
+
+from routing.config import RoutingConfig
+from routing.datastore import Datastore, InflightTicket
+from routing.errors import RoutingError
+from routing.eval.oracle import oracle_registry
+from routing.eval.trace import PromptEncoder, TraceRecord
+from routing.plugins.registry import Registry
+from routing.scheduler import build_scheduler
+from routing.types import EndpointMetrics, EndpointSpec, RoutingRequest
+from simulator.engine import Engine, EngineConfig, SimRequest, StepOutcome
+
+__all__ = ["ClusterResult", "EndpointRecord", "RequestRecord", "simulate"]
+
+_ARRIVE, _STEP_DONE, _SCRAPE = 0, 1, 2
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival: float
+    endpoint: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    shed: str | None = None  # why the request never ran
+
+
+@dataclass
+class EndpointRecord:
+    name: str
+    requests: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    preemptions: int = 0
+
+
+@dataclass
+class ClusterResult:
+    policy: str
+    requests: list[RequestRecord]
+    endpoints: list[EndpointRecord]
+    makespan: float
+    decision_latency_s: list[float] = field(default_factory=list)
+
+
+def simulate(
+    records: Sequence[TraceRecord],
+    *,
+    config: RoutingConfig | Callable[[Registry], RoutingConfig],
+    engine: EngineConfig,
+    backends: int = 4,
+    profile: str | None = None,
+    seed: int = 0,
+    scrape_interval_s: float = 0.1,
+    policy_name: str = "",
+) -> ClusterResult:
+    """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome."""
+    now = 0.0
+    clock = lambda: now
+    names = [f"sim-{i}" for i in range(backends)]
+    engines = {n: Engine(replace(engine, seed=engine.seed + i)) for i, n in enumerate(names)}
+    tokens: dict[str, list[int]] = {}
+    registry = oracle_registry(engines, lambda r: tokens.get(r.request_id, []))
+    cfg = config(registry) if callable(config) else config
+    ds = Datastore(clock, stale_after_s=cfg.stale_after_s)
+    models = frozenset(r.model for r in records)
+    for n in names:
+        ds.upsert(EndpointSpec(n, f"sim://{n}", models))
+    scheduler = build_scheduler(cfg, ds, rng=random.Random(seed), clock=clock, registry=registry)
+
+    encoder = PromptEncoder()
+    out = [RequestRecord(f"r{i}", r.t) for i, r in enumerate(records)]
+    per_ep = {n: EndpointRecord(n) for n in names}
+    tickets: dict[str, tuple[RequestRecord, InflightTicket]] = {}
+    sessions: dict[str, str] = {}  # what the gateway keeps in Redis
+    busy: set[str] = set()
+    latencies: list[float] = []
+    heap: list[tuple[float, int, int, object]] = []
+    seq = 0
+
+    def push(t: float, kind: int, payload: object) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (t, seq, kind, payload))
+
+    def start_step(name: str) -> None:
+        eng = engines[name]
+        if not eng.has_work():
+            busy.discard(name)
+            return
+        outcome = eng.step(now)
+        busy.add(name)
+        per_ep[name].busy_s += outcome.duration if outcome.num_prefill_tokens or outcome.num_decode_seqs else 0.0
+        per_ep[name].prefill_tokens += outcome.num_prefill_tokens
+        push(now + max(outcome.duration, 1e-6), _STEP_DONE, (name, outcome))
+
+    def finish_step(name: str, outcome: StepOutcome) -> None:
+        for ev in outcome.events:
+            rec, ticket = tickets[ev.request_id]
+            rec.output_tokens += len(ev.token_ids)
+            if ev.is_first:
+                rec.ttft = ev.time - rec.arrival
+                rec.cached_tokens = ev.num_cached_tokens
+                ds.first_token(ticket)
+            if ev.finished:
+                rec.e2e = ev.time - rec.arrival
+                ds.end(ticket)
+                del tickets[ev.request_id]
+        start_step(name)
+
+    def arrive(i: int) -> None:
+        record, rec = records[i], out[i]
+        prompt, ids = encoder.encode(record)
+        rec.prompt_tokens = len(ids)
+        tokens[rec.request_id] = ids
+        req = RoutingRequest(
+            model=record.model, prompt=prompt, session_id=record.session,
+            session_endpoint=sessions.get(record.session) if record.session else None,
+            cache_salt=record.cache_salt, lora=record.lora, prompt_tokens=len(ids),
+            max_tokens=record.max_tokens, request_id=rec.request_id, profile=profile,
+        )
+        try:
+            decision = scheduler.schedule(req)
+        except RoutingError as exc:
+            rec.shed = exc.code
+            return
+        latencies.append(decision.latency_s)
+        target = decision.best.endpoint
+        uncached = decision.best.uncached_tokens
+        scheduler.observe(req, target)
+        tokens.pop(rec.request_id, None)
+        try:
+            engines[target].add_request(SimRequest(rec.request_id, ids, record.max_tokens, arrival=now,
+                                                   cache_salt=record.cache_salt, lora=record.lora))
+        except ValueError:
+            rec.shed = "rejected_by_engine"
+            return
+        rec.endpoint = target
+        per_ep[target].requests += 1
+        if record.session:
+            sessions[record.session] = target
+        tickets[rec.request_id] = (rec, ds.begin(target, uncached, record.max_tokens))
+        if target not in busy:
+            start_step(target)
+
+    def scrape() -> None:
+        for n, eng in engines.items():
+            st = eng.stats()
+            ds.update_metrics(n, EndpointMetrics(
+                waiting=st.num_waiting, running=st.num_running, kv_usage=st.kv_cache_usage,
+                prefix_queries_total=float(st.prefix_cache_queries), prefix_hits_total=float(st.prefix_cache_hits),
+                requests_total=float(st.requests_finished_total),
+                kv_capacity_tokens=eng.config.kv_blocks * eng.config.block_size,
+                loras_running=frozenset(st.running_loras), loras_waiting=frozenset(st.waiting_loras),
+                max_loras=eng.config.max_loras,
+            ))
+        if tickets or pending_arrivals:
+            push(now + scrape_interval_s, _SCRAPE, None)
+
+    for i, r in enumerate(records):
+        push(r.t, _ARRIVE, i)
+    pending_arrivals = len(records)
+    scrape()
+    while heap:
+        now, _, kind, payload = heapq.heappop(heap)
+        if kind == _ARRIVE:
+            pending_arrivals -= 1
+            arrive(cast(int, payload))
+        elif kind == _STEP_DONE:
+            step_of, outcome = cast(tuple[str, StepOutcome], payload)
+            finish_step(step_of, outcome)
+        else:
+            scrape()
+    for n, eng in engines.items():
+        per_ep[n].preemptions = eng.stats().num_preemptions_total
+    return ClusterResult(policy_name, out, list(per_ep.values()), now, latencies)
