@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after", type=int, default=None, help="os._exit after K tokens of the next request")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--request-log-size", type=int, default=256)
+    p.add_argument("--kserve", action="store_true",
+                   help="serve the OpenAI routes under /openai/v1 as KServe's vLLM runtime does (not /v1)")
     return p
 
 
@@ -66,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> SimServerConfig:
                    "stall_after": args.stall_after, "exit_after": args.exit_after})
     return SimServerConfig(model=args.model, served_model_names=args.served_model_name or [], engine=engine,
                            time_scale=args.time_scale, lora_modules=parse_lora_modules(args.lora_modules),
-                           faults=faults, request_log_size=args.request_log_size)
+                           faults=faults, request_log_size=args.request_log_size,
+                           api_prefixes=("/openai/v1",) if args.kserve else ("/v1",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,8 @@ class SimServerConfig:
     faults: Faults = field(default_factory=Faults)
     request_log_size: int = 256
     embedding_dim: int = 384
+    api_prefixes: tuple[str, ...] = ("/v1",)
+    """Where the OpenAI routes are served; KServe's vLLM runtime uses /openai/v1."""
 
     @property
     def names(self) -> list[str]:
@@ -356,10 +358,15 @@ def create_app(cfg: SimServerConfig) -> Starlette:
     """A Starlette app for one simulated replica; its engine loop lives in the app's lifespan."""
     sim = SimServer(cfg)
     routes = [
-        Route("/v1/chat/completions", sim.chat, methods=["POST"]),
-        Route("/v1/completions", sim.completions, methods=["POST"]),
-        Route("/v1/embeddings", sim.embeddings, methods=["POST"]),
-        Route("/v1/models", sim.models, methods=["GET"]),
+        route
+        for prefix in cfg.api_prefixes
+        for route in (
+            Route(f"{prefix}/chat/completions", sim.chat, methods=["POST"]),
+            Route(f"{prefix}/completions", sim.completions, methods=["POST"]),
+            Route(f"{prefix}/embeddings", sim.embeddings, methods=["POST"]),
+            Route(f"{prefix}/models", sim.models, methods=["GET"]),
+        )
+    ] + [
         Route("/health", sim.health, methods=["GET"]),
         Route("/version", sim.version, methods=["GET"]),
         Route("/tokenize", sim.tokenize, methods=["POST"]),

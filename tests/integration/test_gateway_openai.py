@@ -251,3 +251,19 @@ def test_unreachable_backend_fails_over(tmp_path: Path) -> None:
     finally:
         gw.stop()
         sim.stop()
+
+
+def test_kserve_backend_paths(tmp_path: Path) -> None:
+    """A KServe backend serves OpenAI routes under /openai/v1; models are discovered there too."""
+    sim = start_sim(tmp_path, MODEL, ["--profile", "tiny", "--kserve"])
+    cfg = {"state": {"embedded_dir": str(tmp_path / "redis")},
+           "backends": [{"name": "ks", "url": f"http://127.0.0.1:{sim.port}", "kind": "kserve"}]}
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list()] == [MODEL]
+        reply = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3, extra_body=EOS)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+    finally:
+        gw.stop()
+        sim.stop()
