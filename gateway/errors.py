@@ -55,6 +55,12 @@ class MethodNotAllowed(GatewayError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class Conflict(GatewayError):
+    """The target is busy or changed under the request (e.g. a conversation another response holds)."""
+
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
 class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import StateConfig
 
@@ -19,7 +20,7 @@ log = logging.getLogger("gravity.redis")
 
 @dataclass
 class RedisHandle:
-    client: aioredis.Redis
+    client: aioredis.Redis | RedisCluster
     url: str
     """What to tell a user or a second process: the configured URL or the embedded socket."""
     _embedded: Any = None
@@ -36,6 +37,12 @@ class RedisHandle:
 
 
 def open_redis(cfg: StateConfig) -> RedisHandle:
+    if cfg.redis_url and (cfg.cluster or cfg.redis_url.startswith(("redis+cluster://", "rediss+cluster://"))):
+        # Any node is a seed: the client learns the slot map and follows MOVED/ASK redirects.
+        url = cfg.redis_url.replace("+cluster://", "://", 1)
+        cluster = RedisCluster.from_url(url, decode_responses=False, socket_connect_timeout=2,
+                                        socket_timeout=2)
+        return RedisHandle(cluster, cfg.redis_url)
     if cfg.redis_url:
         client = aioredis.Redis.from_url(cfg.redis_url, decode_responses=False,
                                          socket_connect_timeout=2, socket_timeout=2,

@@ -17,6 +17,7 @@ from gateway.config import GatewayConfig
 from gateway.exchange import Exchange, FinishHook, Lifecycle, PreDispatchHook
 from gateway.metrics import GatewayMetrics
 from gateway.redis_conn import RedisHandle, open_redis
+from gateway.state import install_state
 from gateway.upstream import BackendTarget, Upstream
 from routing.datastore import Datastore
 from routing.scheduler import Scheduler, build_scheduler
@@ -56,6 +57,7 @@ class Gateway:
         self.lifecycle: list[Lifecycle] = []
         """Objects with async start()/stop(), started after Redis and stopped before it."""
         self._tasks: list[asyncio.Task[None]] = []
+        self.state = install_state(self)
         install_admission(self)
 
     async def _fetch(self, url: str) -> tuple[int, str]:
