@@ -68,3 +68,12 @@ def test_embeds_in_a_root_config_and_reads_yaml(tmp_path) -> None:  # type: igno
     )
     cfg = load_routing_config(path)
     assert cfg.profiles[0].plugins[0].weight == 2
+
+
+def test_shipped_routing_yaml_validates_and_matches_defaults() -> None:
+    from pathlib import Path
+
+    cfg = load_routing_config(Path(__file__).resolve().parents[3] / "config" / "routing.yaml")
+    default = RoutingConfig()
+    assert cfg.profiles[0].plugins == default.profiles[0].plugins
+    assert cfg.profiles[0].filters == default.profiles[0].filters
