@@ -30,7 +30,7 @@ log = logging.getLogger("gravity.state")
 
 __all__ = ["state_routes"]
 
-Handler = Callable[[Request], Awaitable[Any]]
+Handler = Callable[..., Awaitable[Any]]
 MAX_ITEMS_PER_CALL = 20  # OpenAI's limit for items added in one conversations call
 
 
@@ -41,9 +41,9 @@ def _json(obj: Any, status: int = 200) -> Response:
 def _api(handler: Handler) -> Handler:
     """Map every failure to the one OpenAI-shaped error body; Redis trouble is a 503."""
     @functools.wraps(handler)
-    async def wrapped(request: Request) -> Any:
+    async def wrapped(*args: Any) -> Any:
         try:
-            return await handler(request)
+            return await handler(*args)
         except RedisError as exc:
             log.warning("state store unavailable: %s", type(exc).__name__)
             return error_response(ServiceUnavailable("The state store is unavailable.", code="state_unavailable",
