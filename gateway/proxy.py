@@ -103,7 +103,8 @@ class ProxyResponse:
             if target.auth_header:
                 headers["authorization"] = target.auth_header
             ex.attempts += 1
-            ticket = gw.datastore.begin(cand.endpoint, ex.routing.prompt_tokens, ex.routing.max_tokens)
+            # Count only the prompt tokens this endpoint must prefill (its cache holds the rest).
+            ticket = gw.datastore.begin(cand.endpoint, cand.uncached_tokens, ex.routing.max_tokens)
             try:
                 resp = await gw.upstream.session.post(f"{target.api_base}/{ex.route}", data=payload,
                                                       headers=headers)
@@ -164,6 +165,8 @@ class ProxyResponse:
         async for chunk in resp.content.iter_any():
             if ex.first_chunk_at is None:
                 ex.first_chunk_at = time.perf_counter()
+                # Prefill is over: the endpoint's queued-prefill load drops now, not at the end.
+                self.gw.datastore.first_token(ex.extras["inflight_ticket"])
             events = splitter.feed(chunk)
             if not events:
                 continue
