@@ -57,8 +57,8 @@ class Gateway:
         self.lifecycle: list[Lifecycle] = []
         """Objects with async start()/stop(), started after Redis and stopped before it."""
         self._tasks: list[asyncio.Task[None]] = []
-        self.state = install_state(self)
         install_admission(self)
+        self.state = install_state(self)  # after admission: session keys need the admitted tenant
 
     async def _fetch(self, url: str) -> tuple[int, str]:
         return await self.upstream.fetch_text(url, self.cfg.routing.scrape_timeout_s)

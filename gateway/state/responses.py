@@ -190,10 +190,27 @@ class Turn:
         }
 
 
-def tenant_of(request: Request) -> str:
-    """The admission layer's tenant for this request scope; one default tenant without auth."""
+def scoped_tenant(request: Request) -> str | None:
+    """A tenant an outer layer put in the request scope (an auth middleware, a test harness)."""
     tenant = request.scope.get("state", {}).get("tenant")
-    return tenant if isinstance(tenant, str) and tenant else "default"
+    return tenant if isinstance(tenant, str) and tenant else None
+
+
+async def tenant_of(gw: Gateway, request: Request) -> str:
+    """The caller's tenant for routes that do not dispatch (GET/DELETE of stored objects).
+
+    The scope's tenant when an outer layer set one; else the admission layer's authenticator
+    (the API key's tenant, raising its 401/403); else the one default tenant.
+    """
+    scoped = scoped_tenant(request)
+    if scoped is not None:
+        return scoped
+    for part in gw.lifecycle:
+        auth = getattr(part, "auth", None)
+        if auth is not None and hasattr(auth, "authenticate"):
+            key = await auth.authenticate(request.headers)
+            return str(key.tenant)
+    return "default"
 
 
 async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw: bytes
@@ -219,14 +236,20 @@ async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw
     request_id = request.scope["state"]["request_id"]
     ex = new_exchange(gw, "chat/completions", parsed_body, provisional, request.headers, request_id,
                       forwardable_request_headers(request.scope["headers"]))
-    ex.tenant = tenant_of(request)
+    scoped = scoped_tenant(request)
+    if scoped is not None:
+        ex.tenant = scoped
     if ex.routing.session_id is None:
         # The thread is the natural session: its continuation wants the backend holding its cache.
         ex.routing = dataclasses.replace(ex.routing, session_id=f"thread:{thread}")
     turn = Turn(req, ex.tenant, response_id(own, thread), thread, int(time.time()), new_hex())
     ex.extras["state.turn"] = turn
+    provisional_body = ex.body
     await gw.before_dispatch(ex, request.headers)
+    ex.tenant = scoped or ex.tenant
     turn.tenant = ex.tenant
+    # Fields admission added to the body (an upstream priority, say) carry over to the final one.
+    added = {k: v for k, v in ex.body.items() if k != "messages" and provisional_body.get(k) != v}
     history: list[Item] = []
     if req.previous_response_id:
         history = await store.history(turn.tenant, req.previous_response_id)
@@ -237,7 +260,7 @@ async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw
             raise InvalidRequest(f"Conversation '{req.conversation_id}' would exceed the limit of "
                                  f"{gw.cfg.state.max_conversation_items} items.", param="conversation",
                                  code="conversation_item_limit")
-        final = orjson.dumps(chat_body(req, history))
+        final = orjson.dumps({**chat_body(req, history), **added})
         parsed_body = parse_body("chat/completions", final)
         ex.body, ex.raw = parsed_body.body, final
         ex.routing = dataclasses.replace(ex.routing, prompt=parsed_body.prompt,

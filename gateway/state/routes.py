@@ -48,7 +48,9 @@ def _api(handler: Handler) -> Handler:
             log.warning("state store unavailable: %s", type(exc).__name__)
             return error_response(ServiceUnavailable("The state store is unavailable.", code="state_unavailable",
                                                      retry_after=1))
-        except GatewayError as exc:
+        except Exception as exc:  # noqa: BLE001 - policy errors (401/403) carry their own status
+            if not isinstance(exc, GatewayError) and not hasattr(exc, "http_status"):
+                log.exception("state request failed")
             return error_response(exc)
     return wrapped
 
@@ -128,19 +130,19 @@ class StateRoutes:
 
     @_api
     async def get_response(self, request: Request) -> Response:
-        stored = await self.store.get_response(tenant_of(request), request.path_params["response_id"])
+        stored = await self.store.get_response(await tenant_of(self.gw, request), request.path_params["response_id"])
         return _json(stored.public())
 
     @_api
     async def delete_response(self, request: Request) -> Response:
         rid = request.path_params["response_id"]
-        await self.store.delete_response(tenant_of(request), rid)
+        await self.store.delete_response(await tenant_of(self.gw, request), rid)
         return _json({"id": rid, "object": "response", "deleted": True})
 
     @_api
     async def input_items(self, request: Request) -> Response:
         after, limit, order = _page_params(request)
-        items = await self.store.response_input(tenant_of(request), request.path_params["response_id"])
+        items = await self.store.response_input(await tenant_of(self.gw, request), request.path_params["response_id"])
         return _json(_list(*page(items, after, limit, order)))
 
     # -- conversations -------------------------------------------------------------------------
@@ -151,12 +153,12 @@ class StateRoutes:
         items = normalise_items(body.get("items") or [], cfg.max_item_bytes, "items", MAX_ITEMS_PER_CALL)
         conversation = {"id": f"conv_{new_hex()}", "object": "conversation", "created_at": int(time.time()),
                         "metadata": check_metadata(body.get("metadata"))}
-        await self.store.create_conversation(tenant_of(request), conversation, items)
+        await self.store.create_conversation(await tenant_of(self.gw, request), conversation, items)
         return _json(conversation)
 
     @_api
     async def get_conversation(self, request: Request) -> Response:
-        return _json(await self.store.get_conversation(tenant_of(request), request.path_params["conversation_id"]))
+        return _json(await self.store.get_conversation(await tenant_of(self.gw, request), request.path_params["conversation_id"]))
 
     @_api
     async def update_conversation(self, request: Request) -> Response:
@@ -164,19 +166,19 @@ class StateRoutes:
         if "metadata" not in body:
             raise InvalidRequest("Missing required parameter: 'metadata'.", param="metadata",
                                  code="missing_required_parameter")
-        return _json(await self.store.update_conversation(tenant_of(request), request.path_params["conversation_id"],
+        return _json(await self.store.update_conversation(await tenant_of(self.gw, request), request.path_params["conversation_id"],
                                                           check_metadata(body["metadata"])))
 
     @_api
     async def delete_conversation(self, request: Request) -> Response:
         cid = request.path_params["conversation_id"]
-        await self.store.delete_conversation(tenant_of(request), cid)
+        await self.store.delete_conversation(await tenant_of(self.gw, request), cid)
         return _json({"id": cid, "object": "conversation.deleted", "deleted": True})
 
     @_api
     async def list_items(self, request: Request) -> Response:
         after, limit, order = _page_params(request)
-        data, more = await self.store.list_items(tenant_of(request), request.path_params["conversation_id"],
+        data, more = await self.store.list_items(await tenant_of(self.gw, request), request.path_params["conversation_id"],
                                                  after=after, limit=limit, order=order)
         return _json(_list(data, more))
 
@@ -187,18 +189,18 @@ class StateRoutes:
             raise InvalidRequest("'items' must be a non-empty array.", param="items",
                                  code="missing_required_parameter" if "items" not in body else "invalid_value")
         items = normalise_items(body["items"], self.gw.cfg.state.max_item_bytes, "items", MAX_ITEMS_PER_CALL)
-        await self.store.append_items(tenant_of(request), request.path_params["conversation_id"], items)
+        await self.store.append_items(await tenant_of(self.gw, request), request.path_params["conversation_id"], items)
         return _json(_list(items, False))
 
     @_api
     async def get_item(self, request: Request) -> Response:
         p = request.path_params
-        return _json(await self.store.get_item(tenant_of(request), p["conversation_id"], p["item_id"]))
+        return _json(await self.store.get_item(await tenant_of(self.gw, request), p["conversation_id"], p["item_id"]))
 
     @_api
     async def delete_item(self, request: Request) -> Response:
         p = request.path_params
-        return _json(await self.store.delete_item(tenant_of(request), p["conversation_id"], p["item_id"]))
+        return _json(await self.store.delete_item(await tenant_of(self.gw, request), p["conversation_id"], p["item_id"]))
 
 
 def state_routes(gw: Gateway, store: StateStore) -> list[BaseRoute]:
