@@ -165,9 +165,9 @@ class Stack:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, args: list[str], port: int) -> subprocess.Popen[bytes]:
+    def start(self, name: str, args: list[str], port: int, cwd: Path = REPO) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, "TIKTOKEN_CACHE_DIR": str(REPO / "config" / "tiktoken")})
         log.close()
         self.procs.append(proc)
@@ -209,15 +209,17 @@ def start_nginx(s: Stack, nginx: str) -> int:
     return port
 
 
-def start_gateway(s: Stack, upstream: int, extra_yaml: str = "") -> tuple[int, subprocess.Popen[bytes]]:
+def start_gateway(s: Stack, upstream: int, name: str = "gateway", source: Path = REPO,
+                  extra_yaml: str = "") -> tuple[int, subprocess.Popen[bytes]]:
+    """`python -m gateway serve` run from `source` (a checkout) with one backend and default routing."""
     port = free_port()
-    cfg = s.tmp / "gateway.yaml"
+    cfg = s.tmp / f"{name}.yaml"
     cfg.write_text(
         f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"state: {{embedded_dir: {json.dumps(str(s.tmp / 'redis'))}}}\n"
+        f"state: {{embedded_dir: {json.dumps(str(s.tmp / ('redis-' + name)))}}}\n"
         f"backends:\n  - {{name: nginx-0, url: \"http://127.0.0.1:{upstream}\", kind: vllm, models: [{MODEL}]}}\n"
         + extra_yaml)
-    proc = s.start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)], port)
+    proc = s.start(name, [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)], port, cwd=source)
     wait_routable(port)
     return port, proc
 
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-bare", action="store_true", help="skip the bare Starlette+aiohttp baseline")
     parser.add_argument("--loadgen", choices=("wrk", "aiohttp"), default="wrk")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[:YAML]",
+                        help="also measure the gateway run from checkout DIR, optionally with YAML appended "
+                             "to its config (e.g. a routing section); for A/B of a change in one run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 120:
@@ -345,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_bare:
             targets["bare"] = start_bare(s, upstream)
         targets["gateway"], _ = start_gateway(s, upstream)
+        for spec in args.variant:
+            name, _, rest = spec.partition("=")
+            source, _, extra = rest.partition(":")
+            extra_yaml = Path(extra).read_text() if extra else ""
+            targets[name], _ = start_gateway(s, upstream, name, Path(source or REPO).resolve(), extra_yaml)
         status, body = post_once(targets["gateway"])
         if status != 200 or json.loads(body) != json.loads(COMPLETION):
             raise SystemExit(f"the gateway changed the upstream answer: {status} {body[:200]!r}")
@@ -373,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         "meets_rps_target": gateway[c].rps >= TARGET_RPS,
         "meets_latency_target": added_p50_ms <= TARGET_ADDED_P50_MS,
     }
+    for name in results.keys() - {"direct", "bare", "gateway"}:
+        summary[f"{name}_over_gateway_rps"] = results[name][c].rps / gateway[c].rps
+        summary[f"{name}_added_p50_ms_c1"] = results[name]["c1"].p50_ms - direct["c1"].p50_ms
     if "bare" in results:
         summary["gateway_over_bare_rps"] = gateway[c].rps / results["bare"][c].rps
         summary["bare_added_p50_ms_c1"] = results["bare"]["c1"].p50_ms - direct["c1"].p50_ms
