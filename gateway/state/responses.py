@@ -277,7 +277,7 @@ async def release(store: StateStore, turn: Turn) -> None:
         turn.settled = True
         try:
             await store.release_conversation(turn.tenant, turn.req.conversation_id, turn.lock_token)
-        except Exception:  # noqa: BLE001 - the lock expires on its own
+        except Exception:
             log.warning("could not release conversation lock", exc_info=True)
 
 
@@ -346,7 +346,7 @@ class ResponsesCall:
             output = chat_output_items(choice.get("message") or {})
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
             await error_response(GatewayError("The backend returned a malformed chat completion.", status=502,
-                                              code="bad_gateway"))(scope, receive, send)
+                                              code="bad_gateway"))(scope, receive, send)  # type: ignore[arg-type]
             return
         incomplete = "max_output_tokens" if choice.get("finish_reason") == "length" else None
         response = self.turn.response("incomplete" if incomplete else "completed", output,
@@ -354,7 +354,7 @@ class ResponsesCall:
         try:
             await commit(self.store, self.turn, response)
         except GatewayError as exc:
-            await error_response(exc, self.ex.response_headers)(scope, receive, send)
+            await error_response(exc, self.ex.response_headers)(scope, receive, send)  # type: ignore[arg-type]
             return
         body = orjson.dumps(response)
         headers = [(k, v) for k, v in sink.start["headers"] if k.lower() not in (b"content-length",
@@ -373,7 +373,8 @@ class ResponsesCall:
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 class ResponseEvents:

@@ -48,7 +48,7 @@ def _api(handler: Handler) -> Handler:
             log.warning("state store unavailable: %s", type(exc).__name__)
             return error_response(ServiceUnavailable("The state store is unavailable.", code="state_unavailable",
                                                      retry_after=1))
-        except Exception as exc:  # noqa: BLE001 - policy errors (401/403) carry their own status
+        except Exception as exc:
             if not isinstance(exc, GatewayError) and not hasattr(exc, "http_status"):
                 log.exception("state request failed")
             return error_response(exc)
@@ -115,7 +115,7 @@ class StateRoutes:
         try:
             raw = await read_body(request, self._limit)
             turn, ex = await prepare_response(self.gw, self.store, request, raw)
-        except Exception as exc:  # noqa: BLE001 - the one error mapping answers everything
+        except Exception as exc:
             if isinstance(exc, RedisError):
                 exc = ServiceUnavailable("The state store is unavailable.", code="state_unavailable",
                                          retry_after=1)

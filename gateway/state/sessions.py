@@ -70,7 +70,7 @@ class SessionAffinity:
             if endpoint is None:
                 await self.store.drop_session(ex.tenant, session)
                 return
-        except Exception:  # noqa: BLE001 - affinity is a hint; Redis trouble must not fail the request
+        except Exception:
             log.warning("session lookup failed for request %s", ex.request_id, exc_info=True)
             return
         ex.extras["state.session"] = raw

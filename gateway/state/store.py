@@ -275,8 +275,8 @@ class StateStore:
         return session_key(tenant, session_id)
 
     async def get_session(self, tenant: str, session_id: str) -> bytes | None:
-        raw: bytes | None = await self._redis().get(self.session_key(tenant, session_id))
-        return raw
+        raw = await self._redis().get(self.session_key(tenant, session_id))
+        return raw if isinstance(raw, bytes) or raw is None else raw.encode()
 
     async def set_session(self, tenant: str, session_id: str, value: bytes) -> None:
         await self._redis().set(self.session_key(tenant, session_id), value, px=self.cfg.session_ttl_s * 1000)

@@ -12,8 +12,16 @@ import orjson
 from gateway.errors import InvalidRequest
 from gateway.state.keys import new_item_id
 
-__all__ = ["check_metadata", "chat_output_items", "items_to_messages", "normalise_items", "responses_usage",
-           "tool_choice_to_chat", "tools_to_chat", "text_format_to_chat"]
+__all__ = [
+    "chat_output_items",
+    "check_metadata",
+    "items_to_messages",
+    "normalise_items",
+    "responses_usage",
+    "text_format_to_chat",
+    "tool_choice_to_chat",
+    "tools_to_chat",
+]
 
 Item = dict[str, Any]
 

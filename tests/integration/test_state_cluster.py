@@ -28,7 +28,7 @@ def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Pro
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
         for _ in range(100):  # the nodes agree on the slot map a moment after create returns
             info = subprocess.run(["redis-cli", "-p", str(nodes[0].port), "cluster", "info"],
-                                  capture_output=True, text=True, timeout=5).stdout
+                                  check=True, capture_output=True, text=True, timeout=5).stdout
             if "cluster_state:ok" in info:
                 break
             subprocess.run(["sleep", "0.1"], check=True)
@@ -65,11 +65,11 @@ def test_responses_and_conversations_on_a_redis_cluster(cluster_nodes: list[Proc
         keys = set()
         for node in cluster_nodes:
             out = subprocess.run(["redis-cli", "-p", str(node.port), "--scan", "--pattern", "gravity:*"],
-                                 capture_output=True, text=True, timeout=5).stdout.split()
+                                 check=True, capture_output=True, text=True, timeout=5).stdout.split()
             keys.update(out)
         assert any(":resp:" in k for k in keys) and any(":session" in k for k in keys)
         nodes_with_keys = sum(1 for node in cluster_nodes if subprocess.run(
-            ["redis-cli", "-p", str(node.port), "dbsize"], capture_output=True, text=True, timeout=5
+            ["redis-cli", "-p", str(node.port), "dbsize"], check=True, capture_output=True, text=True, timeout=5
         ).stdout.strip() != "0")
         assert nodes_with_keys >= 2  # the state really is spread over the cluster
     finally:
