@@ -95,6 +95,9 @@ class RoutingConfig(BaseModel):
     scrape_interval_s: float = Field(default=0.1, gt=0)
     scrape_timeout_s: float = Field(default=0.5, gt=0)
     stale_after_s: float = Field(default=2.0, gt=0)
+    # Consecutive failed scrapes before an endpoint is marked unhealthy; a refused connection is
+    # immediate. One slow scrape on a loaded host must not turn into 503s.
+    unhealthy_after_failures: int = Field(default=3, ge=1)
     session_from_user: bool = False  # fall back to the body's `user` when x-session-id is absent
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ The collector takes an injected ``fetch(url) -> (status, text)`` so routing carr
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from routing.datastore import Datastore
 from routing.types import EndpointMetrics, EndpointSpec
 
-__all__ = ["Collector", "Fetch", "merge_metrics", "parse_models", "parse_vllm_metrics"]
+__all__ = ["Collector", "Fetch", "is_connection_refused", "merge_metrics", "parse_models", "parse_vllm_metrics"]
 
 Fetch = Callable[[str], Awaitable[tuple[int, str]]]
 
@@ -200,8 +201,28 @@ def parse_models(text: str) -> tuple[set[str], set[str]]:
     return models, loras
 
 
+def is_connection_refused(exc: BaseException) -> bool:
+    """True when ``exc`` or anything it was raised from is a refused TCP connection.
+
+    HTTP clients wrap the socket error (aiohttp's ``ClientConnectorError`` is an ``OSError`` carrying
+    the errno), so the chain and the errno are both checked; no client types are imported here.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError) or (isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 class Collector:
     """Polls every endpoint's metrics (and model list, when not configured) concurrently.
+
+    Health has hysteresis: an endpoint turns unhealthy only after ``unhealthy_after`` consecutive
+    failed scrapes (a timeout on a loaded host is not an outage), except a refused connection, which
+    means nothing listens and counts at once. One successful scrape restores it.
 
     The gateway's lifespan owns the task running :meth:`run`; tests and the evaluator call
     :meth:`refresh_once` directly.
@@ -215,9 +236,14 @@ class Collector:
         timeout_s: float = 0.5,
         *,
         discovery_interval_s: float = 10.0,
+        unhealthy_after: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if unhealthy_after < 1:
+            raise ValueError("unhealthy_after must be at least 1")
         self._ds = datastore
+        self._unhealthy_after = unhealthy_after
+        self._failures: dict[str, int] = {}
         self._fetch = fetch
         self._interval_s = interval_s
         self._timeout_s = timeout_s
@@ -251,16 +277,28 @@ class Collector:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self._ds.set_healthy(spec.name, False, "scrape timed out")
+            self._failed(spec.name, "scrape timed out", immediate=False)
             return
-        except Exception as exc:  # noqa: BLE001 - any failure to scrape means unhealthy
-            self._ds.set_healthy(spec.name, False, f"scrape failed: {type(exc).__name__}: {exc}"[:200])
-            # Rediscover models after recovery: the endpoint may have been redeployed.
-            self._discovered_at.pop(spec.name, None)
+        except Exception as exc:  # noqa: BLE001 - any failure to scrape counts against health
+            reason = f"scrape failed: {type(exc).__name__}: {exc}"[:200]
+            self._failed(spec.name, reason, immediate=is_connection_refused(exc))
             return
         per_model = parse_vllm_metrics(text)
         self._ds.update_metrics(spec.name, merge_metrics(per_model))
+        self._failures.pop(spec.name, None)
         self._ds.set_healthy(spec.name, True)
+
+    def _failed(self, name: str, reason: str, *, immediate: bool) -> None:
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        if immediate or count >= self._unhealthy_after:
+            self._ds.set_healthy(name, False, reason if count == 1 else f"{reason} ({count} in a row)")
+            # Rediscover models after recovery: the endpoint may have been redeployed.
+            self._discovered_at.pop(name, None)
+
+    def consecutive_failures(self, name: str) -> int:
+        """Failed scrapes of ``name`` since its last success (0 when healthy)."""
+        return self._failures.get(name, 0)
 
     def _discovery_due(self, name: str) -> bool:
         last = self._discovered_at.get(name)

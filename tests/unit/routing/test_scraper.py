@@ -94,7 +94,7 @@ async def test_collector_discovers_scrapes_and_marks_failures() -> None:
         "http://a/metrics": (200, CURRENT),
         "http://k/metrics": (200, LEGACY),
         "http://k/openai/v1/models": (200, json.dumps({"data": [{"id": "m"}]})),
-        "http://dead/metrics": ConnectionError("refused"),
+        "http://dead/metrics": ConnectionRefusedError(111, "Connection refused"),
         "http://slow/metrics": "hang",  # type: ignore[dict-item]
     }
     collector = Collector(ds, backends.fetch, interval_s=0.1, timeout_s=0.05, clock=clock)
@@ -102,14 +102,15 @@ async def test_collector_discovers_scrapes_and_marks_failures() -> None:
     snap = ds.snapshot().endpoints
     assert snap["a"].healthy and snap["a"].metrics is not None and snap["a"].metrics.waiting == 7
     assert snap["k"].models == frozenset({"m"}) and snap["k"].metrics.waiting == 7  # type: ignore[union-attr]
-    assert not snap["dead"].healthy and "ConnectionError" in snap["dead"].health_reason
-    assert not snap["slow"].healthy and "timed out" in snap["slow"].health_reason
+    assert not snap["dead"].healthy and "ConnectionRefusedError" in snap["dead"].health_reason
+    # A timeout is not yet an outage.
+    assert snap["slow"].healthy and collector.consecutive_failures("slow") == 1
     # Discovery is not repeated every cycle.
     await collector.refresh_once()
     assert backends.calls.count("http://k/openai/v1/models") == 1
-    backends.responses["http://a/metrics"] = (500, "")
     await collector.refresh_once()
-    assert not ds.snapshot().endpoints["a"].healthy
+    snap = ds.snapshot().endpoints
+    assert not snap["slow"].healthy and "timed out (3 in a row)" in snap["slow"].health_reason
 
 
 async def test_collector_run_loops_until_cancelled() -> None:
@@ -122,3 +123,71 @@ async def test_collector_run_loops_until_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(backends.calls) >= 2
+
+
+class Scripted:
+    """Each fetch of a URL pops the next scripted outcome: (status, text) or an exception to raise."""
+
+    def __init__(self, outcomes: list[tuple[int, str] | BaseException]) -> None:
+        self.outcomes = outcomes
+
+    async def fetch(self, url: str) -> tuple[int, str]:
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def _wrapped_refusal() -> OSError:
+    # What aiohttp raises: an OSError subclass carrying the errno, raised from the socket error.
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as inner:
+            raise OSError(111, "Cannot connect to host") from inner
+    except OSError as outer:
+        return outer
+
+
+OK = (200, CURRENT)
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "healthy_after_each"),
+    [
+        # Two timeouts are tolerated, the third marks it down, one success restores it.
+        ([TimeoutError(), TimeoutError(), TimeoutError(), OK], [True, True, False, True]),
+        # HTTP errors and other exceptions count the same way.
+        ([(500, ""), RuntimeError("boom"), (503, "")], [True, True, False]),
+        # A success in between resets the count.
+        ([TimeoutError(), TimeoutError(), OK, TimeoutError(), TimeoutError()], [True, True, True, True, True]),
+        # Refused connections mean nothing listens: immediate, however they are wrapped.
+        ([ConnectionRefusedError(111, "refused"), OK], [False, True]),
+        ([_wrapped_refusal()], [False]),
+        ([OK, TimeoutError(), ConnectionRefusedError(111, "refused")], [True, True, False]),
+    ],
+)
+async def test_health_hysteresis(outcomes: list[tuple[int, str] | BaseException], healthy_after_each: list[bool]) -> None:
+    ds = make_datastore(names=("a",))
+    collector = Collector(ds, Scripted(list(outcomes)).fetch, timeout_s=1.0, unhealthy_after=3)
+    seen = []
+    for _ in outcomes:
+        await collector.refresh_once()
+        seen.append(ds.snapshot().endpoints["a"].healthy)
+    assert seen == healthy_after_each
+
+
+async def test_unhealthy_after_one_is_the_old_behaviour_and_zero_is_rejected() -> None:
+    ds = make_datastore(names=("a",))
+    collector = Collector(ds, Scripted([TimeoutError()]).fetch, unhealthy_after=1)
+    await collector.refresh_once()
+    assert not ds.snapshot().endpoints["a"].healthy
+    with pytest.raises(ValueError, match="unhealthy_after"):
+        Collector(ds, Scripted([]).fetch, unhealthy_after=0)
+
+
+def test_routing_config_carries_the_threshold() -> None:
+    from routing.config import RoutingConfig
+
+    assert RoutingConfig().unhealthy_after_failures == 3
+    assert RoutingConfig(unhealthy_after_failures=5).unhealthy_after_failures == 5
