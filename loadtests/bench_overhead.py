@@ -112,6 +112,8 @@ class Sample:
     p99_ms: float
     requests: int
     errors: int
+    cpu_us_per_request: float | None = None
+    """CPU the server process (and its children) spent per request: robust to noisy neighbours."""
 
 
 def free_port() -> int:
@@ -164,6 +166,7 @@ class Stack:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
 
     def start(self, name: str, args: list[str], port: int, cwd: Path = REPO) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
@@ -171,6 +174,7 @@ class Stack:
                                 env={**os.environ, "TIKTOKEN_CACHE_DIR": str(REPO / "config" / "tiktoken")})
         log.close()
         self.procs.append(proc)
+        self.pids[name] = proc.pid
         try:
             wait_port(port, proc)
         except SystemExit:
@@ -205,7 +209,7 @@ def start_nginx(s: Stack, nginx: str) -> int:
     conf = s.tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=s.tmp, port=port, completion=COMPLETION, models=MODELS,
                                       metrics=METRICS))
-    s.start("nginx", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port)
+    s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port)
     return port
 
 
@@ -281,12 +285,37 @@ def measure(wrk: str | None, lua: Path, port: int, connections: int, seconds: fl
     return asyncio.run(_aiohttp_load(port, connections, seconds))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and its direct children (nginx's worker, the embedded redis)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_cpu(wrk: str | None, lua: Path, port: int, pid: int, connections: int, seconds: float) -> Sample:
+    before = cpu_seconds(pid)
+    sample = measure(wrk, lua, port, connections, seconds)
+    if sample.requests:
+        sample.cpu_us_per_request = (cpu_seconds(pid) - before) / sample.requests * 1e6
+    return sample
+
+
 def _median(samples: list[Sample]) -> Sample:
     """Per-figure median over rounds: one noisy neighbour burst should not decide the result."""
     def med(attr: str) -> float:
         return float(statistics.median(getattr(x, attr) for x in samples))
+    cpu = [x.cpu_us_per_request for x in samples if x.cpu_us_per_request is not None]
     return Sample(rps=med("rps"), p50_ms=med("p50_ms"), p90_ms=med("p90_ms"), p99_ms=med("p99_ms"),
-                  requests=sum(x.requests for x in samples), errors=sum(x.errors for x in samples))
+                  requests=sum(x.requests for x in samples), errors=sum(x.errors for x in samples),
+                  cpu_us_per_request=float(statistics.median(cpu)) if cpu else None)
 
 
 def _machine() -> dict[str, object]:
@@ -365,10 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, port in targets.items():
                 for conns in (args.connections, 1):
-                    sample = measure(wrk, lua, port, conns, args.seconds)
+                    sample = measure_cpu(wrk, lua, port, s.pids[name], conns, args.seconds)
                     rounds.setdefault((name, conns), []).append(sample)
                     print(f"round {r + 1}/{args.rounds} {name:8} c={conns:<3} {sample.rps:9.0f} req/s  "
-                          f"p50 {sample.p50_ms:6.3f} ms  p99 {sample.p99_ms:6.3f} ms  errors {sample.errors}",
+                          f"p50 {sample.p50_ms:6.3f} ms  p99 {sample.p99_ms:6.3f} ms  "
+                          f"cpu {sample.cpu_us_per_request or 0:5.0f} us/req  errors {sample.errors}",
                           flush=True)
         for (name, conns), samples in rounds.items():
             results.setdefault(name, {})[f"c{conns}"] = _median(samples)
@@ -390,10 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["gateway_over_bare_rps"] = gateway[c].rps / results["bare"][c].rps
         summary["bare_added_p50_ms_c1"] = results["bare"]["c1"].p50_ms - direct["c1"].p50_ms
 
-    print(f"\n{'target':10} {'req/s c=' + str(args.connections):>14} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'p50 ms c=1':>11}")
+    print(f"\n{'target':12} {'req/s c=' + str(args.connections):>12} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'p50 ms c=1':>11} {'cpu us/req':>11}")
     for name, figs in results.items():
-        print(f"{name:10} {figs[c].rps:14.0f} {figs[c].p50_ms:8.3f} {figs[c].p99_ms:8.3f} {figs['c1'].p50_ms:11.3f}")
+        print(f"{name:12} {figs[c].rps:12.0f} {figs[c].p50_ms:8.3f} {figs[c].p99_ms:8.3f} {figs['c1'].p50_ms:11.3f} "
+              f"{figs[c].cpu_us_per_request or 0:11.0f}")
     print(f"\ngateway/direct req/s: {summary['gateway_over_direct_rps']:.3f}"
           + (f"   gateway/bare req/s: {summary['gateway_over_bare_rps']:.3f}" if "bare" in results else ""))
     print(f"added p50 at c=1: {added_p50_ms:.3f} ms (target <= {TARGET_ADDED_P50_MS} ms: "
