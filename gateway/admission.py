@@ -75,17 +75,19 @@ class Admission:
         priority = resolve_priority(headers.get("x-gravity-priority"), key.priority)
         prompt = ex.routing.prompt
         messages = prompt.count(b"\x1e") if ex.route == "chat/completions" else 0
-        prompt_tokens = self.estimator.estimate(ex.model, prompt, messages)
-        ex.routing = dataclasses.replace(ex.routing, priority=priority, prompt_tokens=prompt_tokens)
+        estimate = self.estimator.estimate(ex.model, prompt, messages)
+        ex.routing = dataclasses.replace(ex.routing, priority=priority, prompt_tokens=estimate.tokens)
         if should_shed(priority, ex.model, self.gw.datastore.snapshot(), self.cfg.priority):
             retry = self.cfg.priority.shed_retry_after_s
             raise LoadShed(f"Every backend for model '{ex.model}' is saturated and this request's priority "
                            f"is sheddable; try again in {retry:g}s.", retry_after=retry)
         reservation = await self.limiter.reserve(key, ex.model, ex.request_id,
-                                                 prompt_tokens + self._completion_budget(ex))
+                                                 estimate.tokens + self._completion_budget(ex))
         if reservation is not None:
-            ex.extras[_EXTRAS] = (reservation, len(prompt))
+            ex.extras[_EXTRAS] = (reservation, estimate)
             ex.response_headers.update(ratelimit_headers(reservation.verdict))
+            if self.gw.cfg.server.debug_headers:
+                ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
         if self.cfg.priority.upstream and ex.route != "embeddings":
             ex.body = {**ex.body, "priority": self.cfg.priority.upstream_values[priority]}
             # upstream_body() forwards ex.raw untouched for non-stream requests: keep them in step.
@@ -104,10 +106,10 @@ class Admission:
         prompt_used = usage.get("prompt_tokens")
         if held is None:
             return
-        reservation, prompt_bytes = held
+        reservation, estimate = held
         assert isinstance(reservation, Reservation)
         if isinstance(prompt_used, int):
-            self.estimator.observe(ex.model, prompt_bytes, prompt_used)
+            self.estimator.observe(ex.model, estimate, prompt_used)
         await self.limiter.settle(reservation, _tokens_used(ex, reservation.reserved))
 
 
