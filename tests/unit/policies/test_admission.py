@@ -1,0 +1,83 @@
+"""gateway/admission.py: how the policies sit on an Exchange (no network: Redis is left unattached)."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.config import parse_config
+from gateway.dispatch import new_exchange
+from gateway.exchange import Exchange
+from gateway.openai_requests import parse_body
+from gateway.services import Gateway
+from policies.errors import RateLimited
+from policies.keys import hash_key
+
+
+def _gateway(policies: dict[str, Any], **server: Any) -> Gateway:
+    cfg = parse_config({"server": server, "policies": policies,
+                        "backends": [{"name": "b", "url": "http://127.0.0.1:9", "models": ["m"]}]})
+    return Gateway(cfg)
+
+
+def _exchange(gw: Gateway, body: dict[str, Any], route: str = "chat/completions") -> Exchange:
+    raw = orjson.dumps(body)
+    return new_exchange(gw, route, parse_body(route, raw), raw, {}, "rid", {})
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 7}
+
+
+async def test_priority_reaches_the_upstream_body_and_raw_bytes() -> None:
+    gw = _gateway({"priority": {"upstream": True}})
+    ex = _exchange(gw, CHAT)
+    await gw.before_dispatch(ex, {"x-gravity-priority": "critical"})
+    assert ex.routing.priority == "critical"
+    assert orjson.loads(ex.upstream_body())["priority"] == -10
+    assert orjson.loads(ex.raw) == {**CHAT, "priority": -10}
+
+
+async def test_without_upstream_priority_the_body_is_untouched() -> None:
+    gw = _gateway({})
+    ex = _exchange(gw, CHAT)
+    raw = ex.raw
+    await gw.before_dispatch(ex, {"x-gravity-priority": "sheddable"})
+    assert ex.raw is raw and ex.routing.priority == "sheddable"
+    assert ex.routing.prompt_tokens > 0  # refined by the estimator
+
+
+async def test_reserve_settle_refund_through_the_hooks() -> None:
+    """Redis never attached: the local limiter answers, which is the fail-open path."""
+    gw = _gateway({"auth": {"enabled": True, "keys": [{"name": "k", "sha256": hash_key("s"), "limits": {"tpm": 100}}]},
+                   "rate_limits": {"default_max_tokens": 50}}, debug_headers=True)
+    headers = {"authorization": "Bearer s"}
+    first = _exchange(gw, {**CHAT, "max_tokens": None})
+    await gw.before_dispatch(first, headers)
+    reserved = int(first.response_headers["x-gravity-reserved-tokens"])
+    assert reserved == first.routing.prompt_tokens + 50
+    assert first.response_headers["x-ratelimit-remaining-tokens"] == str(100 - reserved)
+    second = _exchange(gw, {**CHAT, "max_tokens": None})
+    with pytest.raises(RateLimited):
+        await gw.before_dispatch(second, headers)
+    first.outcome = "client_disconnect"  # cancelled: everything back
+    await gw.finish(first)
+    third = _exchange(gw, CHAT)
+    await gw.before_dispatch(third, headers)
+    third.outcome, third.usage = "ok", {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    await gw.finish(third)
+    fourth = _exchange(gw, {**CHAT, "max_tokens": 1})
+    await gw.before_dispatch(fourth, headers)
+    # 100 - 12 used - this reservation, give or take a token of refill.
+    left = int(fourth.response_headers["x-ratelimit-remaining-tokens"])
+    assert abs(left - (100 - 12 - int(fourth.response_headers["x-gravity-reserved-tokens"]))) <= 1
+
+
+async def test_embeddings_reserve_no_completion_and_n_multiplies_it() -> None:
+    gw = _gateway({"tenants": {"default": {"limits": {"tpm": 10_000}}}}, debug_headers=True)
+    emb = _exchange(gw, {"model": "m", "input": "abc"}, "embeddings")
+    await gw.before_dispatch(emb, {})
+    assert int(emb.response_headers["x-gravity-reserved-tokens"]) == emb.routing.prompt_tokens
+    many = _exchange(gw, {**CHAT, "n": 3})
+    await gw.before_dispatch(many, {})
+    assert int(many.response_headers["x-gravity-reserved-tokens"]) == many.routing.prompt_tokens + 21
