@@ -56,6 +56,8 @@ class Admission:
             if self.cfg.auth.enabled and self.cfg.auth.redis_keys:
                 self.auth.store = RedisKeyStore(client)
             self.limiter.attach(client)
+            if self.cfg.rate_limits.enabled:
+                await self.limiter.warm(client)
         self.estimator.load()
 
     async def stop(self) -> None:

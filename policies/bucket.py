@@ -35,9 +35,13 @@ class Scope:
     limits: Limits
 
     def caps(self) -> list[int]:
-        """tpm, rpm, tpd, concurrency with 0 for none: the script's per-scope arguments."""
+        """tpm, rpm, tpd, concurrency with 0 for none."""
         lim = self.limits
         return [lim.tpm or 0, lim.rpm or 0, lim.tpd or 0, lim.concurrency or 0]
+
+    def packed_caps(self) -> str:
+        """`caps()` as the script's one argument per scope, "tpm:rpm:tpd:concurrency"."""
+        return ":".join(map(str, self.caps()))
 
 
 @dataclass(frozen=True)

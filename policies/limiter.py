@@ -82,10 +82,19 @@ class Limiter:
         self._local = MemoryState()
         self._redis_down_until = -math.inf
         self._local_scopes: dict[tuple[str, ...], list[Scope]] = {}
+        self._scopes: dict[tuple[object, ...], list[Scope]] = {}
 
     def attach(self, client: Any) -> None:
         """Use this redis.asyncio client (or cluster); the script is sent once, then run by EVALSHA."""
         self._script = client.register_script(LUA_SOURCE) if client is not None else None
+
+    async def warm(self, client: Any) -> None:
+        """Load the script (on every primary of a cluster) and open connections before traffic,
+        so the first decisions are not the ones to hit `redis_timeout_s`."""
+        try:
+            await client.script_load(LUA_SOURCE)
+        except Exception as exc:  # noqa: BLE001 - an unreachable Redis at start is handled per request
+            log.warning("rate limiter: could not load its script into Redis yet (%s)", type(exc).__name__)
 
     @property
     def redis_ok(self) -> bool:
@@ -94,6 +103,16 @@ class Limiter:
     def scopes(self, key: ApiKey, model: str) -> list[Scope]:
         if not self.cfg.enabled:
             return []
+        ident = (key.tenant, key.sha256, model, key.limits)
+        cached = self._scopes.get(ident)
+        if cached is None:
+            cached = self._build_scopes(key, model)
+            if len(self._scopes) >= 10_000:
+                self._scopes.clear()  # bounded: keys x models seen recently
+            self._scopes[ident] = cached
+        return cached
+
+    def _build_scopes(self, key: ApiKey, model: str) -> list[Scope]:
         tag = f"{self.cfg.key_prefix}:{{{key.tenant}}}"
         out = []
         if key.sha256 and not key.limits.is_empty():
@@ -183,8 +202,7 @@ def _keys(scopes: list[Scope]) -> list[str]:
 def _args(mode: str, request_id: str, cfg: RateLimitConfig, reserved: int, actual: int,
           scopes: list[Scope]) -> list[str | int | float]:
     out: list[str | int | float] = [mode, "", request_id, int(cfg.concurrency_lease_s * 1000), reserved, actual]
-    for s in scopes:
-        out.extend(s.caps())
+    out.extend(s.packed_caps() for s in scopes)
     return out
 
 

@@ -3,7 +3,8 @@
 --
 -- KEYS: per scope, its bucket hash then its slots sorted set; all share one {hash tag}.
 -- ARGV: mode ("reserve" | "settle"), now in ms ("" = this server's TIME), request id, lease ms,
---       reserved tokens, actual tokens (settle), then per scope: tpm rpm tpd concurrency (0 = none).
+--       reserved tokens, actual tokens (settle), then per scope "tpm:rpm:tpd:concurrency" (0 = none;
+--       one argument per scope because the client's encoding of arguments is what costs most).
 local MINUTE, DAY = 60000, 86400000
 local KINDS = { { 't', MINUTE }, { 'r', MINUTE }, { 'd', DAY } }
 
@@ -24,8 +25,9 @@ local nscopes = #KEYS / 2
 local function num(x) return string.format('%.17g', x) end
 
 local function caps_of(i)
-  local base = 6 + (i - 1) * 4
-  return { tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]) }
+  local caps = {}
+  for v in string.gmatch(ARGV[6 + i], '[^:]+') do caps[#caps + 1] = tonumber(v) end
+  return caps
 end
 
 local function level_at(level, ts, cap, window)

@@ -5,6 +5,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,12 +46,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
                                               str(d / "nodes.conf"), "--cluster-node-timeout", "2000"]))
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in procs),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        for _ in range(100):
-            out = subprocess.run(["redis-cli", "-p", str(procs[0].port), "cluster", "info"],
-                                 capture_output=True, text=True, timeout=5).stdout
-            if "cluster_state:ok" in out:
+        for _ in range(100):  # every node must agree before the first command
+            states = [subprocess.run(["redis-cli", "-p", str(p.port), "cluster", "info"], capture_output=True,
+                                     text=True, timeout=5).stdout for p in procs]
+            if all("cluster_state:ok" in out for out in states):
                 break
-            subprocess.run(["sleep", "0.1"], check=True)
+            time.sleep(0.1)
         yield procs[0].port
     finally:
         for p in procs:
@@ -66,6 +67,7 @@ async def test_limits_and_keys_on_a_cluster(cluster: int) -> None:
         assert len({s * 3 // 16384 for s in slots}) > 1
         lim = Limiter(RateLimitConfig(), tenants)
         lim.attach(client)
+        await lim.warm(client)
         for tenant in tenants:
             key = ApiKey(sha256=hash_key(tenant), name=tenant, tenant=tenant, limits=Limits(concurrency=5))
             first = await lim.reserve(key, "m", f"{tenant}-1", 100)

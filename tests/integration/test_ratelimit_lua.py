@@ -36,8 +36,7 @@ SCOPES = [
 
 def _args(mode: str, now: float, rid: str, cost: int, actual: int) -> list[object]:
     out: list[object] = [mode, repr(now), rid, 60_000, cost, actual]
-    for s in SCOPES:
-        out.extend(s.caps())
+    out.extend(s.packed_caps() for s in SCOPES)
     return out
 
 

@@ -1,0 +1,163 @@
+"""Admission overhead: the gateway with policies off, then on (API key auth, key + tenant + model
+token limits reserved and settled in a loopback redis-server), against one static nginx upstream.
+
+    .venv/bin/python loadtests/bench_limits.py            # ~1 minute; needs nginx, wrk, redis-server
+
+Prints req/s and p50/p99 at 32 connections and p50 at 1 connection for both, the ratios and the
+added latency, and writes them to loadtests/results/limits.json. Budgets are set far above the
+load so every request takes the full reserve + settle path and none is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overhead import (  # noqa: E402 - a sibling script, not a package
+    INSTALL_HINT,
+    MODEL,
+    REQUEST,
+    WRK_LUA,
+    Sample,
+    Stack,
+    _machine,
+    _median,
+    free_port,
+    measure_cpu,
+    stack,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "loadtests" / "results" / "limits.json"
+TARGET_ADDED_P50_MS = 0.3
+KEY = "gk-bench-key"
+LIMITS = "{tpm: 1000000000, rpm: 100000000, tpd: 100000000000, concurrency: 100000}"
+
+
+def _policies_yaml(on: bool) -> str:
+    if not on:
+        return ""
+    sha = hashlib.sha256(KEY.encode()).hexdigest()
+    return (
+        "policies:\n"
+        "  auth:\n"
+        "    enabled: true\n"
+        f"    keys: [{{name: bench, sha256: {sha}, tenant: bench, limits: {LIMITS}}}]\n"
+        "  tenants:\n"
+        f"    bench: {{limits: {LIMITS}, models: {{{MODEL}: {LIMITS}}}}}\n"
+    )
+
+
+def _post(port: int) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=REQUEST,
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return int(resp.status), {k.lower(): v for k, v in resp.headers.items()}, bytes(resp.read())
+
+
+def start_gateway(s: Stack, upstream: int, redis_port: int, name: str, on: bool) -> int:
+    port = free_port()
+    cfg = s.tmp / f"{name}.yaml"
+    cfg.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"state: {{redis_url: \"redis://127.0.0.1:{redis_port}/0\"}}\n"
+        f"backends:\n  - {{name: nginx-0, url: \"http://127.0.0.1:{upstream}\", kind: vllm, models: [{MODEL}]}}\n"
+        + _policies_yaml(on))
+    s.start(name, [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)], port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            status, headers, _ = _post(port)
+            if status == 200:
+                if on and "x-ratelimit-remaining-tokens" not in headers:
+                    raise SystemExit("the limited gateway answered without x-ratelimit headers")
+                return port
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} never answered 200")
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    wrk = shutil.which("wrk")
+    redis = shutil.which("redis-server")
+    if not (nginx and wrk and redis):
+        print(INSTALL_HINT.format(what="nginx and wrk") + " (and redis-server)", file=sys.stderr)
+        return 2
+
+    started = dt.datetime.now(dt.UTC)
+    machine = _machine()
+    rounds: dict[tuple[str, int], list[Sample]] = {}
+    with stack() as s:
+        from bench_overhead import start_nginx
+
+        upstream = start_nginx(s, nginx)
+        redis_port = free_port()
+        s.start("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(s.tmp)], redis_port)
+        targets = {"limits_off": start_gateway(s, upstream, redis_port, "limits_off", on=False),
+                   "limits_on": start_gateway(s, upstream, redis_port, "limits_on", on=True)}
+        lua = s.tmp / "post.lua"
+        lua.write_text(WRK_LUA.format(body=REQUEST.decode()).replace(
+            'wrk.headers["Content-Type"] = "application/json"',
+            f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer {KEY}"'))
+        for name, port in targets.items():
+            measure_cpu(wrk, lua, port, s.pids[name], args.connections, 1)  # warm up
+        for r in range(args.rounds):
+            for name, port in targets.items():
+                for conns in (args.connections, 1):
+                    sample = measure_cpu(wrk, lua, port, s.pids[name], conns, args.seconds)
+                    rounds.setdefault((name, conns), []).append(sample)
+                    print(f"round {r + 1}/{args.rounds} {name:10} c={conns:<3} {sample.rps:9.0f} req/s  "
+                          f"p50 {sample.p50_ms:6.3f} ms  p99 {sample.p99_ms:6.3f} ms  errors {sample.errors}",
+                          flush=True)
+    med = {k: _median(v) for k, v in rounds.items()}
+    off, on = med[("limits_off", args.connections)], med[("limits_on", args.connections)]
+    off1, on1 = med[("limits_off", 1)], med[("limits_on", 1)]
+    summary = {
+        "throughput_ratio_on_vs_off": on.rps / off.rps,
+        "p50_ratio_on_vs_off": on.p50_ms / off.p50_ms,
+        "p99_ratio_on_vs_off": on.p99_ms / off.p99_ms,
+        "added_p50_ms_c1": on1.p50_ms - off1.p50_ms,
+        "added_p50_ms_loaded": on.p50_ms - off.p50_ms,
+        "added_cpu_us_per_request": ((on.cpu_us_per_request or 0) - (off.cpu_us_per_request or 0)),
+        "target_added_p50_ms": TARGET_ADDED_P50_MS,
+    }
+    print()
+    print(f"{'':12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 c=1':>8} {'cpu us/req':>10}")
+    for name in ("limits_off", "limits_on"):
+        a, b = med[(name, args.connections)], med[(name, 1)]
+        print(f"{name:12} {a.rps:9.0f} {a.p50_ms:8.3f} {a.p99_ms:8.3f} {b.p50_ms:8.3f} "
+              f"{(a.cpu_us_per_request or 0):10.0f}")
+    print(f"throughput on/off {summary['throughput_ratio_on_vs_off']:.3f}  "
+          f"p50 on/off {summary['p50_ratio_on_vs_off']:.3f}  p99 on/off {summary['p99_ratio_on_vs_off']:.3f}")
+    print(f"added p50 at c=1: {summary['added_p50_ms_c1']:.3f} ms (target <= {TARGET_ADDED_P50_MS} ms)")
+    out = {"started": started.isoformat(), "machine": machine, "seconds": args.seconds, "rounds": args.rounds,
+           "connections": args.connections, "summary": summary,
+           "medians": {f"{n}@c={c}": asdict(v) for (n, c), v in med.items()}}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
