@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import GatewayConfig
+from gateway.dispatch import new_exchange, schedule
 from gateway.errors import (
     BodyTooLarge,
     GatewayError,
@@ -27,7 +29,7 @@ from gateway.errors import (
     error_response,
     to_gateway_error,
 )
-from gateway.dispatch import new_exchange, schedule
+from gateway.metrics import UNROUTED
 from gateway.openai_requests import parse_body
 from gateway.proxy import ProxyResponse
 from gateway.services import Gateway
@@ -38,23 +40,31 @@ log = logging.getLogger("gravity")
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Every response carries `x-request-id`: the client's own when sane, else a new one."""
+_PROXIED = {b"/v1/chat/completions": "chat/completions", b"/v1/completions": "completions",
+            b"/v1/embeddings": "embeddings"}
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+
+def _request_id(scope: dict[str, Any]) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"x-request-id":
+            return v if _SANE_REQUEST_ID.match(v) else os.urandom(16).hex().encode()
+    return os.urandom(16).hex().encode()
+
+
+class GatewayApp:
+    """The outermost ASGI app: every response gets `x-request-id`, and the proxied OpenAI POST
+    routes go straight to their handler (they answer their own errors), skipping the router."""
+
+    def __init__(self, gw: Gateway, inner: Starlette) -> None:
+        self.gw = gw
+        self.inner = inner
+        self.state = inner.state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.inner(scope, receive, send)
             return
-        rid = b""
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                rid = v if _SANE_REQUEST_ID.match(v) else b""
-                break
-        if not rid:
-            rid = uuid.uuid4().hex.encode()
+        rid = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -62,21 +72,35 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
+        if route is None:
+            await self.inner(scope, receive, send_with_id)
+            return
+        response = await handle_proxy(self.gw, route, scope, receive)
+        await response(scope, receive, send_with_id)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
+async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"content-length" and v.isdigit() and int(v) > limit:
+            raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
 
 
 def _gateway(request: Request) -> Gateway:
@@ -84,23 +108,26 @@ def _gateway(request: Request) -> Gateway:
     return gw
 
 
-async def proxy_route(request: Request, route: str) -> Response | ProxyResponse:
-    gw = _gateway(request)
+async def handle_proxy(gw: Gateway, route: str, scope: dict[str, Any], receive: Any
+                       ) -> Response | ProxyResponse:
+    """Parse, admit and schedule; the returned ProxyResponse performs the upstream call."""
     model = "unknown"
     ex = None
     try:
-        raw = await read_body(request, gw.cfg.server.max_body_bytes)
+        raw = await read_body(scope, receive, gw.cfg.server.max_body_bytes)
         parsed = parse_body(route, raw)
         model = parsed.model
-        ex = new_exchange(gw, route, parsed, raw, request.headers, request.scope["state"]["request_id"],
-                          forwardable_request_headers(request.scope["headers"]))
-        await schedule(gw, ex, request.headers)
-    except Exception as exc:  # noqa: BLE001 - the one error mapping answers everything
+        headers = Headers(scope=scope)
+        ex = new_exchange(gw, route, parsed, raw, headers, scope["state"]["request_id"],
+                          forwardable_request_headers(scope["headers"]))
+        await schedule(gw, ex, headers)
+    except Exception as exc:
         err = to_gateway_error(exc)
-        if not isinstance(exc, GatewayError) and err.status >= 500:
+        if not isinstance(exc, (GatewayError, ClientGone)) and err.status >= 500:
             log.exception("request failed before dispatch")
         if err.code in ("model_not_found", "no_healthy_backend"):
-            gw.metrics.routing_errors.labels(model, err.code or "").inc()
+            served = model if err.code == "no_healthy_backend" else UNROUTED
+            gw.metrics.routing_errors.labels(served, err.code or "").inc()
         if ex is not None:
             # Admitted but not dispatched: let the hooks refund what admission reserved.
             ex.status, ex.outcome = err.status, "error"
@@ -108,6 +135,10 @@ async def proxy_route(request: Request, route: str) -> Response | ProxyResponse:
             return error_response(err, ex.response_headers)
         return error_response(err)
     return ProxyResponse(gw, ex)
+
+
+async def proxy_route(request: Request, route: str) -> Response | ProxyResponse:
+    return await handle_proxy(_gateway(request), route, request.scope, request.receive)
 
 
 async def chat_completions(request: Request) -> Response | ProxyResponse:
@@ -165,7 +196,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> Starlette:
+def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> GatewayApp:
     gw = gateway or Gateway(cfg)
 
     @contextlib.asynccontextmanager
@@ -190,5 +221,4 @@ def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.gateway = gw
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    return GatewayApp(gw, app)

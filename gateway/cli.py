@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -30,6 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
                                            if v is not None})
     cfg = cfg.model_copy(update={"server": server})
     app = create_app(cfg)
+    # Everything allocated so far lives for the process: move it out of the collector's sight and
+    # collect young objects less often (measured: -25% CPU per request, p99 66 -> 17 ms at c=32;
+    # docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     uvicorn.run(app, host=server.host, port=server.port, loop="uvloop", http="httptools",
                 access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
     return 0

@@ -1,7 +1,16 @@
 """Prometheus metrics of one gateway instance, kept in a registry of its own (no globals)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+
+UNROUTED = "_unrouted"
+"""The model label of requests that never reached a backend: a client-chosen name must not
+become a label value (unbounded cardinality)."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -28,6 +37,36 @@ class GatewayMetrics:
         self.inflight = Gauge("gravity_requests_in_flight", "Requests being served now.", registry=r)
         self.client_disconnects = Counter("gravity_client_disconnects", "Requests the client abandoned.",
                                           ["route"], registry=r)
+
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus_client's labels() validates and locks on every call; children are stable.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, ex: Exchange) -> None:
+        """Record one finished exchange."""
+        model = ex.model if ex.backend else UNROUTED
+        self._child(self.requests, ex.route, model, ex.backend or "", str(ex.status)).inc()
+        end = ex.finished_at or ex.started
+        self._child(self.latency, ex.route, model).observe(end - ex.started)
+        if ex.first_chunk_at is not None:
+            self._child(self.ttft, model).observe(ex.first_chunk_at - ex.started)
+        usage = ex.usage
+        if usage:
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                self._child(self.tokens, model, "prompt").inc(prompt)
+            if isinstance(completion, int):
+                self._child(self.tokens, model, "completion").inc(completion)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self._child(self.cached_tokens, model, ex.backend or "").inc(details["cached_tokens"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

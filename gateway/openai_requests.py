@@ -14,7 +14,7 @@ ROUTES = ("chat/completions", "completions", "embeddings")
 
 
 class ParsedBody:
-    __slots__ = ("body", "model", "stream", "wants_usage", "max_tokens", "prompt", "cache_salt", "user")
+    __slots__ = ("body", "cache_salt", "max_tokens", "model", "prompt", "stream", "user", "wants_usage")
 
     def __init__(self, body: dict[str, Any], model: str, stream: bool, wants_usage: bool, max_tokens: int,
                  prompt: bytes, cache_salt: str | None, user: str | None) -> None:

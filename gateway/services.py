@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 import time
+from collections.abc import Mapping
 
 from starlette.routing import BaseRoute
 
@@ -106,7 +106,7 @@ class Gateway:
         for hook in self.picked_hooks:
             try:
                 await hook(ex)
-            except Exception:  # noqa: BLE001 - losing affinity must not fail the request
+            except Exception:
                 log.exception("picked hook %r failed for request %s", hook, ex.request_id)
 
     async def finish(self, ex: Exchange) -> None:
@@ -115,23 +115,9 @@ class Gateway:
         ticket = ex.extras.pop("inflight_ticket", None)
         if ticket is not None:
             self.datastore.end(ticket)
-        m = self.metrics
-        m.requests.labels(ex.route, ex.model, ex.backend or "", str(ex.status)).inc()
-        m.latency.labels(ex.route, ex.model).observe(ex.finished_at - ex.started)
-        if ex.first_chunk_at is not None:
-            m.ttft.labels(ex.model).observe(ex.first_chunk_at - ex.started)
-        if ex.usage:
-            prompt = ex.usage.get("prompt_tokens")
-            completion = ex.usage.get("completion_tokens")
-            if isinstance(prompt, int):
-                m.tokens.labels(ex.model, "prompt").inc(prompt)
-            if isinstance(completion, int):
-                m.tokens.labels(ex.model, "completion").inc(completion)
-            details = ex.usage.get("prompt_tokens_details")
-            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-                m.cached_tokens.labels(ex.model, ex.backend or "").inc(details["cached_tokens"])
+        self.metrics.observe(ex)
         for hook in self.finish_hooks:
             try:
                 await hook(ex)
-            except Exception:  # noqa: BLE001 - a hook must never break the response path
+            except Exception:
                 log.exception("finish hook %r failed for request %s", hook, ex.request_id)

@@ -31,7 +31,7 @@ def forwardable_request_headers(headers: list[tuple[bytes, bytes]]) -> dict[str,
     return out
 
 
-def forwardable_response_headers(headers: "aiohttp.typedefs.LooseHeaders") -> dict[str, str]:
+def forwardable_response_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}  # type: ignore[union-attr]
 
 
