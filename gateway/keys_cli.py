@@ -48,7 +48,7 @@ def _open(args: argparse.Namespace) -> Any:
     from gateway.redis_conn import open_redis
 
     if args.redis_url:
-        state = StateConfig(redis_url=args.redis_url)
+        state = StateConfig.model_validate({"redis_url": args.redis_url})
     elif args.config:
         try:
             state = load_config(args.config).state
@@ -81,15 +81,15 @@ async def _run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             return 0
         if args.command == "list":
-            keys = await store.list()
+            keys = await store.all()
             if args.json:
                 print(orjson.dumps([_describe(k) for k in keys]).decode())
             else:
                 for k in keys:
                     models = ",".join(sorted(k.models)) if k.models is not None else "*"
-                    limits = " ".join(f"{n}={v}" for n, v in k.limits.model_dump(exclude_none=True).items())
+                    budget = " ".join(f"{n}={v}" for n, v in k.limits.model_dump(exclude_none=True).items())
                     print(f"{k.id}  {k.name}  tenant={k.tenant}  models={models}  priority={k.priority}"
-                          + (f"  {limits}" if limits else ""))
+                          + (f"  {budget}" if budget else ""))
             return 0
         gone = await store.revoke(args.key)
         if not gone:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import (  # noqa: E402 - a sibling script, not a package
+from bench_overhead import (
     INSTALL_HINT,
     MODEL,
     REQUEST,

@@ -74,7 +74,7 @@ class Authenticator:
         try:
             async with asyncio.timeout(self.timeout_s):
                 key = await self.store.get(digest)
-        except Exception as exc:  # noqa: BLE001 - any Redis failure: fall back to what we knew
+        except Exception as exc:
             if cached is not None and cached[0] is not None:
                 return cached[0]
             log.warning("API key store unreachable: %s", type(exc).__name__)

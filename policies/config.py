@@ -33,13 +33,13 @@ class _Model(BaseModel):
 class Limits(_Model):
     """Budgets of one scope (a key, a tenant, or a tenant's use of one model); omit a field for no limit."""
 
-    tpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
     """Tokens per minute (prompt + completion), a token bucket refilled continuously."""
-    rpm: int | None = Field(None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
     """Requests per minute, a token bucket of requests."""
-    tpd: int | None = Field(None, ge=1)
+    tpd: int | None = Field(default=None, ge=1)
     """Tokens per day, a bucket refilled continuously over 24 hours (a rolling day, not a calendar day)."""
-    concurrency: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
     """Requests in flight at once, across every gateway replica sharing the Redis."""
 
     def is_empty(self) -> bool:
@@ -53,7 +53,7 @@ class KeyConfig(_Model):
     """A label for listings, metrics and logs (the key itself is never logged)."""
     sha256: str
     """Lower-case hex SHA-256 of the key's full text."""
-    tenant: str = Field("default", pattern=_NAME)
+    tenant: str = Field(default="default", pattern=_NAME)
     models: list[str] | None = None
     """Models the key may use; omit for every model."""
     priority: Priority = "standard"
@@ -80,11 +80,11 @@ class TenantConfig(_Model):
 class AuthConfig(_Model):
     enabled: bool = False
     """Off (the development default): no key needed, every request belongs to `default_tenant`."""
-    default_tenant: str = Field("default", pattern=_NAME)
+    default_tenant: str = Field(default="default", pattern=_NAME)
     keys: list[KeyConfig] = Field(default_factory=list)
     redis_keys: bool = True
     """Also accept keys created with `gravity keys create` (kept in Redis)."""
-    cache_ttl_s: float = Field(10.0, ge=0)
+    cache_ttl_s: float = Field(default=10.0, ge=0)
     """How long a key read from Redis is trusted before it is read again (a revocation's delay)."""
     hide_forbidden_models: bool = False
     """Answer a model the key may not use with 404 `model_not_found` instead of 403."""
@@ -95,36 +95,39 @@ class RateLimitConfig(_Model):
     """Enforce the configured limits (none are configured by default, so nothing is limited)."""
     failure_mode: Literal["open", "closed"] = "open"
     """Redis unreachable: `open` falls back to a per-replica local limiter, `closed` answers 503."""
-    local_share: float = Field(1.0, gt=0, le=1)
+    local_share: float = Field(default=1.0, gt=0, le=1)
     """Fraction of each limit one replica enforces on its own while Redis is unreachable
     (1 / replicas keeps the fleet within the limit; 1.0 lets each replica spend the whole limit)."""
-    redis_timeout_s: float = Field(0.25, gt=0)
+    redis_timeout_s: float = Field(default=0.25, gt=0)
     """Longest wait for one limiter call before Redis counts as unreachable."""
-    redis_retry_s: float = Field(1.0, ge=0)
+    redis_retry_s: float = Field(default=1.0, ge=0)
     """After a Redis failure, use the local limiter this long before trying Redis again."""
-    default_max_tokens: int = Field(1024, ge=0)
+    default_max_tokens: int = Field(default=1024, ge=0)
     """Completion tokens reserved for a request that sets no `max_tokens`."""
-    concurrency_lease_s: float = Field(900.0, gt=0)
+    concurrency_lease_s: float = Field(default=900.0, gt=0)
     """A concurrency slot is freed after this long even if its gateway died before releasing it."""
     estimator: Literal["auto", "tiktoken", "bytes"] = "auto"
     """Prompt token estimate: tiktoken o200k_base, bytes (ratio learnt from usage), or auto
     (tiktoken up to `tiktoken_max_bytes` of prompt, bytes above; see docs/policies.md)."""
-    tiktoken_max_bytes: int = Field(2048, ge=0)
-    key_prefix: str = Field("gravity:rl", pattern=r"^[A-Za-z0-9:._-]+$")
+    tiktoken_max_bytes: int = Field(default=1024, ge=0)
+    """Largest prompt counted with tiktoken in `auto` mode (~37 µs at 1 KiB; see docs/policies.md)."""
+    key_prefix: str = Field(default="gravity:rl", pattern=r"^[A-Za-z0-9:._-]+$")
+
+
+_VLLM_PRIORITY: dict[Priority, int] = {"critical": -10, "standard": 0, "sheddable": 10}
 
 
 class PriorityConfig(_Model):
     shed: bool = True
     """Refuse `sheddable` requests at once when every eligible endpoint is saturated."""
-    shed_waiting_threshold: int = Field(8, ge=1)
+    shed_waiting_threshold: int = Field(default=8, ge=1)
     """An endpoint whose scraped queue (`num_requests_waiting`) is at least this is saturated."""
-    shed_inflight_threshold: int | None = Field(None, ge=1)
+    shed_inflight_threshold: int | None = Field(default=None, ge=1)
     """Also saturated when the gateway's own in-flight count to it reaches this (for stale metrics)."""
-    shed_retry_after_s: float = Field(1.0, gt=0)
+    shed_retry_after_s: float = Field(default=1.0, gt=0)
     upstream: bool = False
     """Send `priority` in the upstream body (vLLM started with `--scheduling-policy priority`)."""
-    upstream_values: dict[Priority, int] = Field(
-        default_factory=lambda: {"critical": -10, "standard": 0, "sheddable": 10})
+    upstream_values: dict[Priority, int] = Field(default_factory=lambda: dict(_VLLM_PRIORITY))
     """vLLM serves lower values first."""
 
     @field_validator("upstream_values")

@@ -41,7 +41,7 @@ class TokenEstimator:
     """Counts with tiktoken (short prompts) or bytes (long ones), then corrects by a per-model factor
     learnt from `usage.prompt_tokens`: the backend's tokenizer and chat template are not o200k's."""
 
-    def __init__(self, mode: str = "auto", tiktoken_max_bytes: int = 2048,
+    def __init__(self, mode: str = "auto", tiktoken_max_bytes: int = 1024,
                  loader: Callable[[], Any] = _load_o200k) -> None:
         self.mode = mode
         self.tiktoken_max_bytes = tiktoken_max_bytes if mode == "auto" else (0 if mode == "bytes" else 1 << 62)

@@ -76,11 +76,13 @@ class ApiKey:
 
 
 class _RedisLike(Protocol):
-    async def get(self, name: str) -> Any: ...
+    """The little of redis.asyncio's Redis / RedisCluster the store uses."""
 
-    async def smembers(self, name: str) -> Any: ...
+    def get(self, name: Any) -> Any: ...
 
-    def pipeline(self, transaction: bool = True) -> Any: ...
+    def smembers(self, name: Any) -> Any: ...
+
+    def pipeline(self, transaction: Any = ..., shard_hint: Any = ...) -> Any: ...
 
 
 class RedisKeyStore:
@@ -116,7 +118,7 @@ class RedisKeyStore:
             await pipe.execute()
         return text, key
 
-    async def list(self) -> list[ApiKey]:
+    async def all(self) -> list[ApiKey]:
         hashes = sorted(h.decode() if isinstance(h, bytes) else str(h)
                         for h in await self.client.smembers(self._index))
         out = []
@@ -129,7 +131,7 @@ class RedisKeyStore:
     async def revoke(self, id_or_name: str) -> list[ApiKey]:
         """Delete every key whose id (hash prefix, at least 8 digits) or name matches; returns them."""
         wanted = id_or_name.lower()
-        gone = [k for k in await self.list()
+        gone = [k for k in await self.all()
                 if (len(wanted) >= 8 and k.sha256.startswith(wanted)) or k.name == id_or_name]
         if gone:
             async with self.client.pipeline(transaction=True) as pipe:

@@ -19,7 +19,7 @@ from policies.config import Limits, RateLimitConfig, TenantConfig
 from policies.errors import LimiterUnavailable, RateLimited
 from policies.keys import ApiKey
 
-__all__ = ["LUA_SOURCE", "Limiter", "Reservation", "ratelimit_headers", "format_duration"]
+__all__ = ["LUA_SOURCE", "Limiter", "Reservation", "format_duration", "ratelimit_headers"]
 
 log = logging.getLogger("gravity.policies.limiter")
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, cast
+from typing import Protocol
 
 from policies.config import Priority, PriorityConfig
 from policies.errors import InvalidPriority
@@ -41,10 +41,10 @@ def resolve_priority(header: str | None, default: Priority) -> Priority:
     if header is None or header == "":
         return default
     value = header.strip().lower()
-    if value not in PRIORITIES:
+    if value not in PRIORITIES:  # narrows value to Priority for the return below
         raise InvalidPriority(f"Invalid x-gravity-priority {header[:32]!r}: expected one of "
                               f"{', '.join(PRIORITIES)}.")
-    return cast(Priority, value)
+    return value
 
 
 def saturated(e: EndpointLoad, cfg: PriorityConfig) -> bool:

@@ -61,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _keys(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True, check=False,
                           cwd=REPO, timeout=30)
 
 

@@ -36,9 +36,9 @@ async def test_redis_store_creates_lists_and_revokes(redis_server: Proc) -> None
     try:
         store = RedisKeyStore(client)
         text, key = await store.create(name="ci", tenant="t", models=["m"], limits=Limits(rpm=3))
-        other_text, other = await store.create(name="bot", tenant="u")
+        other_text, _ = await store.create(name="bot", tenant="u")
         assert await store.get(hash_key(text)) == key
-        assert {k.name for k in await store.list()} == {"ci", "bot"}
+        assert {k.name for k in await store.all()} == {"ci", "bot"}
         # Only hashes are stored anywhere.
         for k in await client.keys("*"):
             assert text.encode() not in (await client.dump(k) or b"")
@@ -46,7 +46,7 @@ async def test_redis_store_creates_lists_and_revokes(redis_server: Proc) -> None
         assert [k.name for k in await store.revoke(key.id)] == ["ci"]
         assert await store.get(key.sha256) is None
         assert [k.name for k in await store.revoke("bot")] == ["bot"]
-        assert await store.list() == []
+        assert await store.all() == []
         assert other_text
     finally:
         await client.aclose()
