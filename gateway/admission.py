@@ -63,6 +63,10 @@ class Admission:
     async def stop(self) -> None:
         return None
 
+    async def identify(self, headers: Mapping[str, str]) -> str:
+        """The API key's tenant (raising the same 401 as dispatching routes)."""
+        return (await self.auth.authenticate(headers)).tenant
+
     async def before_dispatch(self, ex: Exchange, headers: Mapping[str, str]) -> None:
         try:
             await self._admit(ex, headers)
@@ -132,6 +136,7 @@ def _tokens_used(ex: Exchange, reserved: int) -> int:
 def install_admission(gw: Gateway) -> Admission:
     admission = Admission(gw)
     gw.pre_dispatch_hooks.append(admission.before_dispatch)
+    gw.identify = admission.identify
     gw.finish_hooks.append(admission.finish)
     gw.lifecycle.append(admission)
     return admission

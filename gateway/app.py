@@ -22,7 +22,6 @@ from starlette.routing import Route
 from gateway.config import GatewayConfig
 from gateway.dispatch import new_exchange, schedule
 from gateway.errors import (
-    BodyTooLarge,
     GatewayError,
     MethodNotAllowed,
     NotFound,
@@ -30,7 +29,7 @@ from gateway.errors import (
     to_gateway_error,
 )
 from gateway.metrics import UNROUTED
-from gateway.openai_requests import parse_body
+from gateway.openai_requests import ClientGone, parse_body, read_body
 from gateway.proxy import ProxyResponse
 from gateway.services import Gateway
 from gateway.upstream import forwardable_request_headers
@@ -78,29 +77,6 @@ class GatewayApp:
             return
         response = await handle_proxy(self.gw, route, scope, receive)
         await response(scope, receive, send_with_id)
-
-
-async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
-    for k, v in scope["headers"]:
-        if k == b"content-length" and v.isdigit() and int(v) > limit:
-            raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
 
 
 def _gateway(request: Request) -> Gateway:

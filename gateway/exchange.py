@@ -50,6 +50,7 @@ class Exchange:
 
 FinishHook = Callable[[Exchange], Awaitable[None]]
 PreDispatchHook = Callable[[Exchange, Mapping[str, str]], Awaitable[None]]
+IdentifyHook = Callable[[Mapping[str, str]], Awaitable[str]]
 
 
 class Lifecycle(Protocol):

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidRequest
+from gateway.errors import BodyTooLarge, InvalidRequest
 
 ROUTES = ("chat/completions", "completions", "embeddings")
 
@@ -127,3 +127,26 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
         prompt = inp.encode() if isinstance(inp, str) else orjson.dumps(inp)
         stream = False
     return ParsedBody(body, model, stream, wants_usage, max_tokens, prompt, cache_salt, user)
+
+
+async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+    for k, v in scope["headers"]:
+        if k == b"content-length" and v.isdigit() and int(v) > limit:
+            raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute
 
 from gateway.admission import install_admission
 from gateway.config import GatewayConfig
-from gateway.exchange import Exchange, FinishHook, Lifecycle, PreDispatchHook
+from gateway.exchange import Exchange, FinishHook, IdentifyHook, Lifecycle, PreDispatchHook
 from gateway.metrics import GatewayMetrics
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import install_state
@@ -25,6 +25,10 @@ from routing.scraper import Collector
 from routing.types import EndpointSpec
 
 log = logging.getLogger("gravity")
+
+
+async def _default_tenant(headers: Mapping[str, str]) -> str:
+    return "default"
 
 
 class Gateway:
@@ -53,6 +57,9 @@ class Gateway:
         """Run once a backend accepted the request (e.g. remember the session's endpoint)."""
         self.finish_hooks: list[FinishHook] = []
         """Run after the response ended, whatever the outcome (settle budgets, record usage)."""
+        self.identify: IdentifyHook = _default_tenant
+        """The caller's tenant from request headers, for routes that do not dispatch (stored objects);
+        the admission layer replaces it with API-key authentication (raising 401/403)."""
         self.extra_routes: list[BaseRoute] = []
         self.lifecycle: list[Lifecycle] = []
         """Objects with async start()/stop(), started after Redis and stopped before it."""

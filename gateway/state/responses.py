@@ -199,18 +199,13 @@ def scoped_tenant(request: Request) -> str | None:
 async def tenant_of(gw: Gateway, request: Request) -> str:
     """The caller's tenant for routes that do not dispatch (GET/DELETE of stored objects).
 
-    The scope's tenant when an outer layer set one; else the admission layer's authenticator
-    (the API key's tenant, raising its 401/403); else the one default tenant.
+    The scope's tenant when an outer layer set one; else `gw.identify` (the API key's tenant
+    with admission installed, raising its 401; the one default tenant without).
     """
     scoped = scoped_tenant(request)
     if scoped is not None:
         return scoped
-    for part in gw.lifecycle:
-        auth = getattr(part, "auth", None)
-        if auth is not None and hasattr(auth, "authenticate"):
-            key = await auth.authenticate(request.headers)
-            return str(key.tenant)
-    return "default"
+    return await gw.identify(request.headers)
 
 
 async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw: bytes

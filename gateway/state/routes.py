@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, error_response
+from gateway.openai_requests import read_body
 from gateway.state.keys import new_hex
 from gateway.state.responses import ResponsesCall, prepare_response, tenant_of
 from gateway.state.store import StateStore
@@ -56,9 +57,8 @@ def _api(handler: Handler) -> Handler:
 
 
 async def _body(request: Request, limit: int) -> dict[str, Any]:
-    from gateway.app import read_body  # the app module imports the gateway, which installs this layer
 
-    raw = await read_body(request, limit)
+    raw = await read_body(request.scope, request.receive, limit)
     if not raw:
         return {}
     try:
@@ -109,11 +109,10 @@ class StateRoutes:
 
     # -- responses -----------------------------------------------------------------------------
     async def create_response(self, request: Request) -> Any:
-        from gateway.app import read_body
 
         ex = None
         try:
-            raw = await read_body(request, self._limit)
+            raw = await read_body(request.scope, request.receive, self._limit)
             turn, ex = await prepare_response(self.gw, self.store, request, raw)
         except Exception as exc:
             if isinstance(exc, RedisError):
