@@ -37,7 +37,7 @@ class Gateway:
         self.started_at = time.time()
         self.metrics = GatewayMetrics()
         self.upstream = Upstream(cfg.server)
-        self.datastore = Datastore()
+        self.datastore = Datastore(stale_after_s=cfg.routing.stale_after_s)
         self.targets: dict[str, BackendTarget] = {}
         for b in cfg.backends:
             target = BackendTarget.from_config(b)
@@ -48,7 +48,8 @@ class Gateway:
             ))
         self.scheduler: Scheduler = build_scheduler(cfg.routing, self.datastore)
         self.collector = Collector(self.datastore, self._fetch, interval_s=cfg.routing.scrape_interval_s,
-                                   timeout_s=cfg.routing.scrape_timeout_s)
+                                   timeout_s=cfg.routing.scrape_timeout_s,
+                                   unhealthy_after=cfg.routing.unhealthy_after_failures)
         self.redis: RedisHandle | None = None
         # Extension points for the admission and state layers (each registers itself in install()).
         self.pre_dispatch_hooks: list[PreDispatchHook] = []

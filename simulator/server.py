@@ -195,10 +195,11 @@ class SimServer:
 
     async def _sse(self, p: GenerateParams, rid: str, events: AsyncIterator[TokenEvent]) -> AsyncIterator[bytes]:
         n_prompt, completion, cached = len(p.prompt_token_ids), 0, 0
-        if p.kind == "chat":
-            yield _sse(chunk(p, rid, "", None, role=True))
         try:
             async for ev in events:
+                if ev.is_first and p.kind == "chat":
+                    # vLLM emits the role chunk with the first engine output, i.e. after prefill.
+                    yield _sse(chunk(p, rid, "", None, role=True))
                 completion += len(ev.token_ids)
                 cached = ev.num_cached_tokens if ev.is_first else cached
                 use = usage(n_prompt, completion, cached) if p.include_usage and p.continuous_usage else None
