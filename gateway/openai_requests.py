@@ -41,7 +41,7 @@ def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     return v
 
 
-def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+def optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     v = body.get(name)
     if v is None:
         return None
@@ -88,7 +88,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def parse_body(route: str, raw: bytes) -> ParsedBody:
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or the 400 OpenAI gives for anything else."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -96,18 +97,28 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
                              code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def required_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter (a non-empty string).", param="model",
                              code="invalid_type" if model is not None else "missing_required_parameter")
-    stream = bool(_optional(body, "stream", bool, "a boolean"))
-    opts = _optional(body, "stream_options", dict, "an object")
+    return model
+
+
+def parse_body(route: str, raw: bytes) -> ParsedBody:
+    body = json_object(raw)
+    model = required_model(body)
+    stream = bool(optional(body, "stream", bool, "a boolean"))
+    opts = optional(body, "stream_options", dict, "an object")
     wants_usage = bool(opts.get("include_usage")) if opts else False
     max_tokens = _int(body, "max_completion_tokens", 1) or _int(body, "max_tokens", 1) or 0
     _int(body, "n", 1)
-    _optional(body, "temperature", (int, float), "a number")
-    cache_salt = _optional(body, "cache_salt", str, "a string")
-    user = _optional(body, "user", str, "a string")
+    optional(body, "temperature", (int, float), "a number")
+    cache_salt = optional(body, "cache_salt", str, "a string")
+    user = optional(body, "user", str, "a string")
     if route == "chat/completions":
         prompt = chat_prompt_bytes(_check_messages(body.get("messages")))
     elif route == "completions":

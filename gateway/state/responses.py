@@ -16,7 +16,7 @@ import orjson
 from gateway.dispatch import new_exchange
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, error_response, to_gateway_error
 from gateway.exchange import Exchange
-from gateway.openai_requests import parse_body
+from gateway.openai_requests import json_object, optional, parse_body, required_model
 from gateway.proxy import ProxyResponse, Receive, Send
 from gateway.sse import EventSplitter, event_json
 from gateway.state.keys import new_hex, parse_conversation_id, parse_response_id, response_id
@@ -75,27 +75,9 @@ class ResponsesRequest:
     text: Any
 
 
-def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-        raise InvalidRequest(f"Invalid type for '{name}': expected {what}.", param=name, code="invalid_type")
-    return v
-
-
 def parse_responses_request(raw: bytes, cfg: StateConfig) -> ResponsesRequest:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.",
-                             code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter (a non-empty string).", param="model",
-                             code="invalid_type" if model is not None else "missing_required_parameter")
+    body = json_object(raw)
+    model = required_model(body)
     for name, what in _UNSUPPORTED.items():
         if body.get(name):
             raise InvalidRequest(f"'{name}' ({what}) is not supported by this gateway.", param=name,
@@ -107,7 +89,7 @@ def parse_responses_request(raw: bytes, cfg: StateConfig) -> ResponsesRequest:
     if len(items) > cfg.max_conversation_items:
         raise InvalidRequest(f"'input' has more than {cfg.max_conversation_items} items.", param="input",
                              code="array_above_max_length")
-    previous = _typed(body, "previous_response_id", (str,), "a string")
+    previous = optional(body, "previous_response_id", (str,), "a string")
     conversation = body.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
@@ -117,27 +99,27 @@ def parse_responses_request(raw: bytes, cfg: StateConfig) -> ResponsesRequest:
     if previous and conversation:
         raise InvalidRequest("'previous_response_id' and 'conversation' cannot be used together.",
                              param="conversation", code="invalid_value")
-    max_output = _typed(body, "max_output_tokens", (int,), "an integer")
+    max_output = optional(body, "max_output_tokens", (int,), "an integer")
     if max_output is not None and max_output < 1:
         raise InvalidRequest("Invalid 'max_output_tokens': must be at least 1.", param="max_output_tokens",
                              code="invalid_value")
-    temperature = _typed(body, "temperature", (int, float), "a number")
+    temperature = optional(body, "temperature", (int, float), "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidRequest("Invalid 'temperature': must be between 0 and 2.", param="temperature",
                              code="invalid_value")
-    store = _typed(body, "store", (bool,), "a boolean")
-    parallel = _typed(body, "parallel_tool_calls", (bool,), "a boolean")
-    tools = _typed(body, "tools", (list,), "an array")
+    store = optional(body, "store", (bool,), "a boolean")
+    parallel = optional(body, "parallel_tool_calls", (bool,), "a boolean")
+    tools = optional(body, "tools", (list,), "an array")
     tools_to_chat(tools)
     tool_choice_to_chat(body.get("tool_choice"))
     text_format_to_chat(body.get("text"))
     return ResponsesRequest(
-        body=body, model=model, items=items, instructions=_typed(body, "instructions", (str,), "a string"),
+        body=body, model=model, items=items, instructions=optional(body, "instructions", (str,), "a string"),
         previous_response_id=previous, conversation_id=conversation, store=store is not False,
-        stream=bool(_typed(body, "stream", (bool,), "a boolean")), tools=tools,
+        stream=bool(optional(body, "stream", (bool,), "a boolean")), tools=tools,
         tool_choice=body.get("tool_choice"), max_output_tokens=max_output, temperature=temperature,
-        top_p=_typed(body, "top_p", (int, float), "a number"), metadata=check_metadata(body.get("metadata")),
-        parallel_tool_calls=parallel is not False, user=_typed(body, "user", (str,), "a string"),
+        top_p=optional(body, "top_p", (int, float), "a number"), metadata=check_metadata(body.get("metadata")),
+        parallel_tool_calls=parallel is not False, user=optional(body, "user", (str,), "a string"),
         text=body.get("text"),
     )
 

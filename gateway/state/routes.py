@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, error_response
-from gateway.openai_requests import read_body
+from gateway.openai_requests import json_object, read_body
 from gateway.state.keys import new_hex
 from gateway.state.responses import ResponsesCall, prepare_response, tenant_of
 from gateway.state.store import StateStore
@@ -59,16 +59,7 @@ def _api(handler: Handler) -> Handler:
 async def _body(request: Request, limit: int) -> dict[str, Any]:
 
     raw = await read_body(request.scope, request.receive, limit)
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.",
-                             code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body
+    return json_object(raw) if raw else {}
 
 
 def _page_params(request: Request) -> tuple[str | None, int, str]:
