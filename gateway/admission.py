@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -46,6 +48,7 @@ class Admission:
         self.limiter = Limiter(self.cfg.rate_limits, self.cfg.tenants, on_redis_error=self._count_redis_error)
         rl = self.cfg.rate_limits
         self.estimator = TokenEstimator(rl.estimator, rl.tiktoken_max_bytes)
+        self._settler: asyncio.Task[None] | None = None
 
     def _count_redis_error(self, op: str, exc: BaseException) -> None:
         self.redis_errors.labels(op, self.cfg.rate_limits.failure_mode).inc()
@@ -58,10 +61,25 @@ class Admission:
             self.limiter.attach(client)
             if self.cfg.rate_limits.enabled:
                 await self.limiter.warm(client)
-        self.estimator.load()
+                self._settler = asyncio.create_task(self.limiter.run_settler(), name="gravity-settler")
+        if self._limited():
+            self.estimator.load()
+
+    def _limited(self) -> bool:
+        """Whether any budget is configured at all (keys kept in Redis may carry their own)."""
+        if not self.cfg.rate_limits.enabled:
+            return False
+        auth = self.cfg.auth
+        return (any(not t.limits.is_empty() or t.models for t in self.cfg.tenants.values())
+                or any(not k.limits.is_empty() for k in auth.keys) or (auth.enabled and auth.redis_keys))
 
     async def stop(self) -> None:
-        return None
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+            self._settler = None
+        await self.limiter.flush()  # queued settlements must reach Redis before it closes
 
     async def identify(self, headers: Mapping[str, str]) -> str:
         """The API key's tenant (raising the same 401 as dispatching routes)."""
@@ -79,21 +97,28 @@ class Admission:
         self.auth.check_model(key, ex.model)
         ex.tenant = key.tenant
         priority = resolve_priority(headers.get("x-gravity-priority"), key.priority)
-        prompt = ex.routing.prompt
-        messages = prompt.count(b"\x1e") if ex.route == "chat/completions" else 0
-        estimate = self.estimator.estimate(ex.model, prompt, messages)
-        ex.routing = dataclasses.replace(ex.routing, priority=priority, prompt_tokens=estimate.tokens)
-        if should_shed(priority, ex.model, self.gw.datastore.snapshot(), self.cfg.priority):
+        if priority == "sheddable" and self.cfg.priority.shed and should_shed(
+                priority, ex.model, self.gw.datastore.snapshot(), self.cfg.priority):
             retry = self.cfg.priority.shed_retry_after_s
             raise LoadShed(f"Every backend for model '{ex.model}' is saturated and this request's priority "
                            f"is sheddable; try again in {retry:g}s.", retry_after=retry)
-        reservation = await self.limiter.reserve(key, ex.model, ex.request_id,
-                                                 estimate.tokens + self._completion_budget(ex))
-        if reservation is not None:
-            ex.extras[_EXTRAS] = (reservation, estimate)
-            ex.response_headers.update(ratelimit_headers(reservation.verdict))
-            if self.gw.cfg.server.debug_headers:
-                ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
+        if not self.limiter.scopes(key, ex.model):
+            # No budget applies: nothing to reserve, so no token counting; routing keeps its
+            # bytes-based estimate of the prompt.
+            if priority != ex.routing.priority:
+                ex.routing = dataclasses.replace(ex.routing, priority=priority)
+        else:
+            prompt = ex.routing.prompt
+            messages = prompt.count(b"\x1e") if ex.route == "chat/completions" else 0
+            estimate = self.estimator.estimate(ex.model, prompt, messages)
+            ex.routing = dataclasses.replace(ex.routing, priority=priority, prompt_tokens=estimate.tokens)
+            reservation = await self.limiter.reserve(key, ex.model, ex.request_id,
+                                                     estimate.tokens + self._completion_budget(ex))
+            if reservation is not None:
+                ex.extras[_EXTRAS] = (reservation, estimate)
+                ex.response_headers.update(ratelimit_headers(reservation.verdict))
+                if self.gw.cfg.server.debug_headers:
+                    ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
         if self.cfg.priority.upstream and ex.route != "embeddings":
             ex.body = {**ex.body, "priority": self.cfg.priority.upstream_values[priority]}
             # upstream_body() forwards ex.raw untouched for non-stream requests: keep them in step.

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -43,7 +43,7 @@ _PROXIED = {b"/v1/chat/completions": "chat/completions", b"/v1/completions": "co
             b"/v1/embeddings": "embeddings"}
 
 
-def _request_id(scope: dict[str, Any]) -> bytes:
+def _request_id(scope: MutableMapping[str, Any]) -> bytes:
     for k, v in scope["headers"]:
         if k == b"x-request-id":
             return v if _SANE_REQUEST_ID.match(v) else os.urandom(16).hex().encode()
@@ -59,14 +59,14 @@ class GatewayApp:
         self.inner = inner
         self.state = inner.state
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
         rid = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
@@ -84,7 +84,7 @@ def _gateway(request: Request) -> Gateway:
     return gw
 
 
-async def handle_proxy(gw: Gateway, route: str, scope: dict[str, Any], receive: Any
+async def handle_proxy(gw: Gateway, route: str, scope: MutableMapping[str, Any], receive: Any
                        ) -> Response | ProxyResponse:
     """Parse, admit and schedule; the returned ProxyResponse performs the upstream call."""
     model = "unknown"

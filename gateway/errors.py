@@ -121,7 +121,8 @@ def normalise_upstream_error(status: int, body: bytes) -> UpstreamError:
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
+        nested = data.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else data
         message = str(inner.get("message") or inner.get("detail") or inner.get("error") or "")
         etype = str(inner.get("type") or etype)
         param = inner.get("param") if isinstance(inner.get("param"), str) else None

@@ -4,6 +4,7 @@ Wrong types fail here with a 400 that names the parameter, as OpenAI does.
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -140,7 +141,7 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
     return ParsedBody(body, model, stream, wants_usage, max_tokens, prompt, cache_salt, user)
 
 
-async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes:
+async def read_body(scope: MutableMapping[str, Any], receive: Any, limit: int) -> bytes:
     for k, v in scope["headers"]:
         if k == b"content-length" and v.isdigit() and int(v) > limit:
             raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gravity.proxy")
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 _STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
@@ -49,7 +49,7 @@ class ProxyResponse:
         self._finished = False
         """Set before the last body message: uvicorn reports "disconnect" once a response is complete."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         # The work runs in the request's own task; one watcher task cancels it if the client
         # leaves, which also closes the upstream connection (aiohttp releases it on cancel).
         task = asyncio.current_task()
@@ -228,5 +228,5 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def _never_receive() -> dict[str, Any]:
+async def _never_receive() -> MutableMapping[str, Any]:
     raise RuntimeError("error responses do not read the request")
