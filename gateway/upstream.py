@@ -18,7 +18,7 @@ _DROP_REQUEST = frozenset({
 })
 _DROP_RESPONSE = frozenset({
     "content-length", "connection", "keep-alive", "transfer-encoding", "server", "date",
-    "content-encoding",
+    "content-encoding", "x-request-id",  # the gateway sets its own x-request-id on every response
 })
 
 

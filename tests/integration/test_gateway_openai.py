@@ -267,3 +267,20 @@ def test_kserve_backend_paths(tmp_path: Path) -> None:
     finally:
         gw.stop()
         sim.stop()
+
+
+def test_trace_context_and_request_id_reach_the_backend(stack: Stack) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model=MODEL, messages=MSGS, max_tokens=2, extra_headers={"traceparent": traceparent})
+    backend = next(s for i, s in enumerate(stack.sims) if raw.headers["x-gravity-backend"] == f"sim-{i}")
+
+    async def records() -> list[dict[str, object]]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{backend.port}/admin/requests") as r:
+            return list((await r.json())["requests"])
+
+    mine = [r for r in asyncio.run(records()) if r.get("traceparent") == traceparent]
+    assert len(mine) == 1
+    # One id end to end: the backend names its completion after the gateway's x-request-id.
+    assert raw.headers["x-request-id"] == raw.headers.get_list("x-request-id")[0]
+    assert mine[0]["request_id"] == f"chatcmpl-{raw.headers['x-request-id']}"

@@ -34,31 +34,43 @@ SCOPES = [
 ]
 
 
-def _args(mode: str, now: float, rid: str, cost: int, actual: int) -> list[object]:
-    out: list[object] = [mode, repr(now), rid, 60_000, cost, actual]
-    out.extend(s.packed_caps() for s in SCOPES)
+def _reserve(now: float, rid: str, cost: int) -> list[object]:
+    return ["reserve", repr(now), rid, 60_000, cost, *(s.packed_caps for s in SCOPES)]
+
+
+def _settle(now: float, batch: list[tuple[str, int, int]]) -> list[object]:
+    out: list[object] = ["settle", repr(now)]
+    for s in SCOPES:
+        out += [s.packed_caps, len(batch)]
+        for entry in batch:
+            out += entry
     return out
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 4000), st.integers(1, 250), st.integers(0, 300),
-                          st.sampled_from(["reserve", "settle"])), min_size=1, max_size=40))
+                          st.sampled_from(["reserve", "settle"]), st.integers(1, 3)), min_size=1, max_size=40))
 def test_lua_matches_the_python_model(lua: tuple[redis.Redis, object],
-                                      ops: list[tuple[int, int, int, str]]) -> None:
+                                      ops: list[tuple[int, int, int, str, int]]) -> None:
+    """A batch of settlements in one call equals settle() on each, in order, at the same instant."""
     client, script = lua
     client.flushdb()
     state = MemoryState()
     keys = [k for s in SCOPES for k in (s.bucket_key, s.slots_key)]
     now, held = 1_000_000.0, []
-    for i, (dt, cost, used, op) in enumerate(ops):
+    for i, (dt, cost, used, op, batch_size) in enumerate(ops):
         now += dt
         if op == "settle" and held:
-            rid, reserved = held.pop(0)
-            settle(state, SCOPES, now, rid, reserved, used)
-            script(keys=keys, args=_args("settle", now, rid, reserved, used))  # type: ignore[operator]
+            batch = []
+            for j in range(min(batch_size, len(held))):
+                rid, reserved = held.pop(0)
+                actual = (used + 97 * j) % 301
+                settle(state, SCOPES, now, rid, reserved, actual)
+                batch.append((rid, reserved, actual))
+            script(keys=keys, args=_settle(now, batch))  # type: ignore[operator]
             continue
         want = decide(state, SCOPES, now, str(i), cost, 60_000)
-        got = Verdict.from_reply(script(keys=keys, args=_args("reserve", now, str(i), cost, 0)))  # type: ignore[operator]
+        got = Verdict.from_reply(script(keys=keys, args=_reserve(now, str(i), cost)))  # type: ignore[operator]
         assert got == want
         if want.allowed:
             held.append((str(i), cost))
@@ -73,7 +85,7 @@ def test_server_time_is_used_when_no_clock_is_given(lua: tuple[redis.Redis, obje
     client, script = lua
     client.flushdb()
     keys = [k for s in SCOPES for k in (s.bucket_key, s.slots_key)]
-    args = _args("reserve", 0, "x", 10, 0)
+    args = _reserve(0, "x", 10)
     args[1] = ""
     v = Verdict.from_reply(script(keys=keys, args=args))  # type: ignore[operator]
     assert v.allowed and v.remaining_tokens == 290

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -8,7 +9,7 @@ from policies.bucket import Verdict
 from policies.config import Limits, RateLimitConfig, TenantConfig
 from policies.errors import LimiterUnavailable, RateLimited
 from policies.keys import ApiKey
-from policies.limiter import Limiter, format_duration, ratelimit_headers
+from policies.limiter import LUA_SHA, Limiter, format_duration, ratelimit_headers
 
 KEY = ApiKey(sha256="ab" * 32, name="k", tenant="acme", limits=Limits(tpm=100, rpm=10))
 TENANTS = {"acme": TenantConfig(limits=Limits(concurrency=2), models={"m": Limits(tpd=1000)})}
@@ -28,11 +29,23 @@ class DownRedis:
     def __init__(self) -> None:
         self.calls = 0
 
-    def register_script(self, source: str) -> Any:
-        async def run(keys: list[str], args: list[Any]) -> Any:
-            self.calls += 1
-            raise ConnectionError("Connection refused")
-        return run
+    async def execute_command(self, *args: Any) -> Any:
+        self.calls += 1
+        raise ConnectionError("Connection refused")
+
+
+class RecordingRedis:
+    """Admits every reservation and records each EVALSHA as (mode, keys, the rest of ARGV)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], list[Any]]] = []
+
+    async def execute_command(self, *args: Any) -> Any:
+        assert args[:2] == ("EVALSHA", LUA_SHA)
+        n = args[2]
+        keys, argv = list(args[3:3 + n]), list(args[3 + n:])
+        self.calls.append((argv[0], keys, argv[2:]))
+        return [1, 0, -1, b"", 10, 9, 6000, 100, 50, 30000] if argv[0] == "reserve" else 1
 
 
 @pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (1500, "1.5s"), (59_000, "59s"),
@@ -104,3 +117,39 @@ async def test_refusal_message_and_headers_follow_openai() -> None:
     assert "your organization on concurrent requests" in str(e)
     assert int(e.headers["retry-after-ms"]) == 1000
     assert e.headers["x-ratelimit-limit-requests"] == "10"
+
+
+async def test_settlements_are_batched_per_tenant_and_flushed_on_stop() -> None:
+    redis = RecordingRedis()
+    lim = Limiter(RateLimitConfig(settle_interval_ms=1000), TENANTS)
+    lim.attach(redis)
+    settler = asyncio.create_task(lim.run_settler())
+    await asyncio.sleep(0)
+    a = await lim.reserve(KEY, "m", "a", 60)
+    b = await lim.reserve(KEY, "m", "b", 30)
+    assert a is not None and b is not None and a.where == "redis"
+    await lim.settle(a, 10)
+    await lim.settle(b, 0)
+    assert [c[0] for c in redis.calls] == ["reserve", "reserve"]  # queued, not sent
+    settler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settler
+    await lim.flush()  # what the lifespan does at shutdown
+    mode, keys, argv = redis.calls[-1]
+    assert mode == "settle" and len(redis.calls) == 3  # both requests, one call
+    scopes = lim.scopes(KEY, "m")
+    assert keys == [k for s in scopes for k in (s.bucket_key, s.slots_key)]
+    assert argv == [x for s in scopes for x in (s.packed_caps, 2, "a", 60, 10, "b", 30, 0)]
+
+
+async def test_settling_without_the_settler_is_immediate_and_skipped_when_it_changes_nothing() -> None:
+    redis = RecordingRedis()
+    lim = Limiter(RateLimitConfig(), {"acme": TenantConfig(limits=Limits(tpm=1000, rpm=5))})
+    lim.attach(redis)
+    key = ApiKey(sha256="cd" * 32, name="k", tenant="acme")
+    r = await lim.reserve(key, "m", "a", 60)
+    assert r is not None
+    await lim.settle(r, 60)  # used exactly what it reserved, no slot held: nothing to correct
+    assert [c[0] for c in redis.calls] == ["reserve"]
+    await lim.settle(r, 59)
+    assert [c[0] for c in redis.calls] == ["reserve", "settle"]
