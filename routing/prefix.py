@@ -134,3 +134,24 @@ class ApproxPrefixIndex:
 
     def size(self, endpoint: str) -> int:
         return len(self._lru.get(endpoint, ()))
+
+
+def _mix(x: int) -> int:
+    # splitmix64's finaliser: cheap, and every input bit reaches every output bit.
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def endpoint_key(name: str) -> int:
+    """A process-independent 64-bit key for an endpoint name (``hash(str)`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def rendezvous(key: int, endpoints: Sequence[str], keys: Callable[[str], int] = endpoint_key) -> str:
+    """Highest-random-weight owner of ``key`` among ``endpoints``.
+
+    Every gateway replica computes the same owner without coordination, and removing an endpoint
+    moves only the keys it owned.
+    """
+    return max(endpoints, key=lambda e: _mix(key ^ keys(e)))

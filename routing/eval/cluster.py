@@ -13,7 +13,7 @@ from typing import cast
 from routing.config import RoutingConfig
 from routing.datastore import Datastore, InflightTicket
 from routing.errors import RoutingError
-from routing.eval.oracle import oracle_registry
+from routing.eval.oracle import OracleIndex, oracle_registry
 from routing.eval.trace import PromptEncoder, TraceRecord
 from routing.plugins.registry import Registry
 from routing.scheduler import build_scheduler
@@ -73,7 +73,8 @@ def simulate(
     names = [f"sim-{i}" for i in range(backends)]
     engines = {n: Engine(replace(engine, seed=engine.seed + i)) for i, n in enumerate(names)}
     tokens: dict[str, list[int]] = {}
-    registry = oracle_registry(engines, lambda r: tokens.get(r.request_id, []))
+    oracle = OracleIndex(engines, lambda r: tokens.get(r.request_id, []))
+    registry = oracle_registry(oracle)
     cfg = config(registry) if callable(config) else config
     ds = Datastore(clock, stale_after_s=cfg.stale_after_s)
     models = frozenset(r.model for r in records)
@@ -115,6 +116,7 @@ def simulate(
                 rec.ttft = ev.time - rec.arrival
                 rec.cached_tokens = ev.num_cached_tokens
                 ds.first_token(ticket)
+                oracle.prefilled(ev.request_id)
             if ev.finished:
                 rec.e2e = ev.time - rec.arrival
                 ds.end(ticket)
@@ -147,6 +149,7 @@ def simulate(
                                                    cache_salt=record.cache_salt, lora=record.lora))
         except ValueError:
             rec.shed = "rejected_by_engine"
+            oracle.prefilled(rec.request_id)
             return
         rec.endpoint = target
         per_ep[target].requests += 1

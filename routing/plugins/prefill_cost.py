@@ -13,15 +13,26 @@ from pydantic import Field
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
 from routing.types import EndpointView
 
-__all__ = ["FACTORY", "PREFIX_MATCH_KEY", "PrefillCostParams", "PrefillCostScorer"]
+__all__ = ["FACTORY", "PREFIX_HOME_KEY", "PREFIX_MATCH_KEY", "PrefillCostParams", "PrefillCostScorer"]
 
 PREFIX_MATCH_KEY = "prefix_match"  # scratch-pad key: dict endpoint -> fraction of the prompt cached
+PREFIX_HOME_KEY = "prefix_home"  # scratch-pad key: the endpoint a prefix cached nowhere should start on
 
 
 class PrefillCostParams(Params):
     per_request_tokens: float = Field(default=64.0, ge=0, description="token-equivalent cost of one in-flight request")
     waiting_tokens: float = Field(default=512.0, ge=0, description="token-equivalent of one scraped waiting request")
     smoothing_tokens: float = Field(default=256.0, gt=0, description="keeps near-idle endpoints from looking far apart")
+    miss_weight: float = Field(
+        default=5.0, ge=1.0,
+        description="weight of the prompt tokens an endpoint would recompute beyond the best-cached one's: "
+        "a miss also delays every later request queued there and spends KV on a second copy",
+    )
+    home_fraction: float = Field(
+        default=0.5, ge=0,
+        description="discount on the prefix's home endpoint, as a fraction of the prompt, when it is cached "
+        "nowhere: a new or evicted prefix group goes back to the same replica unless that one is this much busier",
+    )
 
 
 class PrefillCostScorer:
@@ -32,18 +43,26 @@ class PrefillCostScorer:
     def costs(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         p = self._p
         matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
+        home: str | None = ctx.scratch.get(PREFIX_HOME_KEY)
         prompt = ctx.request.prompt_tokens or max(1, len(ctx.request.prompt) // 4)
+        best_match = max(matched.values(), default=0.0)
+        extra_miss = p.miss_weight - 1.0
         out = []
         for e in endpoints:
             m = e.trusted_metrics()
             # Scraped waiting overlaps our own in-flight requests; only the excess is someone else's.
             foreign_waiting = max(0, (m.waiting if m is not None else 0) - e.inflight_requests)
-            out.append(
+            hit = matched.get(e.name, 0.0)
+            cost = (
                 e.inflight_prompt_tokens
-                + (1.0 - matched.get(e.name, 0.0)) * prompt
+                + (1.0 - hit) * prompt
+                + extra_miss * (best_match - hit) * prompt
                 + p.per_request_tokens * e.inflight_requests
                 + p.waiting_tokens * foreign_waiting
             )
+            if e.name == home:
+                cost = max(0.0, cost - p.home_fraction * prompt)
+            out.append(cost)
         return out
 
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:

@@ -1,6 +1,8 @@
 """Scorer ``prefix-cache-scorer``: the fraction of the prompt's leading blocks believed cached on each endpoint.
 
 A thin scorer over a :class:`~routing.prefix.PrefixIndex`; the approximate index is updated after the pick.
+When no endpoint holds any of the prompt, it also names the prefix's *home* (rendezvous hash of the first
+block), so a new or evicted prefix group keeps landing on the same replica instead of being copied to all.
 """
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
-from routing.plugins.prefill_cost import PREFIX_MATCH_KEY
-from routing.prefix import ApproxPrefixIndex, PrefixIndex
+from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY
+from routing.prefix import ApproxPrefixIndex, PrefixIndex, block_hashes, endpoint_key, rendezvous, request_seed
 from routing.types import EndpointView, RoutingRequest
 
 __all__ = ["FACTORY", "PrefixCacheScorer", "PrefixParams"]
@@ -27,16 +29,42 @@ class PrefixParams(Params):
 
 
 class PrefixCacheScorer:
-    def __init__(self, name: str, index: PrefixIndex) -> None:
+    def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256) -> None:
         self.name = name
         self.index = index
+        self._home_block = home_block_size
+        self._keys: dict[str, int] = {}
 
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         names = [e.name for e in endpoints]
         scores = self.index.match(ctx.request, names)
         # Producer role: cost-based scorers later in the profile read the match from the scratch pad.
         ctx.scratch[PREFIX_MATCH_KEY] = dict(zip(names, scores, strict=True))
+        # "Cached nowhere" means no endpoint holds even the first block: a chat template's few shared
+        # tokens (an exact index sees those) must not disable the home.
+        prompt_len = len(ctx.request.prompt)
+        if names and prompt_len and max(scores) * prompt_len < self._home_block:
+            home = self.home(ctx.request, names)
+            if home is not None:
+                ctx.scratch[PREFIX_HOME_KEY] = home
         return scores
+
+    def home(self, request: RoutingRequest, names: Sequence[str]) -> str | None:
+        """The endpoint that owns the prompt's first block; None for prompts shorter than a block."""
+        index = self.index
+        if isinstance(index, ApproxPrefixIndex) and index.block_size == self._home_block:
+            first = index.hashes(request)[:1]  # memoised by match(): no second hash on the hot path
+        else:
+            first = block_hashes(request.prompt, self._home_block, request_seed(request), 1)
+        if not first:
+            return None
+        return rendezvous(first[0], names, self._key)
+
+    def _key(self, name: str) -> int:
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = endpoint_key(name)
+        return key
 
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
         self.index.observe(request, endpoint)
@@ -55,7 +83,7 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
 
     index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of)
     deps.datastore.add_restart_listener(index.drop)
-    return PrefixCacheScorer(name, index)
+    return PrefixCacheScorer(name, index, params.block_size)
 
 
 FACTORY = PluginFactory(

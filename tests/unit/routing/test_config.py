@@ -4,6 +4,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from routing.config import RoutingConfig, load_routing_config
+from routing.plugins.registry import default_registry
 
 
 def _errors(data: dict[str, object]) -> str:
@@ -77,3 +78,10 @@ def test_shipped_routing_yaml_validates_and_matches_defaults() -> None:
     default = RoutingConfig()
     assert cfg.profiles[0].plugins == default.profiles[0].plugins
     assert cfg.profiles[0].filters == default.profiles[0].filters
+    # The tuned parameters too: the YAML spells them out, the plugins' own defaults carry them.
+    registry = default_registry()
+    shipped = {p.key: p for p in cfg.plugins}
+    for spec in default.plugins:
+        factory = registry.get(spec.type)
+        assert factory is not None and spec.key in shipped
+        assert factory.params.model_validate(shipped[spec.key].params) == factory.params.model_validate(spec.params)

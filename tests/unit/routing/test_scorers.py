@@ -152,10 +152,110 @@ def test_filter(case: str, flt: Any, views: list[EndpointView], req: dict[str, A
 def test_prefill_cost_reads_the_prefix_match_and_in_flight_prefill() -> None:
     from routing.plugins.prefill_cost import PREFIX_MATCH_KEY, PrefillCostParams, PrefillCostScorer
 
-    scorer = PrefillCostScorer("c", PrefillCostParams(per_request_tokens=0, smoothing_tokens=100))
+    scorer = PrefillCostScorer(
+        "c", PrefillCostParams(per_request_tokens=0, smoothing_tokens=100, miss_weight=1, home_fraction=0)
+    )
     views = [view("a", inflight_prompt_tokens=900, inflight_requests=1), view("b"), view("c")]
     ctx = context(*views, prompt_tokens=1000)
     ctx.scratch[PREFIX_MATCH_KEY] = {"a": 1.0, "b": 0.9}
     # costs: a = 900 queued + 0 uncached; b = 100 uncached; c = 1000 uncached
     assert scorer.costs(ctx, views) == pytest.approx([900.0, 100.0, 1000.0])
     assert scorer.score(ctx, views) == pytest.approx([200 / 1000, 1.0, 200 / 1100])
+
+
+# (case, params, views, prefix match, home, expected costs); prompt is 1,000 tokens throughout.
+COST_CASES: list[tuple[str, dict[str, float], list[EndpointView], dict[str, float], str | None, list[float]]] = [
+    (
+        "miss weight charges tokens beyond the best-cached endpoint's",
+        {"miss_weight": 3},
+        [view("a"), view("b"), view("c")],
+        {"a": 1.0, "b": 0.5},
+        None,
+        [0.0, 500 + 2 * 500, 1000 + 2 * 1000],
+    ),
+    ("miss weight is neutral when nothing is cached", {"miss_weight": 5}, [view("a"), view("b")], {}, None, [1000, 1000]),
+    (
+        "miss weight still yields to a long queue",
+        {"miss_weight": 2},
+        [view("a", inflight_prompt_tokens=5000), view("b")],
+        {"a": 1.0},
+        None,
+        [5000, 2000],
+    ),
+    (
+        "home discount applies to the home only",
+        {"home_fraction": 0.5},
+        [view("a", inflight_prompt_tokens=300), view("b")],
+        {},
+        "a",
+        [300 + 1000 - 500, 1000],
+    ),
+    ("home discount never goes below zero", {"home_fraction": 2}, [view("a"), view("b")], {}, "a", [0.0, 1000]),
+    (
+        "per-request and foreign waiting charges",
+        {"per_request_tokens": 10, "waiting_tokens": 100},
+        [view("a", inflight_requests=2, metrics=M(waiting=5), fresh=True), view("b")],
+        {},
+        None,
+        [1000 + 20 + 300, 1000],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "params", "views", "match", "home", "expected"), COST_CASES, ids=[c[0] for c in COST_CASES]
+)
+def test_prefill_cost(
+    case: str, params: dict[str, float], views: list[EndpointView], match: dict[str, float], home: str | None,
+    expected: list[float],
+) -> None:
+    from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY, PrefillCostParams, PrefillCostScorer
+
+    base = {"per_request_tokens": 0.0, "miss_weight": 1.0, "home_fraction": 0.0}
+    scorer = PrefillCostScorer("c", PrefillCostParams(**{**base, **params}))
+    ctx = context(*views, prompt_tokens=1000)
+    ctx.scratch[PREFIX_MATCH_KEY] = match
+    if home is not None:
+        ctx.scratch[PREFIX_HOME_KEY] = home
+    assert scorer.costs(ctx, views) == pytest.approx(expected)
+
+
+def test_prefix_scorer_names_a_stable_home_only_when_nothing_is_cached() -> None:
+    from routing.plugins.prefill_cost import PREFIX_HOME_KEY
+    from routing.plugins.prefix_scorer import PrefixCacheScorer
+    from routing.prefix import ApproxPrefixIndex
+
+    index = ApproxPrefixIndex(16, 64, lambda _e: 1000)
+    scorer = PrefixCacheScorer("p", index, home_block_size=16)
+    views = [view(n) for n in ("a", "b", "c", "d")]
+    prompt = b"group seven system prompt " * 4
+    first = context(*views, prompt=prompt)
+    scorer.score(first, views)
+    home = first.scratch[PREFIX_HOME_KEY]
+    # Same first block, different tail: same home; the order of the candidates does not matter.
+    again = context(*reversed(views), prompt=prompt[:16] + b"another question entirely")
+    scorer.score(again, list(reversed(views)))
+    assert again.scratch[PREFIX_HOME_KEY] == home
+    # Once an endpoint holds the prefix, affinity takes over and there is no home.
+    scorer.observe(first.request, "a")
+    cached = context(*views, prompt=prompt)
+    scorer.score(cached, views)
+    assert PREFIX_HOME_KEY not in cached.scratch
+    # Prompts shorter than a block have no home.
+    short = context(*views, prompt=b"hi")
+    scorer.score(short, views)
+    assert PREFIX_HOME_KEY not in short.scratch
+
+
+def test_rendezvous_spreads_keys_and_moves_only_the_removed_endpoints() -> None:
+    from collections import Counter
+
+    from routing.prefix import rendezvous
+
+    names = [f"ep-{i}" for i in range(4)]
+    owners = {k: rendezvous(k * 0x9E3779B97F4A7C15 & (2**64 - 1), names) for k in range(4000)}
+    counts = Counter(owners.values())
+    assert min(counts.values()) > 800  # ~1000 each
+    fewer = names[:3]
+    moved = [k for k, o in owners.items() if rendezvous(k * 0x9E3779B97F4A7C15 & (2**64 - 1), fewer) != o]
+    assert all(owners[k] == "ep-3" for k in moved)
