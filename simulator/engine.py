@@ -192,6 +192,7 @@ class Engine:
             n = min(len(seq.tokens) - seq.computed, budget)
             while True:
                 if self.kv.allocate(seq.blocks, (), seq.computed + n):
+                    self._publish(seq, seq.computed + n)
                     scheduled[seq] = n
                     budget -= n
                     break
@@ -252,6 +253,7 @@ class Engine:
                 st.prefix_cache_queries += seq.prompt_len
                 st.prefix_cache_hits += computed
             seq.computed, seq.published, seq.status = computed, len(hits), _RUNNING
+            self._publish(seq, computed + n)
             self._running.append(seq)
             if lora is not None:
                 loras.add(lora)
@@ -261,14 +263,25 @@ class Engine:
             self._push_waiting(seq, front=True)
         return budget
 
+    def _publish(self, seq: _Seq, num_tokens: int) -> None:
+        """Register the full blocks this step will have computed, at allocation time.
+
+        As vLLM v1 does: ``KVCacheManager.allocate_slots`` (vllm/v1/core/kv_cache_manager.py) ends
+        with ``coordinator.cache_blocks(request, min(computed + num_new_tokens, request.num_tokens))``,
+        so a request that ``Scheduler.schedule`` (vllm/v1/core/sched/scheduler.py) looks up later in
+        the same step, or in a later step while this one is still prefilling in chunks, hits the
+        blocks this step computes instead of recomputing them.
+        """
+        bs = self.config.block_size
+        full = min(num_tokens, len(seq.tokens)) // bs
+        if full > seq.published:
+            extend_block_hashes(seq.hashes, seq.tokens, bs, seq.req.cache_salt, seq.req.lora)
+            self.kv.cache_blocks(seq.blocks, seq.hashes, seq.published, full)
+            seq.published = full
+
     def _advance(self, seq: _Seq, n: int, end: float) -> TokenEvent | None:
         cfg, st = self.config, self._stats
         seq.computed += n
-        full = seq.computed // cfg.block_size
-        if full > seq.published:
-            extend_block_hashes(seq.hashes, seq.tokens, cfg.block_size, seq.req.cache_salt, seq.req.lora)
-            self.kv.cache_blocks(seq.blocks, seq.hashes, seq.published, full)
-            seq.published = full
         if seq.computed < len(seq.tokens):
             return None  # a prefill chunk (or a recompute) that has not reached the end yet
         token = seq.planned[seq.num_output]
@@ -314,6 +327,8 @@ class Engine:
 
     def _preempt(self, seq: _Seq) -> None:
         self._running.remove(seq)
+        # Blocks published for a chunk that will now never run hold no KV: they must not be hits.
+        self.kv.uncache(seq.blocks, seq.computed // self.config.block_size, seq.published)
         self.kv.free(seq.blocks)
         seq.computed = seq.published = 0
         self._stats.num_preemptions_total += 1

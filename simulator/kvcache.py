@@ -120,7 +120,11 @@ class KVCache:
         return True
 
     def cache_blocks(self, owned: Sequence[int], hashes: Sequence[int], start: int, end: int) -> None:
-        """Publish blocks `owned[start:end]` (now full and computed) under their hashes."""
+        """Publish blocks `owned[start:end]` under their hashes.
+
+        The engine calls this when it allocates a step's blocks, before the step computes them, as
+        vLLM v1's ``KVCacheManager.allocate_slots`` does: requests scheduled later may hit them.
+        """
         if not self.enable_prefix_caching:
             return
         for i in range(start, end):
@@ -130,6 +134,16 @@ class KVCache:
             self._hash[block] = h
             # A duplicate computed concurrently by another sequence stays private, as in vLLM.
             self._cached.setdefault(h, block)
+
+    def uncache(self, owned: Sequence[int], start: int, end: int) -> None:
+        """Withdraw blocks `owned[start:end]` from the prefix cache (published, never computed)."""
+        for block in owned[start:end]:
+            h = self._hash[block]
+            if h is None:
+                continue
+            if self._cached.get(h) == block:
+                del self._cached[h]
+            self._hash[block] = None
 
     def free(self, owned: list[int]) -> None:
         """Drop one reference to each block; tail blocks are freed first so they are evicted first."""

@@ -64,6 +64,32 @@ def test_shared_prefix_hits_cache_in_full_blocks() -> None:
     assert st.prefix_cache_queries == 26 and st.prefix_cache_hits == 8
 
 
+def test_same_step_admission_hits_blocks_the_first_request_is_computing() -> None:
+    # vLLM v1 caches a block's hash in allocate_slots, before the forward pass: the second request
+    # of a new prefix group admitted in the same step shares the first one's blocks.
+    eng = Engine(cfg())
+    prefix = list(range(100, 116))  # 4 full blocks
+    eng.add_request(req("a", prefix + [1, 2, 3]))
+    eng.add_request(req("b", prefix + [7, 8, 9]))
+    out = eng.step(0.0)
+    assert out.num_prefill_tokens == 19 + 3  # b computes only its own 3 tokens
+    _, events, _ = run(eng, out.duration)
+    assert first(out.events + events, "a").num_cached_tokens == 0
+    assert first(out.events + events, "b").num_cached_tokens == 16
+
+
+def test_request_hits_blocks_of_a_prefill_still_running_in_chunks() -> None:
+    eng = Engine(cfg(max_num_batched_tokens=64))
+    doc = list(range(1000, 1100))  # 100 tokens: chunks of 64 then 36
+    eng.add_request(req("a", doc))
+    t = eng.step(0.0).duration  # a's first chunk
+    eng.add_request(req("b", doc + [5, 6, 7, 8, 9, 10, 11, 12]))
+    out = eng.step(t)  # a's last chunk (36) and b, which sees blocks 0..24 published by a's allocation
+    assert out.num_prefill_tokens == 36 + 8
+    _, events, _ = run(eng, t + out.duration)
+    assert first(out.events + events, "b").num_cached_tokens == 100
+
+
 @pytest.mark.parametrize(("salt_a", "lora_a", "salt_b", "lora_b", "hit"), [
     (None, None, None, None, True),
     ("s1", None, "s1", None, True),

@@ -93,3 +93,15 @@ def test_prefix_caching_off_never_hits() -> None:
     kv.allocate(owned, [], 4)
     kv.cache_blocks(owned, hashes, 0, 2)
     assert kv.computed_blocks(hashes) == []
+
+
+def test_uncache_withdraws_published_blocks_that_were_never_computed() -> None:
+    kv = KVCache(8, 4)
+    owned: list[int] = []
+    hashes = block_hashes(list(range(12)), 4)
+    assert kv.allocate(owned, [], 12)
+    kv.cache_blocks(owned, hashes, 0, 3)
+    kv.uncache(owned, 1, 3)  # a preempted chunk: blocks 1-2 were allocated but never run
+    assert kv.computed_blocks(hashes) == owned[:1]
+    kv.free(owned)
+    assert kv.num_cached_blocks == 1
