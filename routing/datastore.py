@@ -44,29 +44,46 @@ class _State:
     inflight_decode_tokens: int = 0
     generation: int = 0
     restarts: int = 0
+    view: EndpointView | None = None  # cached immutable copy; None after any write to this state
 
 
 class Datastore:
-    """Holds every endpoint's state; all methods are O(1) except snapshot/describe (O(endpoints))."""
+    """Holds every endpoint's state; all methods are O(1) except snapshot/describe (O(endpoints)).
+
+    ``snapshot()`` is on every request's path, so it is cached: each write drops the written
+    endpoint's cached view and the snapshot, and the next ``snapshot()`` rebuilds only what changed
+    (in-flight accounting touches one endpoint per call, so that is one or two views per request).
+    The snapshot is also rebuilt once the clock passes the moment a fresh metric turns stale.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *, stale_after_s: float = 2.0) -> None:
         self._clock = clock
         self._stale_after_s = stale_after_s
         self._states: dict[str, _State] = {}
         self._restart_listeners: list[RestartListener] = []
+        self._snap: Snapshot | None = None
+        self._snap_valid_until = 0.0
+
+    def _dirty(self, state: _State | None = None) -> None:
+        if state is not None:
+            state.view = None
+        self._snap = None
 
     # -- configuration -------------------------------------------------------------------------
     def upsert(self, spec: EndpointSpec) -> None:
         current = self._states.get(spec.name)
         if current is None:
             self._states[spec.name] = _State(spec=spec, models=spec.models)
+            self._dirty()
             return
+        self._dirty(current)
         current.spec = spec
         if spec.models is not None:
             current.models = spec.models
 
     def remove(self, name: str) -> None:
         if self._states.pop(name, None) is not None:
+            self._dirty()
             # A removed endpoint's cache is gone as far as routing is concerned.
             self._notify_restart(name)
 
@@ -81,6 +98,7 @@ class Datastore:
         state = self._states.get(name)
         if state is None:
             return
+        self._dirty(state)
         state.models = frozenset(models)
         state.loras = frozenset(loras)
 
@@ -88,6 +106,7 @@ class Datastore:
         state = self._states.get(name)
         if state is None:
             return
+        self._dirty(state)
         state.healthy = ok
         state.health_reason = "" if ok else reason
 
@@ -95,12 +114,14 @@ class Datastore:
         """Written by the resilience layer's circuit breaker; the healthy filter honours it."""
         state = self._states.get(name)
         if state is not None:
+            self._dirty(state)
             state.circuit_open = is_open
 
     def update_metrics(self, name: str, m: EndpointMetrics) -> None:
         state = self._states.get(name)
         if state is None:
             return
+        self._dirty(state)
         previous = state.metrics
         state.metrics = dataclasses.replace(m, updated_at=self._clock())
         if previous is not None and _restarted(previous, m):
@@ -115,6 +136,7 @@ class Datastore:
         """An endpoint restarted: its KV cache is empty, so everything we believed about it goes."""
         state = self._states.get(name)
         if state is not None:
+            self._dirty(state)
             state.generation += 1
             state.restarts += 1
         self._notify_restart(name)
@@ -128,6 +150,7 @@ class Datastore:
         state = self._states.get(name)
         generation = -1
         if state is not None:
+            self._dirty(state)
             state.inflight_requests += 1
             state.inflight_prompt_tokens += prompt_tokens
             state.inflight_decode_tokens += max_tokens
@@ -145,6 +168,7 @@ class Datastore:
         ticket.prefilled = True
         state = self._states.get(ticket.endpoint)
         if state is not None:
+            self._dirty(state)
             state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
 
     def end(self, ticket: InflightTicket) -> None:
@@ -154,6 +178,7 @@ class Datastore:
         state = self._states.get(ticket.endpoint)
         if state is None:
             return
+        self._dirty(state)
         # Clamp at zero: an endpoint removed and re-added between begin and end must not go negative.
         state.inflight_requests = max(0, state.inflight_requests - 1)
         if not ticket.prefilled:
@@ -162,9 +187,27 @@ class Datastore:
 
     # -- readers -------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
+        """An immutable copy of every endpoint; the same object until the next write (``taken_at``
+        is when it was built)."""
         now = self._clock()
-        views = {name: self._view(s, now) for name, s in self._states.items()}
-        return Snapshot(endpoints=views, taken_at=now)
+        snap = self._snap
+        if snap is not None and snap.taken_at <= now <= self._snap_valid_until:
+            return snap
+        stale_after = self._stale_after_s
+        valid_until = float("inf")
+        views: dict[str, EndpointView] = {}
+        for name, s in self._states.items():
+            m = s.metrics
+            fresh = m is not None and now - m.updated_at <= stale_after
+            if fresh:
+                valid_until = min(valid_until, m.updated_at + stale_after)  # type: ignore[union-attr]
+            view = s.view
+            if view is None or view.fresh != fresh:
+                view = s.view = self._view(s, now)
+            views[name] = view
+        self._snap = snap = Snapshot(endpoints=views, taken_at=now)
+        self._snap_valid_until = valid_until
+        return snap
 
     def _view(self, s: _State, now: float) -> EndpointView:
         fresh = s.metrics is not None and now - s.metrics.updated_at <= self._stale_after_s

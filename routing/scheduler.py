@@ -75,14 +75,23 @@ class Scheduler:
             if not endpoints:
                 raise NoHealthyEndpoint(req.model, f"every endpoint removed by filter '{f.name}'")
         candidates = [Candidate(endpoint=e.name, url=e.url, score=0.0) for e in endpoints]
+        if len(candidates) == 1:
+            # Nothing to rank: skip the scorers and the picker. Without the prefix match the whole
+            # prompt counts as uncached, which only overstates this endpoint's in-flight prefill.
+            only = candidates[0]
+            only.uncached_tokens = req.prompt_tokens
+            return Decision(model=req.model, profile=profile.name, ranked=candidates,
+                            latency_s=timer() - started, timings=timings)
         for scorer, weight in profile.scorers:
             t = timer()
             raw = scorer.score(ctx, endpoints)
             timings[scorer.name] = timer() - t
+            name = scorer.name
             for cand, value in zip(candidates, raw, strict=True):
-                clamped = _clamp(value)
-                cand.scores[scorer.name] = clamped
-                cand.score += weight * clamped
+                if not 0.0 <= value <= 1.0:  # also catches NaN
+                    value = _clamp(value)
+                cand.scores[name] = value
+                cand.score += weight * value
         matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
         for cand in candidates:
             cand.uncached_tokens = round((1.0 - matched.get(cand.endpoint, 0.0)) * req.prompt_tokens)

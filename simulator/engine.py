@@ -280,7 +280,7 @@ class Engine:
             seq.published = full
 
     def _advance(self, seq: _Seq, n: int, end: float) -> TokenEvent | None:
-        cfg, st = self.config, self._stats
+        st = self._stats
         seq.computed += n
         if seq.computed < len(seq.tokens):
             return None  # a prefill chunk (or a recompute) that has not reached the end yet

@@ -12,7 +12,14 @@ from pydantic import Field
 
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
 from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY
-from routing.prefix import ApproxPrefixIndex, PrefixIndex, block_hashes, endpoint_key, rendezvous, request_seed
+from routing.prefix import (
+    ApproxPrefixIndex,
+    PrefixIndex,
+    endpoint_key,
+    rendezvous,
+    request_seed,
+    stable_block_key,
+)
 from routing.types import EndpointView, RoutingRequest
 
 __all__ = ["FACTORY", "PrefixCacheScorer", "PrefixParams"]
@@ -50,15 +57,14 @@ class PrefixCacheScorer:
         return scores
 
     def home(self, request: RoutingRequest, names: Sequence[str]) -> str | None:
-        """The endpoint that owns the prompt's first block; None for prompts shorter than a block."""
-        index = self.index
-        if isinstance(index, ApproxPrefixIndex) and index.block_size == self._home_block:
-            first = index.hashes(request)[:1]  # memoised by match(): no second hash on the hot path
-        else:
-            first = block_hashes(request.prompt, self._home_block, request_seed(request), 1)
-        if not first:
+        """The endpoint that owns the prompt's first block; None for prompts shorter than a block.
+
+        Keyed by a stable hash (not the index's per-process one) so every gateway replica agrees.
+        """
+        key = stable_block_key(request.prompt, self._home_block, request_seed(request))
+        if key is None:
             return None
-        return rendezvous(first[0], names, self._key)
+        return rendezvous(key, names, self._key)
 
     def _key(self, name: str) -> int:
         key = self._keys.get(name)

@@ -81,3 +81,26 @@ def test_describe_is_json_ready() -> None:
     assert body["a"]["metrics"]["waiting"] == 2
     assert body["a"]["metrics"]["loras_running"] == ["x"]
     assert body["a"]["inflight"] == {"requests": 1, "prompt_tokens": 5, "decode_tokens": 6}
+
+
+def test_snapshot_is_reused_until_a_write_and_rebuilds_only_what_changed() -> None:
+    ds = make_datastore()
+    first = ds.snapshot()
+    assert ds.snapshot() is first
+    ticket = ds.begin("a", 10, 1)
+    second = ds.snapshot()
+    assert second is not first and second.endpoints["a"].inflight_requests == 1
+    assert second.endpoints["b"] is first.endpoints["b"]  # untouched endpoints keep their view
+    ds.end(ticket)
+    assert ds.snapshot().endpoints["a"].inflight_requests == 0
+
+
+def test_cached_snapshot_expires_when_metrics_turn_stale() -> None:
+    clock = FakeClock()
+    ds = make_datastore(clock=clock)
+    ds.update_metrics("a", metrics(waiting=1))
+    assert ds.snapshot().endpoints["a"].fresh
+    clock.now += 1.0
+    assert ds.snapshot().endpoints["a"].fresh
+    clock.now += 1.5
+    assert not ds.snapshot().endpoints["a"].fresh

@@ -96,3 +96,11 @@ def test_capacity_follows_scraped_kv_size() -> None:
     sched.observe(_req(b"y" * 640), "a")
     scorer = next(iter(sched._profiles["p"].scorers))[0]
     assert scorer.index.size("a") == 4  # type: ignore[attr-defined]
+
+
+def test_home_key_is_stable_across_processes() -> None:
+    # The rendezvous home must agree between gateway replicas, so it may not use the salted hash().
+    from routing.prefix import stable_block_key
+
+    assert stable_block_key(b"x" * 300, 256, b"m\x00\x00") == 13374430946111759031
+    assert stable_block_key(b"x" * 255, 256, b"m\x00\x00") is None

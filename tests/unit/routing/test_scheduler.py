@@ -8,7 +8,7 @@ import pytest
 from routing.config import RoutingConfig
 from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
 from routing.scheduler import build_scheduler
-from routing.types import RoutingRequest
+from routing.types import EndpointSpec, RoutingRequest
 from tests.unit.routing.helpers import FakeClock, make_datastore, metrics
 
 
@@ -88,3 +88,16 @@ def test_framework_clamps_and_weights() -> None:
     assert by_name["a"].score == 2.0 and by_name["a"].scores["wild"] == 1.0
     assert by_name["b"].score == 0.0 and by_name["c"].score == 0.0
     assert decision.best.endpoint == "a"
+
+
+def test_single_candidate_skips_scorers_but_observers_still_learn() -> None:
+    ds = make_datastore(names=("a",))
+    scheduler = build_scheduler(RoutingConfig(), ds, rng=random.Random(0))
+    req = RoutingRequest(model="m", prompt=b"q" * 1024, prompt_tokens=256)
+    decision = scheduler.schedule(req)
+    assert [c.endpoint for c in decision.ranked] == ["a"]
+    assert decision.best.uncached_tokens == 256 and "prefix" not in decision.timings
+    scheduler.observe(req, "a")
+    ds.upsert(EndpointSpec("b", "http://b", frozenset({"m"})))
+    again = scheduler.schedule(req)
+    assert again.best.endpoint == "a" and again.best.scores["prefix"] == 1.0
