@@ -79,7 +79,7 @@ class Admission:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._settler
             self._settler = None
-        await self.limiter.flush()  # queued settlements must reach Redis before it closes
+        await self.limiter.close()  # queued settlements must reach Redis before it closes
 
     async def identify(self, headers: Mapping[str, str]) -> str:
         """The API key's tenant (raising the same 401 as dispatching routes)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from policies.config import Limits
 
@@ -39,8 +40,9 @@ class Scope:
         lim = self.limits
         return [lim.tpm or 0, lim.rpm or 0, lim.tpd or 0, lim.concurrency or 0]
 
+    @cached_property
     def packed_caps(self) -> str:
-        """`caps()` as the script's one argument per scope, "tpm:rpm:tpd:concurrency"."""
+        """`caps()` as the script's one argument per scope, "tpm:rpm:tpd:concurrency" (built once)."""
         return ":".join(map(str, self.caps()))
 
 

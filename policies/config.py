@@ -104,6 +104,10 @@ class RateLimitConfig(_Model):
     """After a Redis failure, use the local limiter this long before trying Redis again."""
     default_max_tokens: int = Field(default=1024, ge=0)
     """Completion tokens reserved for a request that sets no `max_tokens`."""
+    settle_interval_ms: float = Field(default=5.0, ge=0, le=1000)
+    """Settlements (refunds, debts, slot releases) are queued and sent to Redis in one script call
+    per tenant this often, off the request path; 0 settles each request on its own as it ends.
+    Budgets see a settlement at most this much (plus one Redis round trip) late."""
     concurrency_lease_s: float = Field(default=900.0, gt=0)
     """A concurrency slot is freed after this long even if its gateway died before releasing it."""
     estimator: Literal["auto", "tiktoken", "bytes"] = "auto"

@@ -1,11 +1,12 @@
 """Token rate limits shared by every gateway replica: one atomic Lua script per decision in Redis.
 
-Reserve at admission, settle with real usage afterwards; while Redis is unreachable either a local
-per-replica limiter takes over (fail-open) or requests are refused (fail-closed).
+Reserve at admission, settle with real usage afterwards (batched off the request path); while Redis
+is unreachable either a local per-replica limiter takes over (fail-open) or requests are refused.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -14,16 +15,22 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from policies.bucket import KIND_NAMES, MemoryState, Scope, Verdict, decide, settle
 from policies.config import Limits, RateLimitConfig, TenantConfig
 from policies.errors import LimiterUnavailable, RateLimited
 from policies.keys import ApiKey
+from policies.redis_pipe import RedisPipe
 
 __all__ = ["LUA_SOURCE", "Limiter", "Reservation", "format_duration", "ratelimit_headers"]
 
 log = logging.getLogger("gravity.policies.limiter")
 
 LUA_SOURCE = resources.files("policies").joinpath("ratelimit.lua").read_text()
+LUA_SHA = hashlib.sha1(LUA_SOURCE.encode()).hexdigest()
+SETTLE_BATCH_MAX = 512
+"""Queued settlements that make the finish hook send them at once instead of waiting for the timer."""
 
 
 @dataclass
@@ -78,15 +85,31 @@ class Limiter:
         self.tenants = tenants
         self.clock = clock
         self.on_redis_error = on_redis_error
-        self._script: Any = None
+        self._client: Any = None
+        self._pipe: RedisPipe | None = None
         self._local = MemoryState()
         self._redis_down_until = -math.inf
         self._local_scopes: dict[tuple[str, ...], list[Scope]] = {}
         self._scopes: dict[tuple[object, ...], list[Scope]] = {}
+        # Settlements waiting for the next batch: by tenant hash tag, then by scope, in arrival order.
+        self._pending: dict[str, dict[str, tuple[Scope, list[tuple[str, int, int]]]]] = {}
+        self._pending_n = 0
+        self._batching = False
+        self._wake = asyncio.Event()
 
     def attach(self, client: Any) -> None:
-        """Use this redis.asyncio client (or cluster); the script is sent once, then run by EVALSHA."""
-        self._script = client.register_script(LUA_SOURCE) if client is not None else None
+        """Use this redis.asyncio client (or cluster); the script is sent once, then run by EVALSHA.
+
+        A plain Redis client lends its settings to one pipelined connection of the limiter's own;
+        a cluster client routes each call by its keys' slot itself."""
+        self._client = client
+        self._pipe = RedisPipe(client) if RedisPipe.supports(client) else None
+
+    async def close(self) -> None:
+        """Send what is queued, then close the limiter's own connection."""
+        await self.flush()
+        if self._pipe is not None:
+            await self._pipe.close()
 
     async def warm(self, client: Any) -> None:
         """Load the script (on every primary of a cluster) and open connections before traffic,
@@ -98,9 +121,10 @@ class Limiter:
 
     @property
     def redis_ok(self) -> bool:
-        return self._script is not None and self.clock() >= self._redis_down_until
+        return self._client is not None and self.clock() >= self._redis_down_until
 
     def scopes(self, key: ApiKey, model: str) -> list[Scope]:
+        """The budgets a request of `key` for `model` is charged to (empty: no limit applies)."""
         if not self.cfg.enabled:
             return []
         ident = (key.tenant, key.sha256, model, key.limits)
@@ -126,6 +150,16 @@ class Limiter:
                 out.append(Scope("tenant model", f"{tag}:m:{model}", f"{tag}:m:{model}:c", per_model))
         return out
 
+    async def _run(self, keys: list[str], args: list[str | int]) -> Any:
+        # EVALSHA itself, not redis-py's Script wrapper (~20 µs more per call); RedisCluster routes
+        # it by the keys' slot, which the shared hash tag makes one.
+        run = self._pipe.execute if self._pipe is not None else self._client.execute_command
+        try:
+            return await run("EVALSHA", LUA_SHA, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted or failed-over Redis lost its script cache
+            await self._client.script_load(LUA_SOURCE)
+            return await run("EVALSHA", LUA_SHA, len(keys), *keys, *args)
+
     async def reserve(self, key: ApiKey, model: str, request_id: str, tokens: int) -> Reservation | None:
         """Take `tokens` (and one request, one slot) from every budget, or raise `RateLimited`."""
         scopes = self.scopes(key, model)
@@ -134,13 +168,14 @@ class Limiter:
         where = "local"
         verdict: Verdict | None = None
         if self.redis_ok:
+            args: list[str | int] = ["reserve", "", request_id, int(self.cfg.concurrency_lease_s * 1000), tokens]
+            args.extend(s.packed_caps for s in scopes)
             try:
                 async with asyncio.timeout(self.cfg.redis_timeout_s):
-                    reply = await self._script(keys=_keys(scopes), args=_args("reserve", request_id,
-                                                                              self.cfg, tokens, 0, scopes))
+                    reply = await self._run(_keys(scopes), args)
                 verdict, where = Verdict.from_reply(reply), "redis"
             except Exception as exc:  # noqa: BLE001 - any Redis failure takes the configured fallback
-                self._redis_failed("reserve", exc)
+                await self._redis_failed("reserve", exc)
         if verdict is None:
             if self.cfg.failure_mode == "closed":
                 raise LimiterUnavailable("The rate limiter is unavailable; try again shortly.")
@@ -152,27 +187,71 @@ class Limiter:
         return Reservation(scopes, request_id, tokens, verdict, where)
 
     async def settle(self, r: Reservation, actual: int) -> None:
-        """Replace the reservation by the tokens really used (0 refunds it) and free the slot."""
+        """Replace the reservation by the tokens really used (0 refunds it) and free the slot.
+
+        A Redis reservation's settlement is queued for the next batch while `run_settler` runs
+        (at most `settle_interval_ms` late), and sent at once otherwise.
+        """
         if r.where == "local":
             settle(self._local, r.scopes, self.clock() * 1000, r.request_id, r.reserved, actual)
             return
+        if not _changes_anything(r, actual):
+            return
+        tag = r.scopes[0].bucket_key.partition("}")[0]
+        by_scope = self._pending.setdefault(tag, {})
+        for s in r.scopes:
+            entry = by_scope.get(s.bucket_key)
+            if entry is None:
+                entry = by_scope[s.bucket_key] = (s, [])
+            entry[1].append((r.request_id, r.reserved, actual))
+        self._pending_n += 1
+        if not self._batching or self._pending_n >= SETTLE_BATCH_MAX:
+            await self.flush()
+        else:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Send every queued settlement now: one script call per tenant (hash tag)."""
+        pending, self._pending, self._pending_n = self._pending, {}, 0
+        if not pending:
+            return
         if not self.redis_ok:
-            # Lost: the tokens stay charged and the slot frees itself when its lease ends.
+            # Lost: the tokens stay charged and the slots free themselves when their leases end.
             return
         try:
             async with asyncio.timeout(self.cfg.redis_timeout_s):
-                await self._script(keys=_keys(r.scopes),
-                                   args=_args("settle", r.request_id, self.cfg, r.reserved, actual, r.scopes))
+                if len(pending) == 1:
+                    for by_scope in pending.values():
+                        await self._run(*_settle_call(by_scope))
+                else:
+                    await asyncio.gather(*(self._run(*_settle_call(b)) for b in pending.values()))
         except Exception as exc:  # noqa: BLE001
-            self._redis_failed("settle", exc)
+            await self._redis_failed("settle", exc)
 
-    def _redis_failed(self, op: str, exc: BaseException) -> None:
+    async def run_settler(self) -> None:
+        """Batch settlements until cancelled (a lifespan task); the caller flushes after cancelling."""
+        interval = self.cfg.settle_interval_ms / 1000
+        if interval <= 0:
+            return
+        self._batching = True
+        try:
+            while True:
+                await self._wake.wait()
+                await asyncio.sleep(interval)
+                self._wake.clear()
+                await self.flush()
+        finally:
+            self._batching = False
+
+    async def _redis_failed(self, op: str, exc: BaseException) -> None:
         if self.clock() >= self._redis_down_until:
             log.warning("rate limiter: Redis unreachable during %s (%s); %s for %.1fs", op,
                         type(exc).__name__ or "timeout",
                         "using the local limiter" if self.cfg.failure_mode == "open" else "refusing requests",
                         self.cfg.redis_retry_s)
         self._redis_down_until = self.clock() + self.cfg.redis_retry_s
+        if self._pipe is not None:
+            await self._pipe.reset()  # a reply may still be owed on it: start the next try afresh
         if self.on_redis_error is not None:
             self.on_redis_error(op, exc)
 
@@ -199,11 +278,24 @@ def _keys(scopes: list[Scope]) -> list[str]:
     return [k for s in scopes for k in (s.bucket_key, s.slots_key)]
 
 
-def _args(mode: str, request_id: str, cfg: RateLimitConfig, reserved: int, actual: int,
-          scopes: list[Scope]) -> list[str | int | float]:
-    out: list[str | int | float] = [mode, "", request_id, int(cfg.concurrency_lease_s * 1000), reserved, actual]
-    out.extend(s.packed_caps() for s in scopes)
-    return out
+def _changes_anything(r: Reservation, actual: int) -> bool:
+    """False when settling would leave every bucket as it is and hold no slot: nothing to send."""
+    for s in r.scopes:
+        lim = s.limits
+        if lim.concurrency or any(cap and min(r.reserved, cap) != actual for cap in (lim.tpm, lim.tpd)):
+            return True
+    return False
+
+
+def _settle_call(by_scope: dict[str, tuple[Scope, list[tuple[str, int, int]]]]) -> tuple[list[str], list[str | int]]:
+    keys: list[str] = []
+    args: list[str | int] = ["settle", ""]
+    for scope, entries in by_scope.values():
+        keys += (scope.bucket_key, scope.slots_key)
+        args += (scope.packed_caps, len(entries))
+        for rid, reserved, actual in entries:
+            args += (rid, reserved, actual)
+    return keys, args
 
 
 def _refusal(v: Verdict, scopes: list[Scope], model: str, tokens: int) -> RateLimited:

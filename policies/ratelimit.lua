@@ -1,10 +1,13 @@
--- One admission decision (or one settlement) over every budget of a request, atomically.
+-- One admission decision, or one batch of settlements, over the budgets of one tenant, atomically.
 -- A port of policies/bucket.py's decide/settle; keep the two in step (tests compare them).
 --
 -- KEYS: per scope, its bucket hash then its slots sorted set; all share one {hash tag}.
--- ARGV: mode ("reserve" | "settle"), now in ms ("" = this server's TIME), request id, lease ms,
---       reserved tokens, actual tokens (settle), then per scope "tpm:rpm:tpd:concurrency" (0 = none;
---       one argument per scope because the client's encoding of arguments is what costs most).
+-- ARGV[1] mode, ARGV[2] now in ms ("" = this server's TIME), then
+--   reserve: request id, lease ms, tokens, then per scope "tpm:rpm:tpd:concurrency" (0 = none;
+--            one argument per scope because the client's encoding of arguments is what costs most);
+--   settle:  per scope "tpm:rpm:tpd:concurrency", a count n, then n triples (request id, reserved,
+--            actual). The triples are applied in order at one instant, exactly as n settle() calls in
+--            bucket.py at that instant, but the bucket is read and written once (the gateway batches).
 local MINUTE, DAY = 60000, 86400000
 local KINDS = { { 't', MINUTE }, { 'r', MINUTE }, { 'd', DAY } }
 
@@ -16,17 +19,13 @@ if ARGV[2] == '' then
 else
   now = tonumber(ARGV[2])
 end
-local rid = ARGV[3]
-local lease = tonumber(ARGV[4])
-local cost = tonumber(ARGV[5])
-local actual = tonumber(ARGV[6])
 local nscopes = #KEYS / 2
 
 local function num(x) return string.format('%.17g', x) end
 
-local function caps_of(i)
+local function parse_caps(packed)
   local caps = {}
-  for v in string.gmatch(ARGV[6 + i], '[^:]+') do caps[#caps + 1] = tonumber(v) end
+  for v in string.gmatch(packed, '[^:]+') do caps[#caps + 1] = tonumber(v) end
   return caps
 end
 
@@ -71,28 +70,44 @@ local function write(key, caps, levels)
 end
 
 if mode == 'settle' then
+  local a = 3
   for i = 1, nscopes do
-    local caps = caps_of(i)
+    local caps, n = parse_caps(ARGV[a]), tonumber(ARGV[a + 1])
+    a = a + 2
     local h = read(KEYS[2 * i - 1])
     local levels = {}
     for j, k in ipairs(KINDS) do
       local f = k[1]
-      if caps[j] > 0 and f ~= 'r' then
-        local l = level_at(h[f], h[f .. 's'], caps[j], k[2]) + need(f, cost, caps[j]) - actual
-        if l > caps[j] then l = caps[j] end
-        levels[f] = l
+      if caps[j] > 0 and f ~= 'r' then levels[f] = level_at(h[f], h[f .. 's'], caps[j], k[2]) end
+    end
+    local rids = {}
+    for e = 1, n do
+      local cost, actual = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      rids[e] = ARGV[a]
+      a = a + 3
+      for j, k in ipairs(KINDS) do
+        local f = k[1]
+        if levels[f] ~= nil then
+          local l = levels[f] + need(f, cost, caps[j]) - actual
+          if l > caps[j] then l = caps[j] end
+          levels[f] = l
+        end
       end
     end
     write(KEYS[2 * i - 1], caps, levels)
-    redis.call('ZREM', KEYS[2 * i], rid)
+    if caps[4] > 0 then redis.call('ZREM', KEYS[2 * i], unpack(rids)) end
   end
   return 1
 end
 
+local rid = ARGV[3]
+local lease = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+
 local allowed, retry, failed_scope, failed_kind = true, 0, -1, ''
 local all_levels, all_caps = {}, {}
 for i = 1, nscopes do
-  local caps = caps_of(i)
+  local caps = parse_caps(ARGV[5 + i])
   local h = read(KEYS[2 * i - 1])
   local got = {}
   for j, k in ipairs(KINDS) do

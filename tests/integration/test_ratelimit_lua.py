@@ -57,11 +57,11 @@ def test_lua_matches_the_python_model(lua: tuple[redis.Redis, object],
     client.flushdb()
     state = MemoryState()
     keys = [k for s in SCOPES for k in (s.bucket_key, s.slots_key)]
-    now, held = 1_000_000.0, []
+    now, held = 1_000_000.0, list[tuple[str, int]]()
     for i, (dt, cost, used, op, batch_size) in enumerate(ops):
         now += dt
         if op == "settle" and held:
-            batch = []
+            batch: list[tuple[str, int, int]] = []
             for j in range(min(batch_size, len(held))):
                 rid, reserved = held.pop(0)
                 actual = (used + 97 * j) % 301
@@ -75,7 +75,8 @@ def test_lua_matches_the_python_model(lua: tuple[redis.Redis, object],
         if want.allowed:
             held.append((str(i), cost))
     for s in SCOPES:
-        stored = {k.decode(): float(v) for k, v in client.hgetall(s.bucket_key).items()}
+        stored = {str(k, "utf-8") if isinstance(k, bytes) else k: float(v)
+                  for k, v in client.hgetall(s.bucket_key).items()}
         for field, value in state.buckets.get(s.bucket_key, {}).items():
             assert math.isclose(stored[field], value, rel_tol=1e-12, abs_tol=1e-9), field
         assert client.zcard(s.slots_key) == len(state.slots.get(s.slots_key, {}))

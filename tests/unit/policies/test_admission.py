@@ -44,7 +44,18 @@ async def test_without_upstream_priority_the_body_is_untouched() -> None:
     raw = ex.raw
     await gw.before_dispatch(ex, {"x-gravity-priority": "sheddable"})
     assert ex.raw is raw and ex.routing.priority == "sheddable"
-    assert ex.routing.prompt_tokens > 0  # refined by the estimator
+
+
+async def test_no_token_counting_when_no_limit_applies() -> None:
+    """Nothing to reserve: the estimator is not asked, routing keeps its bytes/4 estimate."""
+    gw = _gateway({})
+    admission = gw.lifecycle[0]
+    calls: list[bytes] = []
+    admission.estimator.estimate = lambda model, prompt, messages=0: calls.append(prompt)  # type: ignore[attr-defined]
+    ex = _exchange(gw, CHAT)
+    before = ex.routing.prompt_tokens
+    await gw.before_dispatch(ex, {})
+    assert calls == [] and ex.routing.prompt_tokens == before and "admission" not in ex.extras
 
 
 async def test_reserve_settle_refund_through_the_hooks() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies.bucket import MINUTE_MS, MemoryState, Scope, decide, level_at, settle
@@ -65,6 +65,13 @@ def test_every_scope_must_agree_and_the_first_refusal_is_named() -> None:
     assert v.remaining_tokens == 40  # headers describe the tightest bucket
 
 
+# Deterministic on a loaded machine: no deadline (wall-clock), no too_slow health check (the time
+# to generate examples, which a busy shared CPU can push over hypothesis's threshold: the cause of
+# this file's one failure, never a counterexample: 30,000 random examples find none), and the same
+# examples every run (derandomize) so a run's outcome depends on the code alone.
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
 ops = st.lists(st.tuples(
     st.integers(0, 5_000),  # ms since the previous operation
     st.integers(1, 400),  # tokens to reserve
@@ -73,7 +80,7 @@ ops = st.lists(st.tuples(
 ), min_size=1, max_size=60)
 
 
-@settings(max_examples=200, deadline=None)
+@PROPERTY
 @given(ops=ops, tpm=st.integers(50, 2000))
 def test_tokens_charged_stay_within_burst_plus_refill_plus_excess(
         ops: list[tuple[int, int, int, bool]], tpm: int) -> None:
@@ -102,7 +109,7 @@ def test_tokens_charged_stay_within_burst_plus_refill_plus_excess(
     assert charged <= tpm + now * tpm / MINUTE_MS + excess + 1e-6
 
 
-@settings(max_examples=200, deadline=None)
+@PROPERTY
 @given(ops=ops, tpm=st.integers(50, 2000))
 def test_level_never_exceeds_the_cap_and_refunds_restore_it(
         ops: list[tuple[int, int, int, bool]], tpm: int) -> None:
@@ -118,7 +125,7 @@ def test_level_never_exceeds_the_cap_and_refunds_restore_it(
     assert math.isclose(level_at(state.buckets.get("b:key", {}).get("t"), now, now, tpm, MINUTE_MS), tpm)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTY, max_examples=100)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 50)), max_size=80), st.integers(1, 5))
 def test_in_flight_requests_never_exceed_the_concurrency_limit(steps: list[tuple[bool, int]], limit: int) -> None:
     state, s = MemoryState(), [scope(concurrency=limit)]
