@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from routing.plugins.base import BuildContext, NoParams, PluginFactory
-from routing.plugins.prefix_scorer import PrefixCacheScorer
+from routing.plugins.prefix_scorer import PrefixCacheScorer, PrefixParams
 from routing.plugins.registry import Registry, default_registry
 from routing.types import RoutingRequest
 from simulator.engine import Engine
@@ -88,7 +88,8 @@ def oracle_registry(index: OracleIndex) -> Registry:
     registry = default_registry()
 
     def build(name: str, params: OracleParams, deps: BuildContext) -> PrefixCacheScorer:
-        return PrefixCacheScorer(name, index)
+        # Same home rule as the default profile, so the two differ only in what they know is cached.
+        return PrefixCacheScorer(name, index, seen_capacity=PrefixParams().home_seen_capacity)
 
     registry.add(PluginFactory("oracle-prefix-scorer", "scorer", OracleParams, build, "true engine cache state"))
     return registry

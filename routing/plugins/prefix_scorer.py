@@ -6,6 +6,7 @@ block), so a new or evicted prefix group keeps landing on the same replica inste
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from pydantic import Field
@@ -15,6 +16,7 @@ from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY
 from routing.prefix import (
     ApproxPrefixIndex,
     PrefixIndex,
+    block_hashes,
     endpoint_key,
     rendezvous,
     request_seed,
@@ -33,14 +35,22 @@ class PrefixParams(Params):
     )
     bytes_per_token: float = Field(default=4.0, gt=0, description="to turn KV tokens into prompt bytes")
     fallback_capacity: int = Field(default=31_250, ge=1, description="blocks when the KV capacity is unknown")
+    home_seen_capacity: int = Field(
+        default=65_536, ge=0,
+        description="first blocks remembered to tell a recurring prefix from a one-off prompt: only a prefix "
+        "seen before (evicted, or a group that recurs) gets a home; 0 gives every uncached prompt a home",
+    )
 
 
 class PrefixCacheScorer:
-    def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256) -> None:
+    def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256, seen_capacity: int = 0) -> None:
         self.name = name
         self.index = index
         self._home_block = home_block_size
         self._keys: dict[str, int] = {}
+        self._seen_capacity = seen_capacity
+        # In-process first-block hash -> None, least recently seen first.
+        self._seen: OrderedDict[int, None] = OrderedDict()
 
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         names = [e.name for e in endpoints]
@@ -50,7 +60,7 @@ class PrefixCacheScorer:
         # "Cached nowhere" means no endpoint holds even the first block: a chat template's few shared
         # tokens (an exact index sees those) must not disable the home.
         prompt_len = len(ctx.request.prompt)
-        if names and prompt_len and max(scores) * prompt_len < self._home_block:
+        if names and prompt_len and max(scores) * prompt_len < self._home_block and self._recurs(ctx.request):
             home = self.home(ctx.request, names)
             if home is not None:
                 ctx.scratch[PREFIX_HOME_KEY] = home
@@ -72,8 +82,32 @@ class PrefixCacheScorer:
             key = self._keys[name] = endpoint_key(name)
         return key
 
+    def _first_block(self, request: RoutingRequest) -> int | None:
+        index = self.index
+        if isinstance(index, ApproxPrefixIndex) and index.block_size == self._home_block:
+            first = index.hashes(request)[:1]  # memoised by match(): no second hash on the hot path
+        else:
+            first = block_hashes(request.prompt, self._home_block, request_seed(request), 1)
+        return first[0] if first else None
+
+    def _recurs(self, request: RoutingRequest) -> bool:
+        # A one-off prompt (no sharing) gains nothing from a home and loses load balance to it; a
+        # prefix seen before is a group that recurs, and its home keeps the groups partitioned.
+        if not self._seen_capacity:
+            return True
+        first = self._first_block(request)
+        return first is not None and first in self._seen
+
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
         self.index.observe(request, endpoint)
+        if self._seen_capacity:
+            first = self._first_block(request)
+            if first is not None:
+                seen = self._seen
+                seen[first] = None
+                seen.move_to_end(first)
+                if len(seen) > self._seen_capacity:
+                    seen.popitem(last=False)
 
 
 def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheScorer:
@@ -89,7 +123,7 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
 
     index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of)
     deps.datastore.add_restart_listener(index.drop)
-    return PrefixCacheScorer(name, index, params.block_size)
+    return PrefixCacheScorer(name, index, params.block_size, params.home_seen_capacity)
 
 
 FACTORY = PluginFactory(

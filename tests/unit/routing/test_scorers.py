@@ -209,7 +209,12 @@ def test_prefill_cost(
     case: str, params: dict[str, float], views: list[EndpointView], match: dict[str, float], home: str | None,
     expected: list[float],
 ) -> None:
-    from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY, PrefillCostParams, PrefillCostScorer
+    from routing.plugins.prefill_cost import (
+        PREFIX_HOME_KEY,
+        PREFIX_MATCH_KEY,
+        PrefillCostParams,
+        PrefillCostScorer,
+    )
 
     base = {"per_request_tokens": 0.0, "miss_weight": 1.0, "home_fraction": 0.0}
     scorer = PrefillCostScorer("c", PrefillCostParams(**{**base, **params}))
@@ -245,6 +250,25 @@ def test_prefix_scorer_names_a_stable_home_only_when_nothing_is_cached() -> None
     short = context(*views, prompt=b"hi")
     scorer.score(short, views)
     assert PREFIX_HOME_KEY not in short.scratch
+
+
+def test_home_only_for_a_prefix_seen_before_when_recurrence_is_required() -> None:
+    from routing.plugins.prefill_cost import PREFIX_HOME_KEY
+    from routing.plugins.prefix_scorer import PrefixCacheScorer
+    from routing.prefix import ApproxPrefixIndex
+
+    index = ApproxPrefixIndex(16, 64, lambda _e: 1000)
+    scorer = PrefixCacheScorer("p", index, home_block_size=16, seen_capacity=8)
+    views = [view(n) for n in ("a", "b", "c")]
+    prompt = b"a one-off prompt, never repeated"
+    one_off = context(*views, prompt=prompt)
+    scorer.score(one_off, views)
+    assert PREFIX_HOME_KEY not in one_off.scratch  # pure load balance for prompts that do not recur
+    scorer.observe(one_off.request, "b")
+    index.drop("b")  # evicted (restart): the prefix recurs but is cached nowhere, so it gets its home
+    back = context(*views, prompt=prompt)
+    scorer.score(back, views)
+    assert back.scratch[PREFIX_HOME_KEY] in {"a", "b", "c"}
 
 
 def test_rendezvous_spreads_keys_and_moves_only_the_removed_endpoints() -> None:
