@@ -98,6 +98,10 @@ def main() -> int:
     ap.add_argument("--max-s", type=float, default=120.0, help="wall-clock cap per policy")
     ap.add_argument("--policy", action="append", choices=sorted(POLICIES))
     ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--warmup", type=int, default=60,
+                    help="requests replayed (round-robin, discarded) before the first measured policy: a cold "
+                         "simulator process is slow for its first seconds, which otherwise lands on whichever "
+                         "policy runs first (it made cache-aware look better than the default)")
     args = ap.parse_args()
     records = [dataclasses.replace(r, max_tokens=args.max_tokens) for r in generate(
         "shared-prefix", WorkloadOptions(seed=1, requests=args.requests, rate=args.rate, model=MODEL))]
@@ -105,22 +109,26 @@ def main() -> int:
     redis = start_redis(tmp)
     sims = [start_simulator(tmp, args.time_scale) for _ in range(args.backends)]
     rows: list[dict[str, Any]] = []
+    warmup = records[: args.warmup]
     try:
-        for policy in args.policy or list(POLICIES):
+        for policy in (["warmup"] if warmup else []) + (args.policy or list(POLICIES)):
             cfg = {
                 "server": {"debug_headers": True, "read_timeout_s": args.max_s},
                 "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
                 "backends": [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL]}
                              for i, s in enumerate(sims)],
-                "routing": POLICIES[policy],
+                "routing": POLICIES["round-robin" if policy == "warmup" else policy],
             }
             gw = start_gateway(tmp, cfg)
             try:
                 wall = time.perf_counter()
-                out = asyncio.run(replay(f"http://127.0.0.1:{gw.port}", sims, records, args.time_scale, args.max_s))
+                replayed = warmup if policy == "warmup" else records
+                out = asyncio.run(replay(f"http://127.0.0.1:{gw.port}", sims, replayed, args.time_scale, args.max_s))
                 wall = time.perf_counter() - wall
             finally:
                 gw.stop()
+            if policy == "warmup":
+                continue
             ttft = [o[0] for o in out]
             prompt, cached = sum(o[1] for o in out), sum(o[2] for o in out)
             spread = sorted({o[3] for o in out})
