@@ -146,8 +146,10 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
+        path = _path(loc)
         # a model-level validator already names its path in the message
-        lines.append(msg if not loc and ": " in msg else f"{_path(loc)}: {msg}")
+        named = (not loc and ": " in msg) or (bool(loc) and msg.startswith(path))
+        lines.append(msg if named else f"{path}: {msg}")
     return "\n".join(lines)
 
 

@@ -38,11 +38,13 @@ def test_api_base_by_kind(kind: str, prefix: str | None, api_base: str) -> None:
     ({"backends": [BACKEND, BACKEND]}, "backends[1].name: duplicate backend name 'vllm-0'"),
     ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
     ([1, 2], "(root): the config must be a mapping"),
+    ({"routing": {"profiles": [{"name": "d", "plugins": [{"ref": "nope"}]}]}},
+     "\nrouting.profiles[0].plugins[0].ref: unknown plugin 'nope'"),
 ])
 def test_errors_name_the_path(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
-    assert message in str(info.value)
+    assert message in "\n" + str(info.value)
 
 
 def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
