@@ -153,8 +153,13 @@ async def metrics(request: Request) -> Response:
 
 
 async def admin_backends(request: Request) -> Response:
-    return Response(orjson.dumps(_gateway(request).datastore.describe(), default=str),
-                    media_type="application/json")
+    gw = _gateway(request)
+    try:
+        # Backend URLs and load are not for anonymous callers once API keys are on.
+        await gw.identify(request.headers)
+    except Exception as exc:
+        return error_response(exc)
+    return Response(orjson.dumps(gw.datastore.describe(), default=str), media_type="application/json")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

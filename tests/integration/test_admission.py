@@ -183,3 +183,14 @@ async def test_sheddable_requests_are_refused_when_every_endpoint_is_saturated(s
         async with s.get(stack.base + "/metrics") as r:
             text = await r.text()
         assert 'gravity_admission_rejections_total{code="load_shed"} 2.0' in text
+
+
+def test_admin_backends_needs_a_key_once_auth_is_on(stack: Stack) -> None:
+    async def get(headers: dict[str, str]) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.get(stack.base + "/admin/backends", headers=headers) as r:
+            return r.status, orjson.loads(await r.read())
+
+    status, body = asyncio.run(get({}))
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = asyncio.run(get({"authorization": "Bearer key-ci"}))
+    assert status == 200 and "sim" in body
