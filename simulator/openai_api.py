@@ -10,6 +10,7 @@ from http import HTTPStatus
 from typing import Any
 
 from simulator import tokenizer
+from simulator.tools import ToolCallPlan, ToolError, plan_tool_call, render_tools
 
 
 class ApiError(Exception):
@@ -45,6 +46,8 @@ class GenerateParams:
     seed: int | None
     priority: int
     cache_salt: str | None
+    tool_call: ToolCallPlan | None = None
+    """Set when the answer is a function call (tools with a forcing or matching tool_choice)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -98,7 +101,7 @@ def chat_prompt_text(body: dict[str, Any]) -> str:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError(400, "messages must be a non-empty list of message objects", "messages")
     try:
-        return tokenizer.render_chat(messages, _opt_bool(body, "add_generation_prompt", True),
+        return tokenizer.render_chat(render_tools(body), _opt_bool(body, "add_generation_prompt", True),
                                      _opt_bool(body, "continue_final_message", False))
     except ValueError as exc:
         raise ApiError(400, str(exc), "messages") from exc
@@ -122,6 +125,14 @@ def parse_generate(kind: str, body: dict[str, Any], served: list[str], loras: di
                        f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} "
                        f"in the completion). Please reduce the length of the messages or completion.",
                        "max_tokens")
+    try:
+        tool_call = plan_tool_call(body) if kind == "chat" else None
+    except ToolError as exc:
+        raise ApiError(400, str(exc), exc.param) from exc
+    ignore_eos = _opt_bool(body, "ignore_eos", False)
+    if tool_call is not None:
+        # The engine paces exactly the call's tokens (fewer when max_tokens cuts the arguments short).
+        max_tokens, ignore_eos = min(max_tokens, len(tool_call.token_ids)), True
     stream = _opt_bool(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not stream:
@@ -138,8 +149,8 @@ def parse_generate(kind: str, body: dict[str, Any], served: list[str], loras: di
     return GenerateParams(
         kind=kind, model=model, lora=lora, prompt_token_ids=ids, max_tokens=max_tokens, stream=stream,
         include_usage=bool(options.get("include_usage")), continuous_usage=bool(options.get("continuous_usage_stats")),
-        ignore_eos=_opt_bool(body, "ignore_eos", False), seed=_opt_int(body, "seed"), priority=priority,
-        cache_salt=salt)
+        ignore_eos=ignore_eos, seed=_opt_int(body, "seed"), priority=priority, cache_salt=salt,
+        tool_call=tool_call)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -149,8 +160,17 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 def full_response(p: GenerateParams, rid: str, text: str, finish_reason: str | None,
                   use: dict[str, Any]) -> dict[str, Any]:
+    call = p.tool_call
+    if call is not None:
+        n = int(use["completion_tokens"])
+        message = {"role": "assistant", "content": call.content, "reasoning_content": None,
+                   "tool_calls": [call.message_call(n)]}
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                  "finish_reason": call.finish(n), "stop_reason": None}
+        return {"id": rid, "object": "chat.completion", "created": p.created, "model": p.model,
+                "choices": [choice], "usage": use, "prompt_logprobs": None}
     if p.kind == "chat":
-        choice: dict[str, Any] = {
+        choice = {
             "index": 0, "message": {"role": "assistant", "content": text, "reasoning_content": None,
                                     "tool_calls": []},
             "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
@@ -175,6 +195,19 @@ def chunk(p: GenerateParams, rid: str, text: str | None, finish_reason: str | No
         else:
             choices.append({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
                             "stop_reason": None})
+    return _chunk_body(p, rid, choices, use)
+
+
+def tool_chunk(p: GenerateParams, rid: str, call_delta: dict[str, Any], finish_reason: str | None = None,
+               use: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A streamed chunk of a tool call: its opening delta or an arguments fragment."""
+    choice = {"index": 0, "delta": {"tool_calls": [call_delta]}, "logprobs": None, "finish_reason": finish_reason,
+              **({"stop_reason": None} if finish_reason else {})}
+    return _chunk_body(p, rid, [choice], use)
+
+
+def _chunk_body(p: GenerateParams, rid: str, choices: list[dict[str, Any]],
+                use: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
                            "created": p.created, "model": p.model, "choices": choices}
     if use is not None:

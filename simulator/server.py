@@ -40,10 +40,12 @@ from simulator.openai_api import (
     full_response,
     parse_generate,
     resolve_model,
+    tool_chunk,
     usage,
 )
 from simulator.profiles import get_profile
 from simulator.runner import EngineRunner, RequestStream
+from simulator.tools import message_shapes
 
 
 @dataclass
@@ -122,6 +124,11 @@ class SimServer:
             "prompt_tokens": len(p.prompt_token_ids), "cached_tokens": None, "completion_tokens": 0,
             "finish_reason": None, "status": "running", "stream": p.stream,
             "timings": {"received_at": time.time(), "first_token_s": None, "e2e_s": None}}
+        if kind == "chat":
+            # Roles and tool-call ids only: what a test needs to see of the history, never its text.
+            record["messages"] = message_shapes(body.get("messages"))
+            record["tool_call"] = ({"id": p.tool_call.id, "name": p.tool_call.name}
+                                   if p.tool_call is not None else None)
         self.records.append(record)
         headers = {"x-request-id": base_id}
         failure = self.faults.take_failure()
@@ -200,9 +207,18 @@ class SimServer:
                 if ev.is_first and p.kind == "chat":
                     # vLLM emits the role chunk with the first engine output, i.e. after prefill.
                     yield _sse(chunk(p, rid, "", None, role=True))
+                    if p.tool_call is not None:
+                        yield _sse(tool_chunk(p, rid, p.tool_call.opening_delta()))
+                before = completion
                 completion += len(ev.token_ids)
                 cached = ev.num_cached_tokens if ev.is_first else cached
                 use = usage(n_prompt, completion, cached) if p.include_usage and p.continuous_usage else None
+                if p.tool_call is not None:
+                    # The engine paces the call's tokens; its own token ids stand in for them.
+                    fragment = p.tool_call.arguments_delta(p.tool_call.fragment(before, completion))
+                    finish = p.tool_call.finish(completion) if ev.finished else None
+                    yield _sse(tool_chunk(p, rid, fragment, finish, use=use))
+                    continue
                 text = tokenizer.decode(ev.token_ids)
                 yield _sse(chunk(p, rid, text, ev.finish_reason if ev.finished else None, use=use))
         except _Aborted:
