@@ -114,6 +114,9 @@ class ProxyResponse:
             ex.attempts += 1
             # Count only the prompt tokens this endpoint must prefill (its cache holds the rest).
             ticket = gw.datastore.begin(cand.endpoint, cand.uncached_tokens, ex.routing.max_tokens)
+            # Teach the prefix index now, not when the backend answers (a non-streamed answer comes
+            # back only at the end): a burst sharing this prefix must see where it went.
+            gw.scheduler.observe(ex.routing, cand.endpoint)
             try:
                 resp = await gw.upstream.session.post(f"{target.api_base}/{ex.route}", data=payload,
                                                       headers=headers)
@@ -132,7 +135,6 @@ class ProxyResponse:
                 raise
             ex.extras["inflight_ticket"] = ticket
             ex.backend = cand.endpoint
-            gw.scheduler.observe(ex.routing, cand.endpoint)
             await gw.picked(ex)
             return resp
         raise BadGateway(f"No backend for model '{ex.model}' could be reached"
