@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -17,8 +21,16 @@ MAX_ITEMS = 12
 
 
 class Stack:
-    def __init__(self, gateway: Proc) -> None:
+    def __init__(self, gateway: Proc, sims: list[Proc]) -> None:
         self.base = f"http://127.0.0.1:{gateway.port}"
+        self.sims = [f"http://127.0.0.1:{s.port}" for s in sims]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every simulator's request records (roles and tool-call ids, no prompt text)."""
+        out: list[dict[str, Any]] = []
+        for sim in self.sims:
+            out += _call("GET", sim + "/admin/requests")[1]["requests"]  # type: ignore[arg-type]
+        return out
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0)
@@ -38,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     gw = start_gateway(tmp, cfg)
     try:
-        yield Stack(gw)
+        yield Stack(gw, sims)
     finally:
         for p in (gw, *sims, redis):
             p.stop()
@@ -156,12 +168,16 @@ def test_conversation_appends_input_and_output(stack: Stack) -> None:
         c.responses.create(model=MODEL, input="gone?", conversation=conv.id)
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict[str, object]]:
+def _call(method: str, url: str, body: bytes = b"") -> tuple[int, dict[str, object]]:
     async def go() -> tuple[int, dict[str, object]]:
-        async with aiohttp.ClientSession() as s, s.post(url, data=body,
-                                                        headers={"content-type": "application/json"}) as r:
+        async with aiohttp.ClientSession() as s, s.request(method, url, data=body,
+                                                           headers={"content-type": "application/json"}) as r:
             return r.status, await r.json()
     return asyncio.run(go())
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, object]]:
+    return _call("POST", url, body)
 
 
 @pytest.mark.parametrize(("body", "status", "param", "code"), [
@@ -215,3 +231,95 @@ def test_conversation_limits_and_bad_ids(stack: Stack) -> None:
             c.conversations.retrieve(bad)
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve("resp_{tenant}")
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def _backend_saw(stack: Stack, call_id: str) -> dict[str, Any]:
+    """The record of the backend request whose history holds this call and its result."""
+    for rec in stack.records():
+        roles = rec.get("messages") or []
+        calls = [c["id"] for m in roles for c in m.get("tool_calls", [])]
+        results = [m.get("tool_call_id") for m in roles if m["role"] == "tool"]
+        if call_id in calls and call_id in results:
+            return rec
+    raise AssertionError(f"no backend request carried call {call_id} and its result")
+
+
+def test_function_call_then_its_output_continues_the_chain(stack: Stack) -> None:
+    c = stack.client()
+    r1 = c.responses.create(model=MODEL, tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
+                            input="What is the weather in Paris?")
+    assert r1.status == "completed"
+    (call,) = r1.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert call.call_id.startswith("chatcmpl-tool-") and json.loads(call.arguments) == {"city": "sim-city"}
+    assert c.responses.retrieve(r1.id).output[0].call_id == call.call_id  # type: ignore[union-attr]
+
+    r2 = c.responses.create(model=MODEL, tools=[WEATHER], previous_response_id=r1.id, max_output_tokens=8,
+                            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert r2.output_text and r2.output[0].type == "message"  # a tool result is answered with text
+    rec = _backend_saw(stack, call.call_id)
+    assert [m["role"] for m in rec["messages"]] == ["user", "assistant", "tool"]
+    assert rec["tool_call"] is None
+
+
+def test_streamed_function_call_events_and_continuation(stack: Stack) -> None:
+    c = stack.client()
+    events = list(c.responses.create(model=MODEL, tools=[WEATHER], tool_choice="required", stream=True,
+                                     input="Use get_weather for Paris."))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"} and len(kinds) > 6
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = events[2].item  # type: ignore[union-attr]
+    assert added.type == "function_call" and added.name == "get_weather" and added.status == "in_progress"
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")  # type: ignore[union-attr]
+    assert events[-3].arguments == deltas and json.loads(deltas) == {"city": "sim-city"}  # type: ignore[union-attr]
+    done = events[-2].item  # type: ignore[union-attr]
+    assert done.id == added.id and done.status == "completed" and done.arguments == deltas
+    final = events[-1].response  # type: ignore[union-attr]
+    assert [o.type for o in final.output] == ["function_call"] and final.output[0].call_id == added.call_id
+    assert final.usage is not None and final.usage.output_tokens > 0
+
+    follow = list(c.responses.create(model=MODEL, tools=[WEATHER], previous_response_id=final.id, stream=True,
+                                     max_output_tokens=8, input=[{"type": "function_call_output",
+                                                                  "call_id": added.call_id, "output": "rain"}]))
+    assert follow[-1].type in ("response.completed", "response.incomplete")
+    assert follow[-1].response.output_text  # type: ignore[union-attr]
+    assert [m["role"] for m in _backend_saw(stack, added.call_id)["messages"]] == ["user", "assistant", "tool"]
+
+
+def test_a_busy_conversation_answers_409_over_http(stack: Stack) -> None:
+    c = stack.client()
+    conv = c.conversations.create()
+    for sim in stack.sims:  # hold the first response open at the backend
+        _call("POST", sim + "/admin/faults", b'{"latency_ms": 1500}')
+    outcomes: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(c.responses.create(model=MODEL, input="Hold on.", conversation=conv.id,
+                                               max_output_tokens=4))
+        except openai.APIStatusError as exc:
+            outcomes.append(exc)
+
+    try:
+        first = threading.Thread(target=run)
+        first.start()
+        time.sleep(0.4)  # the first has taken the lock and is waiting for its first token
+        run()
+        first.join(10)
+    finally:
+        for sim in stack.sims:
+            _call("DELETE", sim + "/admin/faults")
+    (refused,) = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
+    (served,) = [o for o in outcomes if not isinstance(o, openai.APIStatusError)]
+    assert refused.status_code == 409 and refused.code == "conversation_locked"
+    assert refused.response.headers["retry-after"] == "1"
+    assert served.status in ("completed", "incomplete")
+    assert len(c.conversations.items.list(conv.id).data) == 2  # only the served one appended
