@@ -153,6 +153,13 @@ def test_malformed_json_and_unknown_routes(stack: Stack) -> None:
     status, _, body = _post(stack.base + "/v1/nope", b"{}")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
 
+    async def get() -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as s, s.get(stack.base + "/v1/chat/completions") as r:
+            return r.status, await r.read()
+
+    status, body = asyncio.run(get())
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+
 
 def test_request_id_is_kept_when_sane(stack: Stack) -> None:
     body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 2}).encode()
