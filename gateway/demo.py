@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def _write_temp(cfg: GatewayConfig) -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: on Linux, get SIGTERM when the demo process dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gravity demo", description=__doc__)
     parser.add_argument("--config", default=str(REPO / "config" / "demo.yaml"))
@@ -76,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.config import load_config
 
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; turn it into SystemExit so
+    # the finally below still stops the simulators.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cfg = load_config(args.config)
     if args.sim_base_port or args.state_dir:
         cfg = _override(cfg, args.sim_base_port, args.state_dir)
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "simulator", "--host", host, "--port", str(port),
                    "--model", (b.models or ["sim-llama"])[0], "--profile", args.profile,
                    "--time-scale", args.time_scale]
-            procs.append(subprocess.Popen(cmd))
+            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
             _wait_port(host, port, procs[-1])
         from gateway.cli import main as gravity
 

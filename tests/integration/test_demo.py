@@ -30,3 +30,31 @@ def test_demo_stack_serves_the_readme_snippet(tmp_path: Path) -> None:
     finally:
         demo.stop()
     assert demo.popen.returncode is not None
+
+
+def test_demo_stops_its_simulators(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    port, base = free_port(), free_port()
+    while base + 2 >= 65535 or port in (base + 1, base + 2):
+        base = free_port()
+    demo = Proc([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-base-port", str(base),
+                 "--state-dir", str(tmp_path / "redis"), "--time-scale", "20"],
+                port, tmp_path / "demo.log").start(timeout=60)
+    pid = demo.popen.pid
+    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(children) >= 3
+    demo.stop()
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children):
+        assert time.monotonic() < deadline, "simulators outlived gravity demo"
+        time.sleep(0.1)
+    assert demo.popen.returncode in (0, -signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
