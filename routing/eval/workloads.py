@@ -48,7 +48,10 @@ def shared_prefix(o: WorkloadOptions) -> list[TraceRecord]:
     systems = [_text(rng, 2048) for _ in range(groups)]
     pairs = [(g, _text(rng, 128)) for g in range(groups) for _ in range(per_group)]
     rng.shuffle(pairs)
-    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    # Past 64 x 16, more questions in the same groups (capacity probes need long traces): repeating
+    # the first 1,024 prompts verbatim would make the rest free to prefill and inflate capacity.
+    pairs += [(rng.randrange(groups), _text(rng, 128)) for _ in range(n - len(pairs))]
+    pairs = pairs[:n]
     times = _poisson(rng, n, o.rate or 6.0)
     return [TraceRecord(t, o.model, 256, _chat(systems[g], q)) for t, (g, q) in zip(times, pairs, strict=True)]
 

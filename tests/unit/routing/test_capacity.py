@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from routing.eval.capacity import in_system, keeps_up, measure_capacity
+from routing.eval.capacity import backlog_growth, in_system, keeps_up, measure_capacity
 from routing.eval.cluster import ClusterResult, RequestRecord
 from routing.eval.policies import policy_config
 from routing.eval.trace import TraceRecord
@@ -22,6 +22,15 @@ def test_steady_backlog_keeps_up_and_growing_backlog_does_not() -> None:
     assert not keeps_up(growing)
 
 
+def test_a_draining_cold_start_keeps_up_and_slow_growth_does_not() -> None:
+    # A backlog left by a cold start that drains while arrivals continue is not overload, however
+    # large it is at mid-trace; a backlog that keeps creeping up is, however small at the end.
+    draining = _result([max(3.0, 60.0 - i) for i in range(100)])
+    assert backlog_growth(draining) < 0 and keeps_up(draining)
+    creeping = _result([3.0 + 0.2 * i for i in range(100)])  # 1 in 6 arrivals is not served in time
+    assert backlog_growth(creeping) > 0.05 and not keeps_up(creeping)
+
+
 def test_unfinished_or_shed_requests_do_not_keep_up() -> None:
     result = _result([1.0] * 10)
     result.requests[3].shed = "rejected_by_engine"
@@ -31,11 +40,11 @@ def test_unfinished_or_shed_requests_do_not_keep_up() -> None:
 def test_bisection_brackets_the_tiny_clusters_capacity() -> None:
     engine = get_profile("tiny")
 
-    def make(rate: float) -> list[TraceRecord]:
-        return [TraceRecord(i / rate, "m", 16, prompt=f"{i} " + "word " * 200) for i in range(120)]
+    def make(rate: float, seed: int) -> list[TraceRecord]:
+        return [TraceRecord(i / rate, "m", 16, prompt=f"{seed} {i} " + "word " * 200) for i in range(120)]
 
     cap = measure_capacity(make, config=functools.partial(policy_config, "round-robin"), engine=engine,
-                           backends=2, lo=1.0, hi=2000.0, steps=6)
+                           backends=2, lo=1.0, hi=2000.0, steps=6, seeds=(1, 2))
     kept = [r for r, ok in cap.probes if ok]
     lost = [r for r, ok in cap.probes if not ok]
     assert kept and lost and cap.rate == max(kept) < min(lost)
