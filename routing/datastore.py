@@ -16,6 +16,8 @@ from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot
 __all__ = ["Datastore", "InflightTicket", "RestartListener"]
 
 RestartListener = Callable[[str], None]
+_RATE_SMOOTHING = 0.2  # weight of a new prefill-rate sample in the moving average
+_RATE_MAX_RISE = 1.1  # a sample above this multiple of the average counts as this multiple
 
 
 @dataclass
@@ -42,6 +44,15 @@ class _State:
     inflight_requests: int = 0
     inflight_prompt_tokens: int = 0
     inflight_decode_tokens: int = 0
+    # The current prefill busy period (prompt tokens awaiting prefill never dropped to zero since):
+    # when it began and the prompt tokens dispatched in it, from which the prefill rate is measured;
+    # and the anchor of the backlog estimate: the last first token (or the period's start) and the
+    # prompt tokens pending then plus those dispatched since.
+    prefill_busy_since: float = 0.0
+    prefill_busy_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0  # moving average of the rate seen in busy periods; 0 until measured
+    prefill_anchor_at: float = 0.0
+    prefill_anchor_tokens: int = 0
     generation: int = 0
     restarts: int = 0
     view: EndpointView | None = None  # cached immutable copy; None after any write to this state
@@ -151,6 +162,11 @@ class Datastore:
         generation = -1
         if state is not None:
             self._dirty(state)
+            if state.inflight_prompt_tokens == 0:
+                state.prefill_busy_since = state.prefill_anchor_at = self._clock()
+                state.prefill_busy_tokens = state.prefill_anchor_tokens = 0
+            state.prefill_busy_tokens += prompt_tokens
+            state.prefill_anchor_tokens += prompt_tokens
             state.inflight_requests += 1
             state.inflight_prompt_tokens += prompt_tokens
             state.inflight_decode_tokens += max_tokens
@@ -170,6 +186,23 @@ class Datastore:
         if state is not None:
             self._dirty(state)
             state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
+            # Prefill rate as realised since the busy period began (queueing behind a running step
+            # included, so it errs low): what lets a scorer tell a backlog about to finish from a new one.
+            now = self._clock()
+            # Re-anchor the backlog estimate on every completion, so an error in the rate cannot
+            # accumulate over a long busy period; what is still pending is assumed not yet started.
+            state.prefill_anchor_at = now
+            state.prefill_anchor_tokens = state.inflight_prompt_tokens
+            elapsed = now - state.prefill_busy_since
+            done = state.prefill_busy_tokens - state.inflight_prompt_tokens
+            if elapsed > 0 and done > 0:
+                sample = done / elapsed
+                rate = state.prefill_tokens_per_s
+                if rate > 0:
+                    # A prompt the endpoint had cached beyond our estimate finishes "impossibly" fast;
+                    # let the rate creep up but fall at once, so surprises cannot make a backlog vanish.
+                    sample = min(sample, _RATE_MAX_RISE * rate)
+                state.prefill_tokens_per_s = sample if rate == 0 else rate + _RATE_SMOOTHING * (sample - rate)
 
     def end(self, ticket: InflightTicket) -> None:
         if ticket.done:
@@ -224,6 +257,9 @@ class Datastore:
             inflight_requests=s.inflight_requests,
             inflight_prompt_tokens=s.inflight_prompt_tokens,
             inflight_decode_tokens=s.inflight_decode_tokens,
+            prefill_anchor_at=s.prefill_anchor_at,
+            prefill_anchor_tokens=s.prefill_anchor_tokens,
+            prefill_tokens_per_s=s.prefill_tokens_per_s,
             generation=s.generation,
         )
 

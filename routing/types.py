@@ -76,6 +76,21 @@ class EndpointView:
     inflight_prompt_tokens: int
     inflight_decode_tokens: int
     generation: int  # bumped on every detected restart
+    # Backlog estimate: measured prefill rate (0: unknown), and since when (the last first token or the
+    # start of the backlog) how many prompt tokens have been pending (then plus dispatched since).
+    prefill_tokens_per_s: float = 0.0
+    prefill_anchor_at: float = 0.0
+    prefill_anchor_tokens: int = 0
+
+    def pending_prefill_tokens(self, now: float, rate_fraction: float = 1.0) -> float:
+        """Prompt tokens still to prefill, net of the progress the measured rate implies since the anchor
+        (a fluid FIFO estimate); the raw count when the rate is unknown or disabled."""
+        pending = self.inflight_prompt_tokens
+        rate = self.prefill_tokens_per_s * rate_fraction
+        if pending <= 0 or rate <= 0:
+            return float(pending)
+        left = self.prefill_anchor_tokens - rate * (now - self.prefill_anchor_at)
+        return min(float(pending), max(0.0, left))
 
     def serves(self, model: str) -> bool:
         return self.models is not None and (model in self.models or model in self.loras)

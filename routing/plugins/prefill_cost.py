@@ -6,7 +6,8 @@ Tokens are one unit for queueing and cache misses, so no weight has to trade the
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from pydantic import Field
 
@@ -28,6 +29,11 @@ class PrefillCostParams(Params):
         description="weight of the prompt tokens an endpoint would recompute beyond the best-cached one's: "
         "a miss also delays every later request queued there and spends KV on a second copy",
     )
+    drain_rate_fraction: float = Field(
+        default=0.7, ge=0, le=2,
+        description="count prompt tokens awaiting prefill net of the progress the endpoint's measured prefill "
+        "rate (times this) implies since its backlog began; 0 counts them all until the first token",
+    )
     home_fraction: float = Field(
         default=0.5, ge=0,
         description="discount on the prefix's home endpoint, as a fraction of the prompt, when it is cached "
@@ -36,9 +42,10 @@ class PrefillCostParams(Params):
 
 
 class PrefillCostScorer:
-    def __init__(self, name: str, params: PrefillCostParams) -> None:
+    def __init__(self, name: str, params: PrefillCostParams, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self._p = params
+        self._clock = clock
 
     def costs(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         p = self._p
@@ -47,6 +54,7 @@ class PrefillCostScorer:
         prompt = ctx.request.prompt_tokens or max(1, len(ctx.request.prompt) // 4)
         best_match = max(matched.values(), default=0.0)
         extra_miss = p.miss_weight - 1.0
+        now = self._clock()
         out = []
         for e in endpoints:
             m = e.trusted_metrics()
@@ -54,7 +62,7 @@ class PrefillCostScorer:
             foreign_waiting = max(0, (m.waiting if m is not None else 0) - e.inflight_requests)
             hit = matched.get(e.name, 0.0)
             cost = (
-                e.inflight_prompt_tokens
+                e.pending_prefill_tokens(now, p.drain_rate_fraction)
                 + (1.0 - hit) * prompt
                 + extra_miss * (best_match - hit) * prompt
                 + p.per_request_tokens * e.inflight_requests
@@ -72,7 +80,7 @@ class PrefillCostScorer:
 
 
 def _build(name: str, params: PrefillCostParams, deps: BuildContext) -> PrefillCostScorer:
-    return PrefillCostScorer(name, params)
+    return PrefillCostScorer(name, params, deps.clock)
 
 
 FACTORY = PluginFactory("prefill-cost-scorer", "scorer", PrefillCostParams, _build, "estimated prefill work ahead")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from routing.types import EndpointSpec
 from tests.unit.routing.helpers import FakeClock, make_datastore, metrics
 
@@ -104,3 +106,24 @@ def test_cached_snapshot_expires_when_metrics_turn_stale() -> None:
     assert ds.snapshot().endpoints["a"].fresh
     clock.now += 1.5
     assert not ds.snapshot().endpoints["a"].fresh
+
+
+def test_prefill_rate_is_measured_over_busy_periods_and_discounts_the_backlog() -> None:
+    clock = FakeClock(100.0)
+    ds = make_datastore(["a"], clock=clock)
+    first = ds.begin("a", 1000, 16)  # busy period starts at 100.0
+    clock.now = 100.1
+    second = ds.begin("a", 1000, 16)
+    assert ds.snapshot().endpoints["a"].pending_prefill_tokens(100.1) == 2000  # rate unknown yet: raw count
+    clock.now = 100.5
+    ds.first_token(first)  # 1,000 tokens done in 0.5 s
+    a = ds.snapshot().endpoints["a"]
+    assert a.prefill_tokens_per_s == pytest.approx(2000.0)
+    # 2,000 dispatched in the period, 0.6 s at 2,000 tok/s done by 100.6: 800 of the 1,000 pending left.
+    assert a.pending_prefill_tokens(100.6) == pytest.approx(800.0)
+    assert a.pending_prefill_tokens(101.5) == 0.0
+    assert a.pending_prefill_tokens(100.6, rate_fraction=0.0) == 1000
+    ds.first_token(second)
+    clock.now = 200.0
+    ds.begin("a", 500, 16)  # the backlog had emptied: a new busy period starts now
+    assert ds.snapshot().endpoints["a"].pending_prefill_tokens(200.0) == 500

@@ -283,3 +283,26 @@ def test_rendezvous_spreads_keys_and_moves_only_the_removed_endpoints() -> None:
     fewer = names[:3]
     moved = [k for k, o in owners.items() if rendezvous(k * 0x9E3779B97F4A7C15 & (2**64 - 1), fewer) != o]
     assert all(owners[k] == "ep-3" for k in moved)
+
+
+def test_prefill_cost_prefers_a_backlog_about_to_finish_over_a_fresh_one() -> None:
+    # Both endpoints hold 2,000 prompt tokens awaiting prefill; a's began 0.45 s ago at a measured
+    # 4,000 tok/s (200 left at the full rate, 740 at the default 0.7 of it), b's just now. Counting
+    # raw tokens calls them equal.
+    from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
+
+    now = 10.0
+    views = [
+        view("a", inflight_prompt_tokens=2000, prefill_anchor_at=now - 0.45, prefill_anchor_tokens=2000,
+             prefill_tokens_per_s=4000.0),
+        view("b", inflight_prompt_tokens=2000, prefill_anchor_at=now, prefill_anchor_tokens=2000,
+             prefill_tokens_per_s=4000.0),
+    ]
+    ctx = context(*views, prompt_tokens=1000)
+    params = {"per_request_tokens": 0, "home_fraction": 0}
+    full = PrefillCostScorer("c", PrefillCostParams(**params, drain_rate_fraction=1), lambda: now)
+    assert full.costs(ctx, views) == pytest.approx([200 + 1000, 2000 + 1000])
+    default = PrefillCostScorer("c", PrefillCostParams(**params), lambda: now)
+    assert default.costs(ctx, views) == pytest.approx([740 + 1000, 2000 + 1000])
+    off = PrefillCostScorer("c", PrefillCostParams(**params, drain_rate_fraction=0), lambda: now)
+    assert off.costs(ctx, views) == pytest.approx([3000, 3000])
