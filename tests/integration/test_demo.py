@@ -1,7 +1,9 @@
 """`make run` runs `gravity demo`; the README's SDK snippet must work against it."""
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -9,16 +11,27 @@ import openai
 from tests.support.procs import Proc, free_port
 
 
-def test_demo_stack_serves_the_readme_snippet(tmp_path: Path) -> None:
+def _start_demo(tmp_path: Path) -> Proc:
     port, base = free_port(), free_port()
     while base + 2 >= 65535 or port in (base + 1, base + 2):
         base = free_port()
-    demo = Proc([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-base-port", str(base),
+    return Proc([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-base-port", str(base),
                  "--state-dir", str(tmp_path / "redis"), "--time-scale", "20"],
                 port, tmp_path / "demo.log").start(timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_demo_stack_serves_the_readme_snippet(tmp_path: Path) -> None:
+    demo = _start_demo(tmp_path)
     try:
         assert "base_url=" in demo.log()  # the snippet is printed for the user
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key="unused", max_retries=2)
         reply = client.chat.completions.create(
             model="sim-llama", messages=[{"role": "user", "content": "Hello!"}])
         assert reply.choices[0].message.content
@@ -33,15 +46,7 @@ def test_demo_stack_serves_the_readme_snippet(tmp_path: Path) -> None:
 
 
 def test_demo_stops_its_simulators(tmp_path: Path) -> None:
-    import signal
-    import time
-
-    port, base = free_port(), free_port()
-    while base + 2 >= 65535 or port in (base + 1, base + 2):
-        base = free_port()
-    demo = Proc([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-base-port", str(base),
-                 "--state-dir", str(tmp_path / "redis"), "--time-scale", "20"],
-                port, tmp_path / "demo.log").start(timeout=60)
+    demo = _start_demo(tmp_path)
     pid = demo.popen.pid
     children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     assert len(children) >= 3
@@ -51,10 +56,3 @@ def test_demo_stops_its_simulators(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "simulators outlived gravity demo"
         time.sleep(0.1)
     assert demo.popen.returncode in (0, -signal.SIGTERM)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.support.procs import Proc, free_port, start_gateway, start_redis, start_sim
+from tests.support.procs import Proc, free_port, sim_fleet, start_gateway, start_sim
 
 MODEL = "sim-llama"
 MSGS = [{"role": "user", "content": "Tell me about data gravity."}]
@@ -33,21 +33,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
-    redis = start_redis(tmp)
-    sims = [start_sim(tmp, MODEL, ["--profile", "tiny"]) for _ in range(2)]
-    cfg = {
-        "server": {"debug_headers": True, "max_body_bytes": 64 * 1024, "read_timeout_s": 1.5},
-        "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
-        "backends": [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL]}
-                     for i, s in enumerate(sims)],
-    }
-    gw = start_gateway(tmp, cfg)
-    try:
-        yield Stack(gw, sims)
-    finally:
-        for p in (gw, *sims, redis):
-            p.stop()
+    server = {"debug_headers": True, "max_body_bytes": 64 * 1024, "read_timeout_s": 1.5}
+    with sim_fleet(tmp_path_factory.mktemp("stack"), server=server) as fleet:
+        yield Stack(fleet.gateway, fleet.sims)
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.support.procs import Proc, start_gateway, start_redis, start_sim
+from tests.support.procs import Proc, sim_fleet
 
 MODEL = "sim-llama"
 SIM = ["--profile", "tiny", "--time-scale", "20"]
@@ -38,22 +38,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("responses")
-    redis = start_redis(tmp)
-    sims = [start_sim(tmp, MODEL, SIM) for _ in range(2)]
-    cfg = {
-        "server": {"debug_headers": True, "max_body_bytes": 64 * 1024},
-        "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0", "max_item_bytes": MAX_ITEM_BYTES,
-                  "max_conversation_items": MAX_ITEMS},
-        "backends": [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL]}
-                     for i, s in enumerate(sims)],
-    }
-    gw = start_gateway(tmp, cfg)
-    try:
-        yield Stack(gw, sims)
-    finally:
-        for p in (gw, *sims, redis):
-            p.stop()
+    state = {"max_item_bytes": MAX_ITEM_BYTES, "max_conversation_items": MAX_ITEMS}
+    server = {"debug_headers": True, "max_body_bytes": 64 * 1024}
+    with sim_fleet(tmp_path_factory.mktemp("responses"), sim_args=SIM, server=server, state=state) as fleet:
+        yield Stack(fleet.gateway, fleet.sims)
 
 
 def test_previous_response_id_rebuilds_history_from_redis(stack: Stack) -> None:

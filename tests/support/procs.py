@@ -52,7 +52,7 @@ class Proc:
         log.close()
         try:
             wait_for_port(self.port, timeout, self.popen)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any start failure: stop it and show its log
             self.stop()
             raise RuntimeError(f"{self.args!r} failed to start:\n{self.log()}") from None
         return self
@@ -122,3 +122,40 @@ def running(*procs: Proc) -> Iterator[tuple[Proc, ...]]:
     finally:
         for p in procs:
             p.stop()
+
+
+@dataclass
+class Fleet:
+    """A gateway in front of simulated backends, with a redis-server of its own."""
+
+    gateway: Proc
+    sims: list[Proc]
+    redis: Proc
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.port}"
+
+
+@contextlib.contextmanager
+def sim_fleet(tmp: Path, *, sims: int = 2, model: str = "sim-llama", sim_args: list[str] | None = None,
+              server: dict[str, object] | None = None, state: dict[str, object] | None = None,
+              ) -> Iterator[Fleet]:
+    """Start redis-server, `sims` simulators named sim-0.. and a gateway routing to them; stop all."""
+    started: list[Proc] = []
+    try:
+        redis = start_redis(tmp)
+        started.append(redis)
+        backends = []
+        for i in range(sims):
+            sim = start_sim(tmp, model, sim_args if sim_args is not None else ["--profile", "tiny"])
+            started.append(sim)
+            backends.append({"name": f"sim-{i}", "url": f"http://127.0.0.1:{sim.port}", "models": [model]})
+        cfg = {"server": server or {}, "backends": backends,
+               "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0", **(state or {})}}
+        gateway = start_gateway(tmp, cfg)
+        started.append(gateway)
+        yield Fleet(gateway, started[1:-1], redis)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
