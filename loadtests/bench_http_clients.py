@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtests/bench_http_clients.py        # needs nginx and wrk, ~1 minute
 
-The same minimal proxy (bare_proxy.py's shape) runs once per client against bench_overhead.py's
+The same minimal proxy (bare_proxy.py's shape) runs once per client against harness.py's
 static nginx upstream; wrk drives 32 connections. Backs docs/decisions/0001-aiohttp.md. httpx is
 measured as whichever of `httpx` / `httpx2` (its maintained fork, which the openai SDK uses) is
 installed; "httpx+aiohttp" is httpx's API over an aiohttp transport, LiteLLM's approach.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_overhead as bench  # a sibling script, not a package
+import harness as bench  # a sibling script, not a package
 
 RESULTS = bench.REPO / "loadtests" / "results" / "http_clients.json"
 

@@ -29,18 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import (
+from harness import (
     INSTALL_HINT,
     MODEL,
     REQUEST,
     WRK_LUA,
-    Sample,
     Stack,
     _machine,
     _median,
     free_port,
     measure_cpu,
+    run_rounds,
     stack,
+    start_nginx,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = dt.datetime.now(dt.UTC)
     machine = _machine()
-    rounds: dict[tuple[str, int], list[Sample]] = {}
     with stack() as s:
-        from bench_overhead import start_nginx
 
         upstream = start_nginx(s, nginx)
         redis_port = free_port()
@@ -130,14 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer {KEY}"'))
         for name, port in targets.items():
             measure_cpu(wrk, lua, port, s.pids[name], args.connections, 1)  # warm up
-        for r in range(args.rounds):
-            for name, port in targets.items():
-                for conns in (args.connections, 1):
-                    sample = measure_cpu(wrk, lua, port, s.pids[name], conns, args.seconds)
-                    rounds.setdefault((name, conns), []).append(sample)
-                    print(f"round {r + 1}/{args.rounds} {name:10} c={conns:<3} {sample.rps:9.0f} req/s  "
-                          f"p50 {sample.p50_ms:6.3f} ms  p99 {sample.p99_ms:6.3f} ms  "
-                          f"cpu {sample.cpu_us_per_request or 0:4.0f} us/req  errors {sample.errors}", flush=True)
+        rounds = run_rounds(wrk, lua, targets, s.pids, args.connections, args.rounds, args.seconds)
     med = {k: _median(v) for k, v in rounds.items()}
     c = args.connections
     off, off1 = med[("limits_off", c)], med[("limits_off", 1)]
