@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,16 +20,24 @@ def _tiktoken_cache() -> None:
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO / "config" / "tiktoken"))
 
 
+def _load(path: str) -> GatewayConfig | None:
+    """The config, or None after telling the user what is wrong with it."""
+    from gateway.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid\n{exc}", file=sys.stderr)
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"gravity: invalid config {args.config}:\n{exc}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     server = cfg.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
                                            if v is not None})
@@ -43,12 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.file)
-    except ConfigError as exc:
-        print(f"{args.file}: invalid\n{exc}", file=sys.stderr)
+    cfg = _load(args.file)
+    if cfg is None:
         return 2
     print(f"{args.file}: ok ({len(cfg.backends)} backends, {len(cfg.routing.profiles)} routing profiles)")
     return 0

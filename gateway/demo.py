@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "simulator", "--host", host, "--port", str(port),
                    "--model", (b.models or ["sim-llama"])[0], "--profile", args.profile,
                    "--time-scale", args.time_scale]
-            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))  # noqa: PLW1509 - no threads yet
             _wait_port(host, port, procs[-1])
         from gateway.cli import main as gravity
 
