@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,12 +13,23 @@ from tests.support.procs import Proc, free_port
 
 
 def _start_demo(tmp_path: Path) -> Proc:
-    port, base = free_port(), free_port()
-    while base + 2 >= 65535 or port in (base + 1, base + 2):
+    port = free_port()
+    while True:  # the demo's three simulators take base, base+1 and base+2: all must be free
         base = free_port()
+        if base + 2 < 65535 and port not in (base + 1, base + 2) and all(_free(base + i) for i in (1, 2)):
+            break
     return Proc([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-base-port", str(base),
                  "--state-dir", str(tmp_path / "redis"), "--time-scale", "20"],
                 port, tmp_path / "demo.log").start(timeout=60)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:
