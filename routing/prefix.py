@@ -94,19 +94,20 @@ class ApproxPrefixIndex:
         """Leading blocks of ``hashes`` each endpoint holds (contiguous from the start)."""
         out: dict[str, int] = {}
         alive: set[str] | None = None
+        previous: dict[str, None] | None = None
         get = self._holders.get
         i = 0
         for i, h in enumerate(hashes):
             holders = get(h)
             if not holders:
                 break
+            if holders == previous:  # the usual case: the same replicas hold the next block too
+                continue
+            previous = holders
             if alive is None:
                 alive = set(holders)
                 continue
-            keys = holders.keys()
-            if keys == alive:  # the usual case: the same replicas hold the next block too
-                continue
-            now = alive.intersection(keys)
+            now = alive.intersection(holders)
             for gone in alive - now:
                 out[gone] = i
             alive = now
@@ -128,12 +129,13 @@ class ApproxPrefixIndex:
     def observe(self, req: RoutingRequest, endpoint: str) -> None:
         hashes = self.hashes(req)
         lru = self._lru.setdefault(endpoint, OrderedDict())
+        refresh, holders = lru.move_to_end, self._holders
         for h in hashes:
             if h in lru:
-                lru.move_to_end(h)
+                refresh(h)
             else:
                 lru[h] = None
-                self._holders.setdefault(h, {})[endpoint] = None
+                holders.setdefault(h, {})[endpoint] = None
         capacity = max(1, self._capacity_of(endpoint))
         while len(lru) > capacity:
             old, _ = lru.popitem(last=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from routing.config import RoutingConfig, resolve
@@ -16,7 +16,7 @@ from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
 from routing.plugins.base import BuildContext, CycleContext, Filter, Observer, Picker, Scorer
 from routing.plugins.prefill_cost import PREFIX_MATCH_KEY
 from routing.plugins.registry import Registry, default_registry
-from routing.types import Candidate, Decision, RoutingRequest
+from routing.types import Candidate, Decision, RoutingRequest, ScoreTable
 
 __all__ = ["Profile", "Scheduler", "build_scheduler"]
 
@@ -63,46 +63,58 @@ class Scheduler:
         started = timer()
         profile = self._profile(req.profile)
         snapshot = self._ds.snapshot()
-        endpoints = [e for e in snapshot if e.serves(req.model)]
+        model = req.model
+        endpoints = [e for e in snapshot if e.serves(model)]
         if not endpoints:
-            raise ModelNotServed(req.model)
+            raise ModelNotServed(model)
         ctx = CycleContext(request=req, snapshot=snapshot, rng=self._rng)
         timings: dict[str, float] = {}
+        # One clock read per plugin: each call is timed from the end of the previous one.
+        t = timer()
         for f in profile.filters:
-            t = timer()
             endpoints = f.filter(ctx, endpoints)
-            timings[f.name] = timer() - t
+            now = timer()
+            timings[f.name] = now - t
             if not endpoints:
-                raise NoHealthyEndpoint(req.model, f"every endpoint removed by filter '{f.name}'")
-        candidates = [Candidate(endpoint=e.name, url=e.url, score=0.0) for e in endpoints]
-        if len(candidates) == 1:
+                raise NoHealthyEndpoint(model, f"every endpoint removed by filter '{f.name}'")
+            t = now
+        if len(endpoints) == 1:
             # Nothing to rank: skip the scorers and the picker. Without the prefix match the whole
             # prompt counts as uncached, which only overstates this endpoint's in-flight prefill.
-            only = candidates[0]
-            only.uncached_tokens = req.prompt_tokens
-            return Decision(model=req.model, profile=profile.name, ranked=candidates,
+            only = endpoints[0]
+            ranked = [Candidate(only.name, only.url, 0.0, None, req.prompt_tokens)]
+            return Decision(model=model, profile=profile.name, ranked=ranked,
                             latency_s=timer() - started, timings=timings)
-        for scorer, weight in profile.scorers:
-            t = timer()
-            raw = scorer.score(ctx, endpoints)
-            timings[scorer.name] = timer() - t
-            name = scorer.name
-            for cand, value in zip(candidates, raw, strict=True):
-                if not 0.0 <= value <= 1.0:  # also catches NaN
-                    value = _clamp(value)
-                cand.scores[name] = value
-                cand.score += weight * value
+        columns: list[Sequence[float]] = []
+        t = timer()
+        for scorer, _ in profile.scorers:
+            columns.append(scorer.score(ctx, endpoints))
+            now = timer()
+            timings[scorer.name] = now - t
+            t = now
         matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
-        for cand in candidates:
-            cand.uncached_tokens = round((1.0 - matched.get(cand.endpoint, 0.0)) * req.prompt_tokens)
+        prompt_tokens = req.prompt_tokens
+        table = ScoreTable(endpoints)
+        candidates = [
+            Candidate(e.name, e.url, 0.0, table, round((1.0 - matched.get(e.name, 0.0)) * prompt_tokens))
+            for e in endpoints
+        ]
+        for (scorer, weight), column in zip(profile.scorers, columns, strict=True):
+            column = _clamped(scorer.name, column, len(candidates))
+            table.add(scorer.name, column)
+            if weight < math.inf and not any(column):
+                continue  # every score 0: adding weight * 0.0 leaves each total bit-for-bit unchanged
+            for cand, value in zip(candidates, column, strict=True):
+                cand.score += weight * value
         t = timer()
         ranked = profile.picker.pick(ctx, candidates)
-        timings[profile.picker.name] = timer() - t
+        now = timer()
+        timings[profile.picker.name] = now - t
         return Decision(
-            model=req.model,
+            model=model,
             profile=profile.name,
             ranked=ranked,
-            latency_s=timer() - started,
+            latency_s=now - started,
             timings=timings,
         )
 
@@ -110,6 +122,16 @@ class Scheduler:
         """Tell stateful plugins where the request went (call once, after the pick is final)."""
         for obs in self._profile(req.profile).observers:
             obs.observe(req, endpoint)
+
+
+def _clamped(name: str, scores: Sequence[float], n: int) -> Sequence[float]:
+    """The scorer's scores, with any outside [0, 1] (or NaN) clamped; the same list when all are fine."""
+    if len(scores) != n:
+        raise ValueError(f"scorer '{name}' returned {len(scores)} scores for {n} endpoints")
+    for value in scores:
+        if not 0.0 <= value <= 1.0:  # also catches NaN
+            return [v if 0.0 <= v <= 1.0 else _clamp(v) for v in scores]
+    return scores
 
 
 def _clamp(value: float) -> float:

@@ -4,7 +4,7 @@ Nothing here knows about HTTP; the gateway, ext_proc and the virtual-time evalua
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "EndpointSpec",
     "EndpointView",
     "RoutingRequest",
+    "ScoreTable",
     "Snapshot",
 ]
 
@@ -85,12 +86,17 @@ class EndpointView:
     def pending_prefill_tokens(self, now: float, rate_fraction: float = 1.0) -> float:
         """Prompt tokens still to prefill, net of the progress the measured rate implies since the anchor
         (a fluid FIFO estimate); the raw count when the rate is unknown or disabled."""
-        pending = self.inflight_prompt_tokens
+        pending = float(self.inflight_prompt_tokens)
+        if pending <= 0:
+            return pending
         rate = self.prefill_tokens_per_s * rate_fraction
-        if pending <= 0 or rate <= 0:
-            return float(pending)
+        if rate <= 0:
+            return pending
         left = self.prefill_anchor_tokens - rate * (now - self.prefill_anchor_at)
-        return min(float(pending), max(0.0, left))
+        # min(pending, max(0.0, left)) with one builtin call fewer: this runs per endpoint per request.
+        if not left > 0.0:  # also NaN
+            return 0.0
+        return min(pending, left)
 
     def serves(self, model: str) -> bool:
         return self.models is not None and (model in self.models or model in self.loras)
@@ -131,17 +137,78 @@ class RoutingRequest:
     profile: str | None = None  # None selects RoutingConfig.default_profile
 
 
-@dataclass
-class Candidate:
-    """One ranked endpoint: the weighted total and each scorer's clamped, unweighted score."""
+class ScoreTable:
+    """Each scorer's clamped, unweighted scores for one cycle's endpoints, stored column by column.
 
-    endpoint: str
-    url: str
-    score: float
-    scores: dict[str, float] = field(default_factory=dict)
-    # Prompt tokens expected to need prefill there (the prompt minus the believed-cached prefix);
-    # pass it to Datastore.begin so in-flight prefill load is not inflated by cache hits.
-    uncached_tokens: int = 0
+    The scheduler fills one per decision and hands it to every candidate; a candidate's ``scores``
+    dict is built from its row only when someone reads it (the debug header, traces, tests).
+    """
+
+    __slots__ = ("columns", "endpoints", "names")
+
+    def __init__(self, endpoints: Sequence[EndpointView]) -> None:
+        self.endpoints = endpoints
+        self.names: list[str] = []
+        self.columns: list[Sequence[float]] = []
+
+    def add(self, name: str, column: Sequence[float]) -> None:
+        self.names.append(name)
+        self.columns.append(column)
+
+    def row(self, endpoint: str) -> dict[str, float]:
+        i = next(i for i, e in enumerate(self.endpoints) if e.name == endpoint)
+        # A scorer listed twice keeps its first position and its last value, as repeated assignment would.
+        return {name: column[i] for name, column in zip(self.names, self.columns, strict=True)}
+
+
+class Candidate:
+    """One ranked endpoint: the weighted total and each scorer's clamped, unweighted score.
+
+    ``scores`` may be given as a :class:`ScoreTable`; the candidate's row is then read on first access.
+    """
+
+    __slots__ = ("_scores", "endpoint", "score", "uncached_tokens", "url")
+
+    def __init__(
+        self,
+        endpoint: str,
+        url: str,
+        score: float,
+        scores: dict[str, float] | ScoreTable | None = None,
+        # Prompt tokens expected to need prefill there (the prompt minus the believed-cached prefix);
+        # pass it to Datastore.begin so in-flight prefill load is not inflated by cache hits.
+        uncached_tokens: int = 0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.url = url
+        self.score = score
+        self._scores = scores
+        self.uncached_tokens = uncached_tokens
+
+    @property
+    def scores(self) -> dict[str, float]:
+        scores = self._scores
+        if not isinstance(scores, dict):
+            scores = self._scores = {} if scores is None else scores.row(self.endpoint)
+        return scores
+
+    @scores.setter
+    def scores(self, value: dict[str, float]) -> None:
+        self._scores = value
+
+    def _key(self) -> tuple[str, str, float, dict[str, float], int]:
+        return (self.endpoint, self.url, self.score, self.scores, self.uncached_tokens)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Candidate):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (f"Candidate(endpoint={self.endpoint!r}, url={self.url!r}, score={self.score!r}, "
+                f"scores={self.scores!r}, uncached_tokens={self.uncached_tokens!r})")
 
 
 @dataclass

@@ -31,17 +31,21 @@ class LoadGuardScorer:
         p = self._p
         depths = [queue_depth(e) for e in endpoints]
         floor = min(depths)
+        abs_threshold, kv_threshold, rel_floor = p.abs_threshold, p.kv_threshold, floor * p.rel_threshold
         out = []
         for e, d in zip(endpoints, depths, strict=True):
             excess = d - floor
+            if excess <= 0:  # the idlest: neither saturated-and-busier nor over a threshold
+                out.append(1.0)
+                continue
             m = e.trusted_metrics()
-            if m is not None and m.kv_usage is not None and m.kv_usage >= p.kv_threshold and excess > 0:
+            if m is not None and m.kv_usage is not None and m.kv_usage >= kv_threshold:
                 out.append(0.0)
-            elif excess <= p.abs_threshold or d <= floor * p.rel_threshold:
+            elif excess <= abs_threshold or d <= rel_floor:
                 out.append(1.0)
             else:
                 # Linear fall-off over a second threshold's width, so the switch is not a cliff.
-                out.append(max(0.0, 1.0 - (excess - p.abs_threshold) / p.abs_threshold))
+                out.append(max(0.0, 1.0 - (excess - abs_threshold) / abs_threshold))
         return out
 
 

@@ -54,19 +54,22 @@ class PrefillCostScorer:
         prompt = ctx.request.prompt_tokens or max(1, len(ctx.request.prompt) // 4)
         best_match = max(matched.values(), default=0.0)
         extra_miss = p.miss_weight - 1.0
+        drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
         now = self._clock()
         out = []
         for e in endpoints:
             m = e.trusted_metrics()
             # Scraped waiting overlaps our own in-flight requests; only the excess is someone else's.
-            foreign_waiting = max(0, (m.waiting if m is not None else 0) - e.inflight_requests)
+            foreign_waiting = (m.waiting if m is not None else 0) - e.inflight_requests
+            if foreign_waiting < 0:  # noqa: PLR1730 - max() is a builtin call per endpoint on the hot path
+                foreign_waiting = 0
             hit = matched.get(e.name, 0.0)
             cost = (
-                e.pending_prefill_tokens(now, p.drain_rate_fraction)
+                e.pending_prefill_tokens(now, drain)
                 + (1.0 - hit) * prompt
                 + extra_miss * (best_match - hit) * prompt
-                + p.per_request_tokens * e.inflight_requests
-                + p.waiting_tokens * foreign_waiting
+                + per_request * e.inflight_requests
+                + per_waiting * foreign_waiting
             )
             if e.name == home:
                 cost = max(0.0, cost - p.home_fraction * prompt)

@@ -98,3 +98,13 @@ def test_baseline_profiles_build_from_config() -> None:
         decision = sched.schedule(req)
         sched.observe(req, decision.best.endpoint)
         assert len(decision.ranked) == 3
+
+
+def test_max_score_draws_one_tie_break_per_candidate_in_order() -> None:
+    ctx = context(view("a"), view("b"), view("c"), view("d"), rng_seed=3)
+    ranked = MaxScorePicker("p").pick(ctx, _cands(0.5, 0.9, 0.5, 0.5))
+    twin = random.Random(3)
+    draws = [twin.random() for _ in range(4)]
+    expected = sorted(zip(_cands(0.5, 0.9, 0.5, 0.5), draws, strict=True), key=lambda cd: (-cd[0].score, cd[1]))
+    assert [c.endpoint for c in ranked] == [c.endpoint for c, _ in expected]
+    assert ctx.rng.random() == twin.random()  # exactly one draw per candidate

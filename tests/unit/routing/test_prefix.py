@@ -104,3 +104,14 @@ def test_home_key_is_stable_across_processes() -> None:
 
     assert stable_block_key(b"x" * 300, 256, b"m\x00\x00") == 13374430946111759031
     assert stable_block_key(b"x" * 255, 256, b"m\x00\x00") is None
+
+
+def test_matched_blocks_tracks_holders_that_change_along_the_chain() -> None:
+    index = ApproxPrefixIndex(32, 64, lambda _e: 1000)
+    long, short = _req(b"L" * 320), _req(b"L" * 128)
+    index.observe(long, "a")
+    index.observe(short, "b")
+    index.observe(long, "c")
+    assert index.matched_blocks(index.hashes(long)) == {"a": 10, "c": 10, "b": 4}
+    index.drop("a")
+    assert index.matched_blocks(index.hashes(long)) == {"c": 10, "b": 4}

@@ -101,3 +101,63 @@ def test_single_candidate_skips_scorers_but_observers_still_learn() -> None:
     ds.upsert(EndpointSpec("b", "http://b", frozenset({"m"})))
     again = scheduler.schedule(req)
     assert again.best.endpoint == "a" and again.best.scores["prefix"] == 1.0
+
+
+def test_candidate_scores_are_read_lazily_from_the_score_table() -> None:
+    ds = make_datastore()
+    ds.update_metrics("b", metrics(waiting=4))
+    decision = build_scheduler(RoutingConfig(), ds, rng=random.Random(0)).schedule(_req())
+    names = ["prefix", "prefill-cost", "load-guard", "session", "lora"]
+    for cand in decision.ranked:
+        assert list(cand.scores) == names and all(0.0 <= v <= 1.0 for v in cand.scores.values())
+        assert cand.scores is cand.scores  # built once
+    by_name = {c.endpoint: c for c in decision.ranked}
+    assert by_name["b"].scores["prefill-cost"] < by_name["a"].scores["prefill-cost"] == 1.0
+    assert "prefill-cost=" in decision.header()
+
+
+def test_candidate_keeps_its_value_semantics() -> None:
+    from routing.types import Candidate
+
+    plain = Candidate("a", "http://a", 1.5)
+    assert plain.scores == {} and plain.uncached_tokens == 0
+    plain.scores = {"x": 0.5}
+    assert plain == Candidate("a", "http://a", 1.5, {"x": 0.5}) != Candidate("a", "http://a", 1.5)
+    assert repr(plain) == "Candidate(endpoint='a', url='http://a', score=1.5, scores={'x': 0.5}, uncached_tokens=0)"
+
+
+def _custom_scheduler(*scorers: tuple[str, list[float], float]) -> object:
+    from routing.plugins.base import Params, PluginFactory
+    from routing.plugins.registry import default_registry
+
+    class Fixed:
+        def __init__(self, name: str, values: list[float]) -> None:
+            self.name, self.values = name, values
+
+        def score(self, ctx: object, endpoints: list[object]) -> list[float]:
+            return self.values
+
+    registry = default_registry()
+    for name, values, _ in scorers:
+        registry.add(PluginFactory(f"{name}-scorer", "scorer", Params,
+                                   lambda key, p, d, name=name, values=values: Fixed(name, values)))
+    cfg = RoutingConfig.model_validate(
+        {"profiles": [{"name": "t", "plugins": [{"ref": f"{n}-scorer", "weight": w} for n, _, w in scorers]}]},
+        context={"registry": registry},
+    )
+    return build_scheduler(cfg, make_datastore(), rng=random.Random(0), registry=registry)
+
+
+def test_all_zero_scores_leave_totals_unchanged_and_are_still_reported() -> None:
+    sched = _custom_scheduler(("x", [0.1, 0.7, 0.3], 3.0), ("zero", [0.0, -0.0, 0.0], 2.0))
+    decision = sched.schedule(_req())  # type: ignore[attr-defined]
+    by_name = {c.endpoint: c for c in decision.ranked}
+    assert [by_name[e].score for e in "abc"] == [0.0 + 3.0 * v for v in (0.1, 0.7, 0.3)]
+    assert by_name["b"].scores == {"x": 0.7, "zero": 0.0}
+    assert "zero" in decision.timings
+
+
+def test_a_scorer_returning_the_wrong_number_of_scores_is_an_error() -> None:
+    sched = _custom_scheduler(("short", [0.5, 0.5], 1.0))
+    with pytest.raises(ValueError, match="short"):
+        sched.schedule(_req())  # type: ignore[attr-defined]

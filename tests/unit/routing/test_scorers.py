@@ -306,3 +306,20 @@ def test_prefill_cost_prefers_a_backlog_about_to_finish_over_a_fresh_one() -> No
     assert default.costs(ctx, views) == pytest.approx([740 + 1000, 2000 + 1000])
     off = PrefillCostScorer("c", PrefillCostParams(**params, drain_rate_fraction=0), lambda: now)
     assert off.costs(ctx, views) == pytest.approx([3000, 3000])
+
+
+def test_pending_prefill_is_the_fluid_estimate_clipped_to_the_raw_count() -> None:
+    busy = view(inflight_prompt_tokens=1000, prefill_tokens_per_s=100.0, prefill_anchor_at=10.0,
+                prefill_anchor_tokens=1500)
+    assert busy.pending_prefill_tokens(11.0) == 1000.0  # 1400 left by the rate, never more than pending
+    assert busy.pending_prefill_tokens(20.0) == 500.0
+    assert busy.pending_prefill_tokens(30.0) == 0.0
+    assert busy.pending_prefill_tokens(float("nan")) == 0.0
+    assert view(inflight_prompt_tokens=0, prefill_tokens_per_s=100.0).pending_prefill_tokens(1.0) == 0.0
+
+
+def test_load_guard_never_zeroes_the_idlest_even_when_its_kv_is_full() -> None:
+    full = metrics(kv_usage=0.99, waiting=0)
+    views = [view("a", metrics=full, fresh=True, inflight_requests=2), view("b", metrics=full, fresh=True,
+                                                                              inflight_requests=3)]
+    assert LoadGuardScorer("g", LoadGuardParams()).score(context(*views), views) == [1.0, 0.0]
