@@ -9,8 +9,10 @@ import json
 import sys
 
 from simulator.faults import Faults
+from simulator.kv_events import KVEventsConfig, KVEventsSetup
 from simulator.profiles import get_profile, profile_names
 from simulator.server import SimServerConfig, create_app
+from simulator.vllm_hash import ALGOS
 
 
 def parse_lora_modules(values: list[str]) -> dict[str, str]:
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after", type=int, default=None, help="os._exit after K tokens of the next request")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--request-log-size", type=int, default=256)
+    p.add_argument("--kv-events-config", default=None,
+                   help="vLLM's JSON, e.g. '{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", "
+                        "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}'")
+    p.add_argument("--prefix-caching-hash-algo", choices=ALGOS, default="sha256",
+                   help="block hash algorithm, as vLLM's (NONE_HASH from PYTHONHASHSEED when set)")
+    p.add_argument("--kv-events-layout", choices=["map", "array"], default="map",
+                   help="events as maps tagged by type (vLLM's current layout) or positional arrays, tag first")
     p.add_argument("--kserve", action="store_true",
                    help="serve the OpenAI routes under /openai/v1 as KServe's vLLM runtime does (not /v1)")
     return p
@@ -66,10 +75,14 @@ def config_from_args(args: argparse.Namespace) -> SimServerConfig:
     faults = Faults()
     faults.update({"fail_next": args.fail_next, "fail_status": args.fail_status, "latency_ms": args.latency_ms,
                    "stall_after": args.stall_after, "exit_after": args.exit_after})
+    kv_events = None
+    if args.kv_events_config:
+        kv_events = KVEventsSetup(KVEventsConfig.from_json(args.kv_events_config), args.prefix_caching_hash_algo,
+                                  args.kv_events_layout)
     return SimServerConfig(model=args.model, served_model_names=args.served_model_name or [], engine=engine,
                            time_scale=args.time_scale, lora_modules=parse_lora_modules(args.lora_modules),
                            faults=faults, request_log_size=args.request_log_size,
-                           api_prefixes=("/openai/v1",) if args.kserve else ("/v1",))
+                           api_prefixes=("/openai/v1",) if args.kserve else ("/v1",), kv_events=kv_events)
 
 
 def main(argv: list[str] | None = None) -> int:

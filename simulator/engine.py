@@ -9,11 +9,11 @@ import bisect
 import random
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-from simulator.kvcache import KVCache, block_hashes, extend_block_hashes
+from simulator.kvcache import BlockHasher, KVCache, PythonHasher
 from simulator.stats import EngineStats, Histogram
 
 TokenSource = Callable[[int, int], list[int]]
@@ -111,6 +111,32 @@ class _Seq:
         return (self.req.priority, self.req.arrival, self.order)
 
 
+class KVEventSink(Protocol):
+    """Hears of every prefix-cache change (simulator/kv_events.py's recorder); one batch per step."""
+
+    def stored(self, hashes: Sequence[Hashable], start: int, end: int, token_ids: Sequence[int],
+               block_size: int, cache_salt: str | None, lora: str | None) -> None: ...
+
+    def removed(self, h: Hashable) -> None: ...
+
+    def cleared(self) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted indices as (start, end) pairs."""
+    runs: list[tuple[int, int]] = []
+    start = prev = indices[0]
+    for i in indices[1:]:
+        if i != prev + 1:
+            runs.append((start, prev + 1))
+            start = i
+        prev = i
+    runs.append((start, prev + 1))
+    return runs
+
+
 def default_token_source(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(1000, 100_000) for _ in range(n)]
@@ -119,11 +145,16 @@ def default_token_source(seed: int, n: int) -> list[int]:
 class Engine:
     """Scheduler + KV cache + time model. Single-threaded; the caller owns the clock."""
 
-    def __init__(self, config: EngineConfig, token_source: TokenSource | None = None) -> None:
+    def __init__(self, config: EngineConfig, token_source: TokenSource | None = None, *,
+                 block_hasher: BlockHasher | None = None, kv_events: KVEventSink | None = None) -> None:
         if config.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {config.scheduling_policy!r}")
         self.config = config
         self.kv = KVCache(config.kv_blocks, config.block_size, config.enable_prefix_caching)
+        # KV events (simulator/kv_events.py): how blocks are named, and who hears of cache changes.
+        self._extend = (block_hasher or PythonHasher()).extend
+        self._kv_events = kv_events
+        self.kv.listener = kv_events
         self.max_model_len = min(config.max_model_len, config.kv_blocks * config.block_size)
         self._tokens = token_source or default_token_source
         self._seqs: dict[str, _Seq] = {}
@@ -207,6 +238,8 @@ class Engine:
         if not preempted:
             budget = self._admit(scheduled, budget)
 
+        if self._kv_events is not None:
+            self._kv_events.end_step()  # one batch per step, as vLLM's scheduler publishes
         if not scheduled:
             return StepOutcome(cfg.idle_step_s if self.has_work() else 0.0)
 
@@ -240,7 +273,7 @@ class Engine:
                 continue
             hits: list[int] = []
             if seq.computed == 0:
-                extend_block_hashes(seq.hashes, seq.tokens, cfg.block_size, seq.req.cache_salt, lora)
+                self._extend(seq.hashes, seq.tokens, cfg.block_size, seq.req.cache_salt, lora)
                 # The last token is always recomputed so the model has logits to sample from.
                 hits = kv.computed_blocks(seq.hashes[:(len(seq.tokens) - 1) // cfg.block_size])
             computed = len(hits) * cfg.block_size
@@ -275,8 +308,11 @@ class Engine:
         bs = self.config.block_size
         full = min(num_tokens, len(seq.tokens)) // bs
         if full > seq.published:
-            extend_block_hashes(seq.hashes, seq.tokens, bs, seq.req.cache_salt, seq.req.lora)
-            self.kv.cache_blocks(seq.blocks, seq.hashes, seq.published, full)
+            self._extend(seq.hashes, seq.tokens, bs, seq.req.cache_salt, seq.req.lora)
+            new = self.kv.cache_blocks(seq.blocks, seq.hashes, seq.published, full)
+            if new and self._kv_events is not None:
+                for start, end in _runs(new):
+                    self._kv_events.stored(seq.hashes, start, end, seq.tokens, bs, seq.req.cache_salt, seq.req.lora)
             seq.published = full
 
     def _advance(self, seq: _Seq, n: int, end: float) -> TokenEvent | None:
@@ -351,11 +387,14 @@ class Engine:
     def cached_prefix_tokens(self, prompt_token_ids: list[int], cache_salt: str | None = None,
                              lora: str | None = None) -> int:
         """Leading prompt tokens whose full blocks are in the prefix cache right now."""
-        hashes = block_hashes(prompt_token_ids, self.config.block_size, cache_salt, lora)
+        hashes = self._extend([], prompt_token_ids, self.config.block_size, cache_salt, lora)
         return len(self.kv.computed_blocks(hashes)) * self.config.block_size
 
     def reset_cache(self) -> bool:
-        return self.kv.reset()
+        done = self.kv.reset()
+        if done and self._kv_events is not None:
+            self._kv_events.end_step()
+        return done
 
     @property
     def histograms(self) -> tuple[Histogram, Histogram, Histogram]:

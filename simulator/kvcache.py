@@ -6,7 +6,8 @@ their hash until reused, so the least recently freed cached blocks are evicted f
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol
 
 # Hash of the (absent) parent of the first block. vLLM seeds this randomly per process; a constant
 # keeps replays reproducible, and hashes never leave the process.
@@ -44,6 +45,30 @@ def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | No
     return extend_block_hashes([], token_ids, block_size, cache_salt, lora)
 
 
+class BlockHasher(Protocol):
+    """How an engine names its blocks: this module's default, or vLLM's own (simulator/vllm_hash.py)."""
+
+    def extend(self, hashes: list[Any], token_ids: Sequence[int], block_size: int,
+               cache_salt: str | None = None, lora: str | None = None) -> list[Any]: ...
+
+
+class PythonHasher:
+    """The default: Python's ``hash`` of (parent, tokens, extra keys), cheap and process-local."""
+
+    @staticmethod
+    def extend(hashes: list[Any], token_ids: Sequence[int], block_size: int,
+               cache_salt: str | None = None, lora: str | None = None) -> list[Any]:
+        return extend_block_hashes(hashes, token_ids, block_size, cache_salt, lora)
+
+
+class CacheListener(Protocol):
+    """Told when a hash leaves the prefix cache or the cache is wiped (KV events, simulator/kv_events.py)."""
+
+    def removed(self, h: Hashable) -> None: ...
+
+    def cleared(self) -> None: ...
+
+
 class KVCache:
     """A pool of `num_blocks` blocks with ref counts, a hash->block map and an LRU free queue.
 
@@ -61,6 +86,7 @@ class KVCache:
         self._cached: dict[int, int] = {}
         # Insertion order is eviction order: popitem(last=False) takes the least recently freed.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.listener: CacheListener | None = None
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -114,26 +140,31 @@ class KVCache:
                 # Evict: the block is reused, so its content is no longer a cache hit.
                 if self._cached.get(old) == block:
                     del self._cached[old]
+                    if self.listener is not None:
+                        self.listener.removed(old)
                 self._hash[block] = None
             self._ref[block] = 1
             owned.append(block)
         return True
 
-    def cache_blocks(self, owned: Sequence[int], hashes: Sequence[int], start: int, end: int) -> None:
-        """Publish blocks `owned[start:end]` under their hashes.
+    def cache_blocks(self, owned: Sequence[int], hashes: Sequence[int], start: int, end: int) -> list[int]:
+        """Publish blocks `owned[start:end]` under their hashes; returns the indices whose hash is new here.
 
         The engine calls this when it allocates a step's blocks, before the step computes them, as
         vLLM v1's ``KVCacheManager.allocate_slots`` does: requests scheduled later may hit them.
         """
+        new: list[int] = []
         if not self.enable_prefix_caching:
-            return
+            return new
         for i in range(start, end):
             block, h = owned[i], hashes[i]
             if self._hash[block] is not None:
                 continue
             self._hash[block] = h
             # A duplicate computed concurrently by another sequence stays private, as in vLLM.
-            self._cached.setdefault(h, block)
+            if self._cached.setdefault(h, block) == block:
+                new.append(i)
+        return new
 
     def uncache(self, owned: Sequence[int], start: int, end: int) -> None:
         """Withdraw blocks `owned[start:end]` from the prefix cache (published, never computed)."""
@@ -143,6 +174,8 @@ class KVCache:
                 continue
             if self._cached.get(h) == block:
                 del self._cached[h]
+                if self.listener is not None:
+                    self.listener.removed(h)
             self._hash[block] = None
 
     def free(self, owned: list[int]) -> None:
@@ -159,6 +192,8 @@ class KVCache:
             return False
         self._cached.clear()
         self._hash = [None] * self.num_blocks
+        if self.listener is not None:
+            self.listener.cleared()
         return True
 
     # ---- helpers -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from simulator import tokenizer
 from simulator.engine import Engine, EngineConfig, SimRequest, TokenEvent
 from simulator.faults import Faults
+from simulator.kv_events import KVEventsSetup, SimKVEvents
 from simulator.metrics import build_registry, render
 from simulator.openai_api import (
     ApiError,
@@ -62,6 +63,8 @@ class SimServerConfig:
     embedding_dim: int = 384
     api_prefixes: tuple[str, ...] = ("/v1",)
     """Where the OpenAI routes are served; KServe's vLLM runtime uses /openai/v1."""
+    kv_events: KVEventsSetup | None = None
+    """Publish KV-cache events over ZMQ as vLLM's --kv-events-config does (simulator/kv_events.py)."""
 
     @property
     def names(self) -> list[str]:
@@ -86,6 +89,8 @@ class SimServer:
     def __init__(self, cfg: SimServerConfig) -> None:
         self.cfg = cfg
         self.faults = dataclasses.replace(cfg.faults)
+        self.kv_events = (SimKVEvents(cfg.kv_events, lora_paths=cfg.lora_modules)
+                          if cfg.kv_events is not None and cfg.kv_events.config.active else None)
         self.runner = EngineRunner(self._new_engine, cfg.time_scale)
         self.records: deque[dict[str, Any]] = deque(maxlen=cfg.request_log_size)
         self.registry = build_registry(lambda: self.runner, cfg.names[0], cfg.engine.max_loras)
@@ -93,17 +98,25 @@ class SimServer:
         self.created = int(time.time())
 
     def _new_engine(self) -> Engine:
+        if self.kv_events is not None:
+            return Engine(dataclasses.replace(self.cfg.engine), tokenizer.output_tokens,
+                          block_hasher=self.kv_events.hasher, kv_events=self.kv_events.recorder())
         return Engine(dataclasses.replace(self.cfg.engine), tokenizer.output_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(self.runner.run(), name="sim-engine-loop")
+        replay = asyncio.create_task(self.kv_events.run(), name="sim-kv-replay") if self.kv_events else None
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for t in (task, replay):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+            if self.kv_events is not None:
+                self.kv_events.close()
 
     # ---- generation ------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
