@@ -62,6 +62,20 @@ class StateConfig(_Model):
     """How long a response holds its conversation; a crashed holder frees it after this."""
 
 
+class ExtprocConfig(_Model):
+    """`gravity extproc`: Gravity as an Envoy ext_proc endpoint picker (docs/extproc.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9002, ge=0, le=65535)
+    """9002 is the endpoint picker's usual port."""
+    body_mode: Literal["full_duplex_streamed", "buffered"] = "full_duplex_streamed"
+    """The request body mode Envoy is configured with, used when Envoy does not say (it does from 1.35)."""
+    emit_scores: bool = False
+    """Add each scored endpoint's total to `envoy.lb` `x-gateway-destination-endpoint-scores`."""
+    max_fallbacks: int = Field(3, ge=0, le=16)
+    """Endpoints listed after the first in `x-gateway-destination-endpoint`, for Envoy to retry along."""
+
+
 class BackendConfig(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     url: str
@@ -100,6 +114,7 @@ class GatewayConfig(_Model):
     backends: list[BackendConfig] = Field(default_factory=list)
     routing: RoutingConfig = RoutingConfig()
     policies: PoliciesConfig = PoliciesConfig()
+    extproc: ExtprocConfig = ExtprocConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:

@@ -67,6 +67,11 @@ class Scheduler:
         endpoints = [e for e in snapshot if e.serves(model)]
         if not endpoints:
             raise ModelNotServed(model)
+        if req.eligible is not None:
+            # The data plane may narrow the pick (ext_proc subset hint); none left is a 503, not a 404.
+            endpoints = [e for e in endpoints if e.name in req.eligible]
+            if not endpoints:
+                raise NoHealthyEndpoint(model, "no endpoint of the request's subset serves it")
         ctx = CycleContext(request=req, snapshot=snapshot, rng=self._rng)
         timings: dict[str, float] = {}
         # One clock read per plugin: each call is timed from the end of the previous one.

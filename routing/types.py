@@ -135,6 +135,8 @@ class RoutingRequest:
     priority: str = "standard"
     request_id: str = ""
     profile: str | None = None  # None selects RoutingConfig.default_profile
+    eligible: frozenset[str] | None = None
+    """Endpoint names this request may go to (the ext_proc subset hint); None: every endpoint."""
 
 
 class ScoreTable:

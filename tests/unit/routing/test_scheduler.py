@@ -161,3 +161,19 @@ def test_a_scorer_returning_the_wrong_number_of_scores_is_an_error() -> None:
     sched = _custom_scheduler(("short", [0.5, 0.5], 1.0))
     with pytest.raises(ValueError, match="short"):
         sched.schedule(_req())  # type: ignore[attr-defined]
+
+
+def test_eligible_narrows_every_pick_and_an_empty_subset_is_503_not_404() -> None:
+    ds = make_datastore()
+    ds.begin("b", 1, 1)  # b is the loaded one: a free endpoint outside the subset must still lose
+    sched = build_scheduler(RoutingConfig(), ds, rng=random.Random(3))
+    for _ in range(50):
+        decision = sched.schedule(_req(eligible=frozenset({"b"})))
+        assert [c.endpoint for c in decision.ranked] == ["b"]
+    ranked = sched.schedule(_req(eligible=frozenset({"a", "b", "zz"}))).ranked
+    assert sorted(c.endpoint for c in ranked) == ["a", "b"]
+    for subset in (frozenset(), frozenset({"zz"})):
+        with pytest.raises(NoHealthyEndpoint):
+            sched.schedule(_req(eligible=subset))
+    with pytest.raises(ModelNotServed):
+        sched.schedule(_req(model="other", eligible=frozenset({"a"})))
