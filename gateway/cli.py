@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with their own parsers take the rest of the line untouched.
     delegated = {"sim": "simulator.cli", "eval": "routing.eval.cli", "demo": "gateway.demo",
-                 "keys": "gateway.keys_cli"}
+                 "keys": "gateway.keys_cli", "extproc": "gateway.extproc.cli"}
     if argv and argv[0] in delegated:
         return _delegate(delegated[argv[0]], argv[1:])
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     for name, help_ in (("sim", "run a simulated vLLM backend"), ("demo", "run a local stack"),
                         ("eval", "replay a workload through the scheduler in virtual time"),
-                        ("keys", "manage API keys kept in Redis")):
+                        ("keys", "manage API keys kept in Redis"),
+                        ("extproc", "run as an Envoy ext_proc endpoint picker (docs/extproc.md)")):
         sub.add_parser(name, help=help_, add_help=False)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),

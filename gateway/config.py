@@ -72,8 +72,9 @@ class ExtprocConfig(_Model):
     """The request body mode Envoy is configured with, used when Envoy does not say (it does from 1.35)."""
     emit_scores: bool = False
     """Add each scored endpoint's total to `envoy.lb` `x-gateway-destination-endpoint-scores`."""
-    max_fallbacks: int = Field(3, ge=0, le=16)
-    """Endpoints listed after the first in `x-gateway-destination-endpoint`, for Envoy to retry along."""
+    max_fallbacks: int = Field(0, ge=0, le=16)
+    """Endpoints listed after the first in `x-gateway-destination-endpoint`, for Envoy to retry along
+    (config/envoy-failover.yaml). 0 for an ORIGINAL_DST cluster: Envoy 1.40 cannot parse a list there."""
 
 
 class BackendConfig(_Model):
