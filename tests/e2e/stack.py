@@ -38,7 +38,8 @@ def _socket(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
 
 
 def render_envoy(template: str, *, listen: int, admin: int, extproc: list[int], pool: list[int],
-                 failure_mode_allow: bool = False, request_body_mode: str | None = None) -> dict[str, Any]:
+                 failure_mode_allow: bool = False, request_body_mode: str | None = None,
+                 subset: list[str] | str | None = None) -> dict[str, Any]:
     cfg: dict[str, Any] = yaml.safe_load((REPO / "config" / template).read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = cfg["static_resources"]["listeners"][0]
@@ -50,6 +51,13 @@ def render_envoy(template: str, *, listen: int, admin: int, extproc: list[int], 
         ext["processing_mode"]["request_body_mode"] = request_body_mode
         if request_body_mode != "FULL_DUPLEX_STREAMED":
             ext["processing_mode"].pop("request_trailer_mode", None)
+    if subset is not None:
+        # What a data plane that narrows the pool would do: metadata set before ext_proc runs.
+        at = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == "envoy.filters.http.ext_proc")
+        hcm["http_filters"].insert(at, {"name": "envoy.filters.http.set_metadata", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+            "metadata": [{"metadata_namespace": "envoy.lb.subset_hint",
+                          "value": {"x-gateway-destination-endpoint-subset": subset}}]}})
     for cluster in cfg["static_resources"]["clusters"]:
         if cluster["name"] == "gravity_extproc":
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [{"endpoint": _socket(p)} for p in extproc]
@@ -142,7 +150,9 @@ def gravity_config(redis: Proc, sims: list[Proc], **sections: Any) -> dict[str, 
 @contextlib.contextmanager
 def stack(tmp: Path, *, sims: int = 2, sidecars: int = 1, template: str = "envoy.yaml",
           sim_args: list[str] | None = None, failure_mode_allow: bool = False,
-          request_body_mode: str | None = None, **sections: Any) -> Iterator[Stack]:
+          request_body_mode: str | None = None, subset: list[int] | str | None = None,
+          **sections: Any) -> Iterator[Stack]:
+    """`subset`: simulator indexes (a list, or a comma string of them) for the subset hint."""
     started: list[Proc] = []
     st: Stack | None = None
     try:
@@ -158,9 +168,18 @@ def stack(tmp: Path, *, sims: int = 2, sidecars: int = 1, template: str = "envoy
         st.envoy = start_envoy(tmp, render_envoy(
             template, listen=free_port(), admin=free_port(), extproc=[p.port for p in side],
             pool=[s.port for s in sim_procs], failure_mode_allow=failure_mode_allow,
-            request_body_mode=request_body_mode))
+            request_body_mode=request_body_mode, subset=_subset(subset, sim_procs)))
         started.append(st.envoy)
         yield st
     finally:
-        for proc in reversed(started):
+        # Tests may replace a sidecar (a restart): stop whatever the stack holds now as well.
+        for proc in [*(st.sidecars if st is not None else []), *reversed(started)]:
             proc.stop()
+
+
+def _subset(subset: list[int] | str | None, sims: list[Proc]) -> list[str] | str | None:
+    if subset is None:
+        return None
+    if isinstance(subset, str):
+        return ",".join(f"127.0.0.1:{sims[int(i)].port}" for i in subset.split(",") if i)
+    return [f"127.0.0.1:{sims[i].port}" for i in subset]
