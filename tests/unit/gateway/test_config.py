@@ -67,7 +67,8 @@ def test_load_config_reports_bad_yaml(tmp_path: Path) -> None:
 
 def test_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parents[3] / "config"
-    shipped = [p for p in root.glob("*.yaml")]
+    # config/envoy*.yaml are Envoy's own bootstrap files (tests/e2e start Envoy with them).
+    shipped = [p for p in root.glob("*.yaml") if not p.name.startswith("envoy")]
     assert shipped, "config/ should ship example configs"
     for path in shipped:
         load_config(path)
