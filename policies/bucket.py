@@ -6,12 +6,13 @@ per-replica fallback while Redis is unreachable and is what the property tests r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from policies.config import Limits
 
-__all__ = ["KINDS", "MemoryState", "Scope", "Verdict", "decide", "level_at", "settle"]
+__all__ = ["KINDS", "MemoryState", "Scope", "Verdict", "decide", "level_at", "settle", "settle_many"]
 
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
@@ -73,10 +74,64 @@ class Verdict:
 
 @dataclass
 class MemoryState:
-    """What the Redis hashes and sorted sets hold, kept in a dict (the local fallback's store)."""
+    """What Redis holds for the limiter, in dicts: bucket hashes, slot sorted sets, and each key's
+    expiry, honoured as Redis honours it (a key is gone once `now` is past its instant).
+
+    The local fallback's store, and the model the script is checked against, TTLs included.
+    """
 
     buckets: dict[str, dict[str, float]] = field(default_factory=dict)
     slots: dict[str, dict[str, float]] = field(default_factory=dict)
+    expires: dict[str, float] = field(default_factory=dict)
+    """Key -> the instant (ms, on the decisions' clock) after which Redis deletes it."""
+    expiry: bool = True
+    """False keeps every key for ever: the reference that shows expiry never changes a decision."""
+
+    def _purge(self, key: str, now: float) -> None:
+        # Redis: a key expires when now > its instant; an empty hash or set does not exist.
+        when = self.expires.get(key)
+        if self.expiry and when is not None and now > when:
+            self.buckets.pop(key, None)
+            self.slots.pop(key, None)
+            del self.expires[key]
+
+    def exists(self, key: str, now: float) -> bool:
+        self._purge(key, now)
+        return bool(self.buckets.get(key) or self.slots.get(key))
+
+    def pttl(self, key: str, now: float) -> float:
+        """As Redis's PTTL: -2 for no such key, -1 for a key without expiry, else ms left."""
+        if not self.exists(key, now):
+            return -2
+        when = self.expires.get(key)
+        return -1 if when is None else when - now
+
+    def pexpire(self, key: str, now: float, ms: int) -> None:
+        if self.exists(key, now):
+            self.expires[key] = now + ms
+
+    def hash(self, key: str, now: float) -> dict[str, float]:
+        """The bucket hash (empty when absent); written in place by the caller."""
+        self._purge(key, now)
+        return self.buckets.setdefault(key, {})
+
+    def sorted_set(self, key: str, now: float) -> dict[str, float]:
+        self._purge(key, now)
+        return self.slots.setdefault(key, {})
+
+    def tidy(self, key: str) -> None:
+        """Forget a hash or set left empty, as Redis deletes it (and its TTL) with its last member."""
+        if not self.buckets.get(key, True):
+            del self.buckets[key]
+        if not self.slots.get(key, True):
+            del self.slots[key]
+        if key not in self.buckets and key not in self.slots:
+            self.expires.pop(key, None)
+
+    def sweep(self, now: float) -> None:
+        """Delete every expired key (Redis's active expiry), so idle budgets cost no memory."""
+        for key in [k for k, when in self.expires.items() if now > when]:
+            self._purge(key, now)
 
 
 def level_at(level: float | None, ts: float | None, now: float, cap: int, window_ms: int) -> float:
@@ -96,14 +151,34 @@ def _need(kind: str, cost: int, cap: int) -> int:
     return 1 if kind == "r" else min(cost, cap)
 
 
-def decide(state: MemoryState, scopes: list[Scope], now: float, request_id: str, cost: int,
+FULL_MARGIN_MS = 1000
+"""A bucket hash lives this long past the instant its last level is full again."""
+
+
+def _write(state: MemoryState, key: str, caps: list[int], levels: dict[str, float], now: float) -> None:
+    """Store levels stamped `now` and keep the hash until they would be full again (ratelimit.lua's write)."""
+    if not levels:
+        return
+    h = state.hash(key, now)
+    ttl = float(FULL_MARGIN_MS)
+    for j, (f, _, window) in enumerate(KINDS):
+        if f in levels:
+            h[f], h[f + "s"] = levels[f], now
+            ttl = max(ttl, (caps[j] - levels[f]) * window / caps[j] + FULL_MARGIN_MS)
+    state.pexpire(key, now, math.ceil(ttl))
+
+
+def decide(state: MemoryState, scopes: list[Scope], now: float, member: str, cost: int,
            lease_ms: float) -> Verdict:
-    """Admit when every bucket of every scope holds what the request needs, then take it all at once."""
+    """Admit when every bucket of every scope holds what the request needs, then take it all at once.
+
+    `member` names the request's concurrency slot: it must be unique per reservation.
+    """
     levels: list[dict[str, float]] = []
     allowed, retry, failed_scope, failed_kind = True, 0.0, -1, ""
     for i, scope in enumerate(scopes):
         caps = scope.caps()
-        h = state.buckets.get(scope.bucket_key, {})
+        h = state.hash(scope.bucket_key, now)
         got: dict[str, float] = {}
         for j, (f, _, window) in enumerate(KINDS):
             cap = caps[j]
@@ -118,11 +193,13 @@ def decide(state: MemoryState, scopes: list[Scope], now: float, request_id: str,
                 if allowed:
                     failed_scope, failed_kind = i, f
                 allowed = False
+        state.tidy(scope.bucket_key)
         conc = caps[3]
         if conc > 0:
-            slots = state.slots.setdefault(scope.slots_key, {})
+            slots = state.sorted_set(scope.slots_key, now)
             for rid in [r for r, exp in slots.items() if exp <= now]:
                 del slots[rid]
+            state.tidy(scope.slots_key)
             if len(slots) >= conc:
                 retry = max(retry, 1000.0)
                 if allowed:
@@ -132,29 +209,45 @@ def decide(state: MemoryState, scopes: list[Scope], now: float, request_id: str,
     if allowed:
         for i, scope in enumerate(scopes):
             caps = scope.caps()
-            h = state.buckets.setdefault(scope.bucket_key, {})
+            got = levels[i]
             for j, (f, _, _) in enumerate(KINDS):
-                if f in levels[i]:
-                    levels[i][f] -= _need(f, cost, caps[j])
-                    h[f], h[f + "s"] = levels[i][f], now
+                if f in got:
+                    got[f] -= _need(f, cost, caps[j])
+            _write(state, scope.bucket_key, caps, got, now)
             if caps[3] > 0:
-                state.slots.setdefault(scope.slots_key, {})[request_id] = now + lease_ms
+                state.sorted_set(scope.slots_key, now)[member] = now + lease_ms
+                state.pexpire(scope.slots_key, now, math.ceil(lease_ms))
     return _verdict(allowed, retry, failed_scope, failed_kind, scopes, levels)
 
 
-def settle(state: MemoryState, scopes: list[Scope], now: float, request_id: str, reserved: int,
-           actual: int) -> None:
-    """Give back what was reserved and take what was used (a refund or debt), then free the slot."""
+def settle_many(state: MemoryState, scopes: list[Scope], now: float,
+                entries: Sequence[tuple[str, int, int]]) -> None:
+    """Settle (member, reserved, actual) entries in order at one instant, as one script call does:
+    give back each reservation, take what was used (a refund or a debt), free the slots."""
     for scope in scopes:
         caps = scope.caps()
-        h = state.buckets.setdefault(scope.bucket_key, {})
+        h = state.hash(scope.bucket_key, now)
+        levels: dict[str, float] = {}
         for j, (f, _, window) in enumerate(KINDS):
-            cap = caps[j]
-            if cap <= 0 or f == "r":
-                continue
-            lvl = level_at(h.get(f), h.get(f + "s"), now, cap, window)
-            h[f], h[f + "s"] = min(float(cap), lvl + _need(f, reserved, cap) - actual), now
-        state.slots.get(scope.slots_key, {}).pop(request_id, None)
+            if caps[j] > 0 and f != "r":
+                levels[f] = level_at(h.get(f), h.get(f + "s"), now, caps[j], window)
+        state.tidy(scope.bucket_key)
+        for _, reserved, actual in entries:
+            for j, (f, _, _) in enumerate(KINDS):
+                if f in levels:
+                    levels[f] = min(float(caps[j]), levels[f] + _need(f, reserved, caps[j]) - actual)
+        _write(state, scope.bucket_key, caps, levels, now)
+        if caps[3] > 0:
+            slots = state.sorted_set(scope.slots_key, now)
+            for member, _, _ in entries:
+                slots.pop(member, None)
+            state.tidy(scope.slots_key)
+
+
+def settle(state: MemoryState, scopes: list[Scope], now: float, member: str, reserved: int,
+           actual: int) -> None:
+    """Give back what was reserved and take what was used (a refund or debt), then free the slot."""
+    settle_many(state, scopes, now, [(member, reserved, actual)])
 
 
 def _verdict(allowed: bool, retry: float, failed_scope: int, failed_kind: str, scopes: list[Scope],

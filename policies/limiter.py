@@ -88,6 +88,7 @@ class Limiter:
         self._client: Any = None
         self._pipe: RedisPipe | None = None
         self._local = MemoryState()
+        self._local_swept = -math.inf
         self._redis_down_until = -math.inf
         self._local_scopes: dict[tuple[str, ...], list[Scope]] = {}
         self._scopes: dict[tuple[object, ...], list[Scope]] = {}
@@ -180,8 +181,11 @@ class Limiter:
             if self.cfg.failure_mode == "closed":
                 raise LimiterUnavailable("The rate limiter is unavailable; try again shortly.")
             scopes = self._shared(scopes)
-            verdict = decide(self._local, scopes, self.clock() * 1000, request_id, tokens,
-                             self.cfg.concurrency_lease_s * 1000)
+            now = self.clock() * 1000
+            if now - self._local_swept >= 1000:  # expired local buckets, as Redis would drop them
+                self._local.sweep(now)
+                self._local_swept = now
+            verdict = decide(self._local, scopes, now, request_id, tokens, self.cfg.concurrency_lease_s * 1000)
         if not verdict.allowed:
             raise _refusal(verdict, scopes, model, tokens)
         return Reservation(scopes, request_id, tokens, verdict, where)

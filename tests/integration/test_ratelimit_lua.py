@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policies.bucket import MemoryState, Scope, Verdict, decide, settle
+from policies.bucket import MemoryState, Scope, Verdict, decide, settle, settle_many
 from policies.config import Limits
-from policies.limiter import LUA_SOURCE
+from policies.limiter import LUA_SHA, LUA_SOURCE
 from tests.support.procs import Proc
 
 
@@ -21,6 +22,7 @@ def lua(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[redis.Redis,
 
     proc: Proc = start_redis(tmp_path_factory.mktemp("lua"))
     client = redis.Redis(port=proc.port)
+    client.script_load(LUA_SOURCE)
     try:
         yield client, client.register_script(LUA_SOURCE)
     finally:
@@ -47,15 +49,64 @@ def _settle(now: float, batch: list[tuple[str, int, int]]) -> list[object]:
     return out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(0, 4000), st.integers(1, 250), st.integers(0, 300),
-                          st.sampled_from(["reserve", "settle"]), st.integers(1, 3)), min_size=1, max_size=40))
+LEAD_MS = 100
+"""Added to every TTL the test replays into Redis, so Redis's own clock expires nothing early."""
+
+
+def _replay_expiry(pipe: Any, state: MemoryState, keys: list[str], now: float) -> None:
+    """Bring Redis's TTLs to the model's at `now`, in the MULTI that then runs the script.
+
+    The script takes `now` from the test, but Redis expires keys by its own clock, which the test
+    cannot move: so before each call the test deletes what the model says has expired by `now` and
+    sets every other key's TTL to what the model says is left (plus LEAD_MS). After the call the TTLs
+    the script set are read back in the same MULTI and compared with the model's.
+    """
+    for k in keys:
+        left = state.pttl(k, now)
+        if left == -2:
+            pipe.delete(k)
+        elif left == -1:
+            pipe.persist(k)
+        else:
+            pipe.pexpire(k, int(left) + LEAD_MS)
+
+
+def _call(client: redis.Redis, state: MemoryState, keys: list[str], now: float) -> Any:
+    """A MULTI holding the model's expiry at `now` (taken before the model runs the same operation)."""
+    pipe = client.pipeline(transaction=True)
+    _replay_expiry(pipe, state, keys, now)
+    return pipe
+
+
+def _run(pipe: Any, keys: list[str], args: list[object]) -> Any:
+    pipe.evalsha(LUA_SHA, len(keys), *keys, *args)
+    for k in keys:
+        pipe.pttl(k)
+    out = pipe.execute()
+    return out[-1 - len(keys)], out[-len(keys):]
+
+
+def _same_ttls(state: MemoryState, keys: list[str], now: float, got: list[int]) -> None:
+    for k, ttl in zip(keys, got, strict=True):
+        want = state.pttl(k, now)
+        if want < 0 or ttl < 0:
+            assert ttl == want, (k, ttl, want)
+        else:  # a TTL the script kept is the replayed one, LEAD_MS above the model's
+            assert want - 5 <= ttl <= want + LEAD_MS + 5, (k, ttl, want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 4000), st.integers(50_000, 200_000)), st.integers(1, 250),
+                          st.integers(0, 300), st.sampled_from(["reserve", "settle"]), st.integers(1, 3)),
+                min_size=1, max_size=40))
 def test_lua_matches_the_python_model(lua: tuple[redis.Redis, object],
                                       ops: list[tuple[int, int, int, str, int]]) -> None:
-    """A batch of settlements in one call equals settle() on each, in order, at the same instant."""
-    client, script = lua
+    """Decision by decision, and every key's TTL after every call: the script and the model agree,
+    the model expiring keys as Redis does. A batch of settlements in one call equals settle() on
+    each, in order, at the same instant."""
+    client, _ = lua
     client.flushdb()
-    state = MemoryState()
+    state, one_by_one = MemoryState(), MemoryState()
     keys = [k for s in SCOPES for k in (s.bucket_key, s.slots_key)]
     now, held = 1_000_000.0, list[tuple[str, int]]()
     for i, (dt, cost, used, op, batch_size) in enumerate(ops):
@@ -65,20 +116,28 @@ def test_lua_matches_the_python_model(lua: tuple[redis.Redis, object],
             for j in range(min(batch_size, len(held))):
                 rid, reserved = held.pop(0)
                 actual = (used + 97 * j) % 301
-                settle(state, SCOPES, now, rid, reserved, actual)
+                settle(one_by_one, SCOPES, now, rid, reserved, actual)
                 batch.append((rid, reserved, actual))
-            script(keys=keys, args=_settle(now, batch))  # type: ignore[operator]
+            pipe = _call(client, state, keys, now)
+            settle_many(state, SCOPES, now, batch)
+            _, ttls = _run(pipe, keys, _settle(now, batch))
+            _same_ttls(state, keys, now, ttls)
             continue
+        pipe = _call(client, state, keys, now)
         want = decide(state, SCOPES, now, str(i), cost, 60_000)
-        got = Verdict.from_reply(script(keys=keys, args=_reserve(now, str(i), cost)))  # type: ignore[operator]
-        assert got == want
+        assert decide(one_by_one, SCOPES, now, str(i), cost, 60_000) == want
+        reply, ttls = _run(pipe, keys, _reserve(now, str(i), cost))
+        assert Verdict.from_reply(reply) == want
+        _same_ttls(state, keys, now, ttls)
         if want.allowed:
             held.append((str(i), cost))
     for s in SCOPES:
         stored = {str(k, "utf-8") if isinstance(k, bytes) else k: float(v)
                   for k, v in client.hgetall(s.bucket_key).items()}
+        assert set(stored) == set(state.buckets.get(s.bucket_key, {}))
         for field, value in state.buckets.get(s.bucket_key, {}).items():
             assert math.isclose(stored[field], value, rel_tol=1e-12, abs_tol=1e-9), field
+            assert math.isclose(one_by_one.buckets[s.bucket_key][field], value, rel_tol=1e-12, abs_tol=1e-9)
         assert client.zcard(s.slots_key) == len(state.slots.get(s.slots_key, {}))
 
 
