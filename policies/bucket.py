@@ -155,17 +155,36 @@ FULL_MARGIN_MS = 1000
 """A bucket hash lives this long past the instant its last level is full again."""
 
 
-def _write(state: MemoryState, key: str, caps: list[int], levels: dict[str, float], now: float) -> None:
-    """Store levels stamped `now` and keep the hash until they would be full again (ratelimit.lua's write)."""
+def _until_full(caps: list[int], levels: dict[str, float]) -> float:
+    t = 0.0
+    for j, (f, _, window) in enumerate(KINDS):
+        if f in levels:
+            t = max(t, (caps[j] - levels[f]) * window / caps[j])
+    return t
+
+
+def _keep(state: MemoryState, key: str, now: float, ttl: float) -> None:
+    """Give an existing key at least `ttl` ms more, never less than it has (ratelimit.lua's keep)."""
+    ms = math.ceil(ttl)
+    left = state.pttl(key, now)
+    if left != -2 and left < ms:
+        state.pexpire(key, now, ms)
+
+
+def _write(state: MemoryState, key: str, caps: list[int], levels: dict[str, float],
+           every: dict[str, float], now: float) -> None:
+    """Store `levels` stamped `now`; keep the hash until `every` level of the scope is full again.
+
+    A missing hash reads as full buckets, so its expiry must change no decision: levels read but
+    not written count too (settlement writes no request level).
+    """
     if not levels:
         return
     h = state.hash(key, now)
-    ttl = float(FULL_MARGIN_MS)
-    for j, (f, _, window) in enumerate(KINDS):
+    for f, _, _ in KINDS:
         if f in levels:
             h[f], h[f + "s"] = levels[f], now
-            ttl = max(ttl, (caps[j] - levels[f]) * window / caps[j] + FULL_MARGIN_MS)
-    state.pexpire(key, now, math.ceil(ttl))
+    _keep(state, key, now, FULL_MARGIN_MS + _until_full(caps, every))
 
 
 def decide(state: MemoryState, scopes: list[Scope], now: float, member: str, cost: int,
@@ -213,10 +232,14 @@ def decide(state: MemoryState, scopes: list[Scope], now: float, member: str, cos
             for j, (f, _, _) in enumerate(KINDS):
                 if f in got:
                     got[f] -= _need(f, cost, caps[j])
-            _write(state, scope.bucket_key, caps, got, now)
+            _write(state, scope.bucket_key, caps, got, got, now)
             if caps[3] > 0:
                 state.sorted_set(scope.slots_key, now)[member] = now + lease_ms
-                state.pexpire(scope.slots_key, now, math.ceil(lease_ms))
+                _keep(state, scope.slots_key, now, lease_ms)
+    else:
+        # A TTL cut short elsewhere (an older gateway's settlement) is restored by every refusal.
+        for i, scope in enumerate(scopes):
+            _keep(state, scope.bucket_key, now, FULL_MARGIN_MS + _until_full(scope.caps(), levels[i]))
     return _verdict(allowed, retry, failed_scope, failed_kind, scopes, levels)
 
 
@@ -227,16 +250,15 @@ def settle_many(state: MemoryState, scopes: list[Scope], now: float,
     for scope in scopes:
         caps = scope.caps()
         h = state.hash(scope.bucket_key, now)
-        levels: dict[str, float] = {}
-        for j, (f, _, window) in enumerate(KINDS):
-            if caps[j] > 0 and f != "r":
-                levels[f] = level_at(h.get(f), h.get(f + "s"), now, caps[j], window)
+        every = {f: level_at(h.get(f), h.get(f + "s"), now, caps[j], window)
+                 for j, (f, _, window) in enumerate(KINDS) if caps[j] > 0}
+        levels = {f: v for f, v in every.items() if f != "r"}
         state.tidy(scope.bucket_key)
         for _, reserved, actual in entries:
             for j, (f, _, _) in enumerate(KINDS):
                 if f in levels:
-                    levels[f] = min(float(caps[j]), levels[f] + _need(f, reserved, caps[j]) - actual)
-        _write(state, scope.bucket_key, caps, levels, now)
+                    levels[f] = every[f] = min(float(caps[j]), levels[f] + _need(f, reserved, caps[j]) - actual)
+        _write(state, scope.bucket_key, caps, levels, every, now)
         if caps[3] > 0:
             slots = state.sorted_set(scope.slots_key, now)
             for member, _, _ in entries:

@@ -51,21 +51,45 @@ local function read(key)
            d = tonumber(v[5]), ds = tonumber(v[6]) }
 end
 
--- Keep a bucket's hash until it would be full again, so idle budgets cost no memory.
-local function write(key, caps, levels)
-  local args, ttl = {}, 1000
+-- A bucket hash lives until every level in it would be full again, plus a margin: a missing hash
+-- reads as full buckets, so its expiry must change no decision. Levels read but not written count
+-- too (settlement writes no request level, and must not cut the TTL reserve set for it).
+local MARGIN = 1000
+
+local function until_full(caps, levels)
+  local t = 0
   for j, k in ipairs(KINDS) do
+    local l = levels[k[1]]
+    if l ~= nil then
+      local full = (caps[j] - l) * k[2] / caps[j]
+      if full > t then t = full end
+    end
+  end
+  return t
+end
+
+-- Give an existing key at least ttl ms more, never less than it has: a longer TTL was set for a level
+-- or a lease this call cannot see (another configuration, another gateway version). PTTL, not
+-- PEXPIRE GT: GT needs Redis 7 and treats a key without TTL as never expiring.
+local function keep(key, ttl)
+  ttl = math.ceil(ttl)
+  local left = redis.call('PTTL', key)
+  if left ~= -2 and left < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- Store the levels written, stamped now; `all` is every level the scope has at now (written or not).
+local function write(key, caps, levels, all)
+  local args = {}
+  for _, k in ipairs(KINDS) do
     local f = k[1]
     if levels[f] ~= nil then
       table.insert(args, f); table.insert(args, num(levels[f]))
       table.insert(args, f .. 's'); table.insert(args, num(now))
-      local full = (caps[j] - levels[f]) * k[2] / caps[j]
-      if full + 1000 > ttl then ttl = full + 1000 end
     end
   end
   if #args > 0 then
     redis.call('HSET', key, unpack(args))
-    redis.call('PEXPIRE', key, math.ceil(ttl))
+    keep(key, MARGIN + until_full(caps, all))
   end
 end
 
@@ -75,10 +99,13 @@ if mode == 'settle' then
     local caps, n = parse_caps(ARGV[a]), tonumber(ARGV[a + 1])
     a = a + 2
     local h = read(KEYS[2 * i - 1])
-    local levels = {}
+    local levels, all = {}, {}
     for j, k in ipairs(KINDS) do
       local f = k[1]
-      if caps[j] > 0 and f ~= 'r' then levels[f] = level_at(h[f], h[f .. 's'], caps[j], k[2]) end
+      if caps[j] > 0 then
+        all[f] = level_at(h[f], h[f .. 's'], caps[j], k[2])
+        if f ~= 'r' then levels[f] = all[f] end
+      end
     end
     local rids = {}
     for e = 1, n do
@@ -91,10 +118,11 @@ if mode == 'settle' then
           local l = levels[f] + need(f, cost, caps[j]) - actual
           if l > caps[j] then l = caps[j] end
           levels[f] = l
+          all[f] = l
         end
       end
     end
-    write(KEYS[2 * i - 1], caps, levels)
+    write(KEYS[2 * i - 1], caps, levels, all)
     if caps[4] > 0 then redis.call('ZREM', KEYS[2 * i], unpack(rids)) end
   end
   return 1
@@ -143,11 +171,17 @@ if allowed then
       local f = k[1]
       if got[f] ~= nil then got[f] = got[f] - need(f, cost, caps[j]) end
     end
-    write(KEYS[2 * i - 1], caps, got)
+    write(KEYS[2 * i - 1], caps, got, got)
     if caps[4] > 0 then
       redis.call('ZADD', KEYS[2 * i], num(now + lease), rid)
-      redis.call('PEXPIRE', KEYS[2 * i], math.ceil(lease))
+      keep(KEYS[2 * i], lease)
     end
+  end
+else
+  -- Nothing written, but a TTL cut short elsewhere (an older gateway's settlement, see
+  -- docs/policies.md "Rolling upgrades") is restored by every refusal that reads the bucket.
+  for i = 1, nscopes do
+    keep(KEYS[2 * i - 1], MARGIN + until_full(all_caps[i], all_levels[i]))
   end
 end
 

@@ -123,7 +123,6 @@ async def test_two_replicas_enforce_one_budget(fleet: Fleet) -> None:
         assert status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1: settlement cuts the request level's TTL")
 async def test_an_rpm_limit_holds_across_two_replicas(fleet: Fleet) -> None:
     """40 requests over 8 s at 12 rpm, alternating between the replicas: at most the bucket plus
     its refill over the run may be admitted (docs/policies.md), however settlements interleave."""

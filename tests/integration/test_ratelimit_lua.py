@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -153,3 +154,19 @@ def test_server_time_is_used_when_no_clock_is_given(lua: tuple[redis.Redis, obje
     server_ms = client.time()[0] * 1000
     assert abs(ts - server_ms) < 5_000
     assert 0 < client.pttl("rl:{t}:k") <= 61_000
+
+
+def test_the_request_level_outlives_a_settlement_in_real_time(lua: tuple[redis.Redis, object]) -> None:
+    """Redis's own clock and expiry, no replayed TTLs: a settlement that refunds a large TPM must
+    not let the hash (and the request level in it) expire when the token level is full (~1 s)."""
+    client, script = lua
+    client.flushdb()
+    s = Scope("key", "rl:{rt}:k", "rl:{rt}:k:c", Limits(tpm=10_000_000, rpm=1))
+    keys = [s.bucket_key, s.slots_key]
+    first = Verdict.from_reply(script(keys=keys, args=["reserve", "", "a", 60_000, 100, s.packed_caps]))  # type: ignore[operator]
+    assert first.allowed
+    script(keys=keys, args=["settle", "", s.packed_caps, 1, "a", 100, 10])  # type: ignore[operator]
+    assert client.pttl(s.bucket_key) > 59_000  # one request takes a minute to come back
+    time.sleep(1.5)
+    again = Verdict.from_reply(script(keys=keys, args=["reserve", "", "b", 60_000, 100, s.packed_caps]))  # type: ignore[operator]
+    assert not again.allowed and again.failed_kind == "r"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -150,7 +149,6 @@ expiring_ops = st.lists(st.tuples(
 ), min_size=1, max_size=60)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1: settlement cuts the request level's TTL")
 @PROPERTY
 @given(ops=expiring_ops, tpm=st.integers(50, 10**6), rpm=st.integers(1, 50), tpd=st.integers(1_000, 10**7),
        concurrency=st.integers(1, 4))
