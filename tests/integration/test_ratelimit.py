@@ -22,7 +22,7 @@ MODEL = "sim-llama"
 TPM = 600
 RPM = 12
 KEYS = {"shared": {"tpm": TPM}, "cancel": {"tpm": 2000}, "fail": {"rpm": 100_000},
-        "rpm": {"rpm": RPM, "tpm": 10_000_000}}
+        "rpm": {"rpm": RPM, "tpm": 10_000_000}, "conc": {"concurrency": 2}}
 
 
 def _config(sim: Proc, redis_port: int, failure_mode: str = "open") -> dict[str, Any]:
@@ -142,6 +142,33 @@ async def test_an_rpm_limit_holds_across_two_replicas(fleet: Fleet) -> None:
     assert admitted <= RPM + RPM * elapsed / 60, (per_replica, elapsed)
     assert admitted >= RPM, "the burst the bucket holds must be admitted"
     assert min(per_replica) > 0, per_replica
+
+
+@pytest.mark.parametrize("request_id", [None, pytest.param("same-id-for-all", marks=pytest.mark.xfail(
+    strict=True, reason="issue 9 item 2: the client's x-request-id is the slot's member"))])
+async def test_concurrency_holds_whatever_request_id_the_clients_send(fleet: Fleet, request_id: str | None) -> None:
+    """Ten streams at once on a key with concurrency 2, spread over both replicas: two run, eight
+    get 429, whether each request carries its own id or all share one `x-request-id`."""
+    async def open_stream(i: int, s: aiohttp.ClientSession) -> tuple[int, Any]:
+        headers = {"authorization": "Bearer key-conc", "content-type": "application/json",
+                   **({"x-request-id": request_id} if request_id else {})}
+        r = await s.post(fleet.url(i % 2), data=_body(f"stream {i}", 2000, stream=True), headers=headers)
+        if r.status != 200:
+            body = orjson.loads(await r.read())
+            r.release()
+            return r.status, body
+        return 200, r  # left open: its slot stays held until the test closes it
+
+    async with aiohttp.ClientSession() as s:
+        opened = await asyncio.gather(*(open_stream(i, s) for i in range(10)))
+        statuses = sorted(status for status, _ in opened)
+        for status, held in opened:
+            if status == 200:
+                held.close()
+    assert statuses == [200] * 2 + [429] * 8, statuses
+    refusals = [body for status, body in opened if status == 429]
+    assert all(b["error"]["code"] == "rate_limit_exceeded" and b["error"]["type"] == "requests"
+               for b in refusals)
 
 
 async def test_a_cancelled_stream_is_refunded(fleet: Fleet) -> None:

@@ -153,3 +153,22 @@ async def test_settling_without_the_settler_is_immediate_and_skipped_when_it_cha
     assert [c[0] for c in redis.calls] == ["reserve"]
     await lim.settle(r, 59)
     assert [c[0] for c in redis.calls] == ["reserve", "settle"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 item 2: the caller's request id is the slot's member")
+async def test_a_repeated_request_id_takes_a_slot_of_its_own_locally() -> None:
+    lim = Limiter(RateLimitConfig(), {"acme": TenantConfig(limits=Limits(concurrency=2))}, clock=Clock())
+    lim.attach(DownRedis())
+    key = ApiKey(sha256="cd" * 32, name="k", tenant="acme")
+    held = []
+    for _ in range(2):
+        r = await lim.reserve(key, "m", "same-id", 1)
+        assert r is not None and r.where == "local"
+        held.append(r)
+    for _ in range(8):
+        with pytest.raises(RateLimited):
+            await lim.reserve(key, "m", "same-id", 1)
+    await lim.settle(held[0], 1)
+    assert await lim.reserve(key, "m", "same-id", 1) is not None
+    with pytest.raises(RateLimited):
+        await lim.reserve(key, "m", "same-id", 1)
