@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,9 @@ class Reservation:
 
     scopes: list[Scope]
     request_id: str
+    """The request's id as the caller knows it (for logs only; it may be the client's)."""
+    member: str
+    """The concurrency slot's name: minted by the limiter, unique per reservation."""
     reserved: int
     verdict: Verdict
     where: str
@@ -89,6 +94,11 @@ class Limiter:
         self._pipe: RedisPipe | None = None
         self._local = MemoryState()
         self._local_swept = -math.inf
+        # A slot's member is never a caller's string: a repeated id would share one slot (ZADD of
+        # an existing member takes none), and one settle would free them all. 64 random bits tell
+        # replicas (and restarts) apart; the counter tells this limiter's reservations apart.
+        self._member_prefix = os.urandom(8).hex()
+        self._member_seq = itertools.count()
         self._redis_down_until = -math.inf
         self._local_scopes: dict[tuple[str, ...], list[Scope]] = {}
         self._scopes: dict[tuple[object, ...], list[Scope]] = {}
@@ -162,14 +172,17 @@ class Limiter:
             return await run("EVALSHA", LUA_SHA, len(keys), *keys, *args)
 
     async def reserve(self, key: ApiKey, model: str, request_id: str, tokens: int) -> Reservation | None:
-        """Take `tokens` (and one request, one slot) from every budget, or raise `RateLimited`."""
+        """Take `tokens` (and one request, one slot) from every budget, or raise `RateLimited`.
+
+        `request_id` is only recorded: each reservation holds a slot of its own whatever it is."""
         scopes = self.scopes(key, model)
         if not scopes:
             return None
+        member = f"{self._member_prefix}:{next(self._member_seq):x}"
         where = "local"
         verdict: Verdict | None = None
         if self.redis_ok:
-            args: list[str | int] = ["reserve", "", request_id, int(self.cfg.concurrency_lease_s * 1000), tokens]
+            args: list[str | int] = ["reserve", "", member, int(self.cfg.concurrency_lease_s * 1000), tokens]
             args.extend(s.packed_caps for s in scopes)
             try:
                 async with asyncio.timeout(self.cfg.redis_timeout_s):
@@ -185,10 +198,10 @@ class Limiter:
             if now - self._local_swept >= 1000:  # expired local buckets, as Redis would drop them
                 self._local.sweep(now)
                 self._local_swept = now
-            verdict = decide(self._local, scopes, now, request_id, tokens, self.cfg.concurrency_lease_s * 1000)
+            verdict = decide(self._local, scopes, now, member, tokens, self.cfg.concurrency_lease_s * 1000)
         if not verdict.allowed:
             raise _refusal(verdict, scopes, model, tokens)
-        return Reservation(scopes, request_id, tokens, verdict, where)
+        return Reservation(scopes, request_id, member, tokens, verdict, where)
 
     async def settle(self, r: Reservation, actual: int) -> None:
         """Replace the reservation by the tokens really used (0 refunds it) and free the slot.
@@ -197,7 +210,7 @@ class Limiter:
         (at most `settle_interval_ms` late), and sent at once otherwise.
         """
         if r.where == "local":
-            settle(self._local, r.scopes, self.clock() * 1000, r.request_id, r.reserved, actual)
+            settle(self._local, r.scopes, self.clock() * 1000, r.member, r.reserved, actual)
             return
         if not _changes_anything(r, actual):
             return
@@ -207,7 +220,7 @@ class Limiter:
             entry = by_scope.get(s.bucket_key)
             if entry is None:
                 entry = by_scope[s.bucket_key] = (s, [])
-            entry[1].append((r.request_id, r.reserved, actual))
+            entry[1].append((r.member, r.reserved, actual))
         self._pending_n += 1
         if not self._batching or self._pending_n >= SETTLE_BATCH_MAX:
             await self.flush()

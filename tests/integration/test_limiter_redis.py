@@ -28,7 +28,6 @@ async def limiter(redis_server: Proc) -> AsyncIterator[Limiter]:
         await client.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 2: the caller's request id is the slot's member")
 async def test_a_repeated_request_id_takes_a_slot_of_its_own(limiter: Limiter) -> None:
     lim = limiter
     held = []

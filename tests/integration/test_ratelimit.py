@@ -144,8 +144,7 @@ async def test_an_rpm_limit_holds_across_two_replicas(fleet: Fleet) -> None:
     assert min(per_replica) > 0, per_replica
 
 
-@pytest.mark.parametrize("request_id", [None, pytest.param("same-id-for-all", marks=pytest.mark.xfail(
-    strict=True, reason="issue 9 item 2: the client's x-request-id is the slot's member"))])
+@pytest.mark.parametrize("request_id", [None, "same-id-for-all"])
 async def test_concurrency_holds_whatever_request_id_the_clients_send(fleet: Fleet, request_id: str | None) -> None:
     """Ten streams at once on a key with concurrency 2, spread over both replicas: two run, eight
     get 429, whether each request carries its own id or all share one `x-request-id`."""

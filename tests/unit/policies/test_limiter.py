@@ -139,7 +139,8 @@ async def test_settlements_are_batched_per_tenant_and_flushed_on_stop() -> None:
     assert mode == "settle" and len(redis.calls) == 3  # both requests, one call
     scopes = lim.scopes(KEY, "m")
     assert keys == [k for s in scopes for k in (s.bucket_key, s.slots_key)]
-    assert argv == [x for s in scopes for x in (s.packed_caps, 2, "a", 60, 10, "b", 30, 0)]
+    assert argv == [x for s in scopes for x in (s.packed_caps, 2, a.member, 60, 10, b.member, 30, 0)]
+    assert a.member != b.member and "a" not in (a.member, b.member)
 
 
 async def test_settling_without_the_settler_is_immediate_and_skipped_when_it_changes_nothing() -> None:
@@ -155,7 +156,6 @@ async def test_settling_without_the_settler_is_immediate_and_skipped_when_it_cha
     assert [c[0] for c in redis.calls] == ["reserve", "settle"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 2: the caller's request id is the slot's member")
 async def test_a_repeated_request_id_takes_a_slot_of_its_own_locally() -> None:
     lim = Limiter(RateLimitConfig(), {"acme": TenantConfig(limits=Limits(concurrency=2))}, clock=Clock())
     lim.attach(DownRedis())
