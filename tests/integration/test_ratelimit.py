@@ -78,6 +78,7 @@ async def test_two_replicas_enforce_one_budget(fleet: Fleet) -> None:
     max_tokens, window_s = 10, 3.0
     admitted: list[tuple[float, int, int]] = []  # (time, tokens used, tokens reserved)
     refused: list[dict[str, str]] = []
+    refused_by = [0, 0]  # per replica
     start = time.monotonic()
 
     async def client(i: int, s: aiohttp.ClientSession) -> None:
@@ -94,6 +95,7 @@ async def test_two_replicas_enforce_one_budget(fleet: Fleet) -> None:
                 assert status == 429, body
                 assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "tokens"
                 refused.append(headers)
+                refused_by[i % 2] += 1
                 left = window_s - (time.monotonic() - start)
                 await asyncio.sleep(max(0.0, min(int(headers["retry-after-ms"]) / 1000, left)))
 
@@ -113,7 +115,8 @@ async def test_two_replicas_enforce_one_budget(fleet: Fleet) -> None:
         assert used <= bound, (used, bound, len(admitted))
         assert used >= TPM * 0.6, "the limiter refused far more than it had to"
         assert refused and all("retry-after" in h and "x-ratelimit-reset-tokens" in h for h in refused)
-        assert {i % 2 for i in range(50)} == {0, 1}
+        # The load reached both replicas and both ran out: the bound above held for their sum.
+        assert min(refused_by) > 0, refused_by
 
         # After waiting as told, capacity is back.
         status, headers, _ = await _call(s, fleet.url(0), "shared", _body("again", max_tokens))
