@@ -218,6 +218,8 @@ def build_images() -> None:
     # Through the compose file's own build section (one service: they all share the image).
     compose("build", "gateway")
     log(f"{GRAVITY_IMAGE} built in {time.monotonic() - started:.0f} s")
+    # Each source change leaves the previous builder stage and image untagged: ~400 MB a run.
+    podman("image", "prune", "-f", check=False)
     if not image_exists(PROMETHEUS_IMAGE):
         started = time.monotonic()
         podman("build", "-q", "-f", str(PROMETHEUS_CONTAINERFILE), "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
