@@ -74,16 +74,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gravity demo", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    from simulator.profiles import DEFAULT_PROFILE
+
+    parser = argparse.ArgumentParser(prog="gravity demo", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "config" / "demo.yaml"))
     parser.add_argument("--port", type=int, help="gateway port (default from the config)")
-    parser.add_argument("--profile", default="h100-8b", help="simulator profile")
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="simulator profile")
     parser.add_argument("--time-scale", default="1", help="simulators run this many times real time")
     parser.add_argument("--sim-base-port", type=int,
                         help="run the simulators on this port and the next ones instead of the config's")
     parser.add_argument("--state-dir", help="where the embedded Redis keeps its data")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from gateway.config import load_config
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from types import FrameType
+from typing import Any
 
 from simulator.faults import Faults
 from simulator.kv_events import KVEventsConfig, KVEventsSetup
-from simulator.profiles import get_profile, profile_names
+from simulator.profiles import DEFAULT_PROFILE, get_profile, profile_names
 from simulator.server import SimServerConfig, create_app
 from simulator.vllm_hash import ALGOS
 
@@ -31,29 +35,36 @@ def parse_lora_modules(values: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gravity sim", description="Simulated vLLM OpenAI-compatible server.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = argparse.ArgumentParser(prog="gravity sim", description="Simulated vLLM OpenAI-compatible server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--model", default="sim-llama", help="model name (and root) the replica serves")
-    p.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: --model)")
-    p.add_argument("--profile", default="tiny", choices=profile_names())
-    p.add_argument("--kv-blocks", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-loras", type=int, default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients use instead of --model")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=profile_names(),
+                   help="engine profile: capacity and step times (h100-8b: Llama-3-8B on an H100, 128k "
+                        "context; tiny: a 4,096-token test engine)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks overriding the profile's")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block overriding the profile's")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences overriding the profile's")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step overriding the profile's")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length overriding the profile's")
+    p.add_argument("--max-loras", type=int, default=None, help="LoRA adapters per batch overriding the profile's")
     p.add_argument("--time-scale", type=float, default=1.0, help="run X times faster than real time")
     p.add_argument("--lora-modules", nargs="+", default=[], help="name=path ...")
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
-    p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
+                   help="overriding the profile's (fcfs)")
+    p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn the prefix cache off")
     p.add_argument("--fail-next", type=int, default=0, help="fail the next N generation requests")
-    p.add_argument("--fail-status", type=int, default=500)
+    p.add_argument("--fail-status", type=int, default=500, help="HTTP status of injected failures")
     p.add_argument("--latency-ms", type=float, default=0.0, help="extra latency before the first token")
     p.add_argument("--stall-after", type=int, default=None, help="hold streams open after K tokens")
     p.add_argument("--exit-after", type=int, default=None, help="os._exit after K tokens of the next request")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--request-log-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None, help="engine seed, overriding the profile's")
+    p.add_argument("--request-log-size", type=int, default=256, help="records kept for /admin/requests")
     p.add_argument("--kv-events-config", default=None,
                    help="vLLM's JSON, e.g. '{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", "
                         "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}'")
@@ -85,6 +96,29 @@ def config_from_args(args: argparse.Namespace) -> SimServerConfig:
                            api_prefixes=("/openai/v1",) if args.kserve else ("/v1",), kv_events=kv_events)
 
 
+GRACEFUL_SHUTDOWN_S = 2
+"""How long a SIGTERMed replica lets open responses finish before uvicorn cancels them."""
+HARD_EXIT_S = 5
+"""After SIGTERM the process ends within this many seconds whatever its event loop is doing."""
+
+
+def _bounded_server(config: Any) -> Any:
+    """A uvicorn server whose SIGTERM always ends the process: uvicorn's own shutdown waits for open
+    responses with no deadline (a stalled stream held a replica for ever) and cannot start while a
+    handler keeps the event loop busy. A second signal exits at once."""
+    import uvicorn
+
+    class BoundedServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit:
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+            # SIGALRM's default action ends the process; Python handlers cannot be starved of it.
+            signal.alarm(HARD_EXIT_S)
+
+    return BoundedServer(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -95,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
     loop = "uvloop" if sys.platform != "win32" else "asyncio"
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, loop=loop, http="httptools",
-                log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(create_app(cfg), host=args.host, port=args.port, loop=loop, http="httptools",
+                            log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    _bounded_server(config).run()
     return 0

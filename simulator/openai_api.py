@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeGuard
 
 from simulator import tokenizer
 from simulator.tools import ToolCallPlan, ToolError, plan_tool_call, render_tools
@@ -83,14 +83,28 @@ def resolve_model(body: dict[str, Any], served: list[str], loras: dict[str, str]
     raise ApiError(404, f"The model `{model}` does not exist.", "model")
 
 
+def is_token_ids(value: Any) -> TypeGuard[list[int]]:
+    """A non-empty list of ints (bools are not token ids)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def check_token_ids(ids: list[int], param: str) -> list[int]:
+    """vLLM's check of client-sent token ids: every id inside the vocabulary, else a 400."""
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size()), None)
+    if bad is not None:
+        raise ApiError(400, f"Token id {bad} is out of vocabulary", param)
+    return ids
+
+
 def _prompt_ids(body: dict[str, Any]) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt)
+    if is_token_ids(prompt):
+        return check_token_ids(list(prompt), "prompt")
     if isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(400, "The simulator accepts one prompt per request.", "prompt")
     raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")

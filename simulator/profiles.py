@@ -34,6 +34,11 @@ _PROFILES: dict[str, EngineConfig] = {
 }
 
 
+DEFAULT_PROFILE = "h100-8b"
+"""What `gravity sim` and `gravity demo` run unless told otherwise: a realistic replica (128k context,
+30,720 KV blocks). `tiny` is for tests, which ask for it by name."""
+
+
 def profile_names() -> list[str]:
     return sorted(_PROFILES)
 

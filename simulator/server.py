@@ -37,8 +37,10 @@ from simulator.openai_api import (
     ApiError,
     GenerateParams,
     chat_prompt_text,
+    check_token_ids,
     chunk,
     full_response,
+    is_token_ids,
     parse_generate,
     resolve_model,
     tool_chunk,
@@ -245,15 +247,15 @@ class SimServer:
     async def embeddings(self, request: Request) -> Response:
         body = await _json_body(request)
         model, _ = resolve_model(body, self.cfg.names, self.cfg.lora_modules)
-        inputs = _embedding_inputs(body.get("input"))
+        inputs = _embedding_inputs(body.get("input"), self.runner.engine.max_model_len)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise ApiError(400, "encoding_format must be 'float' or 'base64'", "encoding_format")
-        dims = body.get("dimensions") or self.cfg.embedding_dim
-        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
-            raise ApiError(400, "dimensions must be a positive integer", "dimensions")
+        dims = _embedding_dims(body.get("dimensions"), model, self.cfg.embedding_dim)
         data = []
         for i, ids in enumerate(inputs):
+            if i and i % 256 == 0:
+                await asyncio.sleep(0)  # a large batch must not starve /health, other requests or shutdown
             vec = _embedding(ids, dims)
             emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
             data.append({"object": "embedding", "embedding": emb, "index": i})
@@ -355,17 +357,43 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _embedding_inputs(value: Any) -> list[list[int]]:
+def _embedding_inputs(value: Any, max_model_len: int) -> list[list[int]]:
+    """Token ids of each input, checked as vLLM checks them: ids inside the vocabulary, each input
+    within the context length."""
+    inputs: list[list[int]] | None = None
     if isinstance(value, str):
-        return [tokenizer.encode(value)]
-    if isinstance(value, list) and value:
+        inputs = [tokenizer.encode(value)]
+    elif isinstance(value, list) and value:
         if all(isinstance(v, str) for v in value):
-            return [tokenizer.encode(v) for v in value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [list(value)]
-        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
-            return [list(v) for v in value]
-    raise ApiError(400, "input must be a string, a list of strings, or token ids", "input")
+            inputs = [tokenizer.encode(v) for v in value]
+        elif is_token_ids(value):
+            inputs = [list(value)]
+        elif all(is_token_ids(v) for v in value):
+            inputs = [list(v) for v in value]
+    if inputs is None:
+        raise ApiError(400, "input must be a string, a list of strings, or (lists of) token ids", "input")
+    for ids in inputs:
+        check_token_ids(ids, "input")
+        if len(ids) > max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                           f"requested {len(ids)} tokens in the input for embedding generation. Please reduce "
+                           f"the length of the input.", "input")
+    return inputs
+
+
+def _embedding_dims(value: Any, model: str, hidden_size: int) -> int:
+    """The simulated embedding model is a matryoshka model of `hidden_size` dimensions: fewer may be
+    asked for, more may not (vLLM slices the pooled vector, so it can never return more either)."""
+    if value is None:
+        return hidden_size
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, "dimensions must be an integer", "dimensions")
+    if value < 1:
+        raise ApiError(400, "Dimensions must be greater than 0", "dimensions")
+    if value > hidden_size:
+        raise ApiError(400, f'Model "{model}" has {hidden_size} embedding dimensions; dimensions must be at '
+                       f"most {hidden_size}, got {value}.", "dimensions")
+    return value
 
 
 def _embedding(ids: list[int], dims: int) -> list[float]:

@@ -48,6 +48,11 @@ def encode(text: str) -> list[int]:
     return _encoding().encode(text, disallowed_special=())
 
 
+def vocab_size() -> int:
+    """Token ids the model knows are 0 <= id < vocab_size()."""
+    return int(_encoding().max_token_value) + 1
+
+
 def decode(ids: Sequence[int]) -> str:
     return _encoding().decode(list(ids))
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,4 +126,85 @@ def test_exit_after_fault_kills_the_process_mid_stream(tmp_path: Path) -> None:
         assert got == 3
         assert proc.popen.wait(5) == 17
     finally:
+        proc.stop()
+
+
+def post_json(proc: Proc, path: str, body: dict[str, Any], timeout: float = 5.0) -> tuple[int, Any]:
+    """(status, parsed JSON body) for 2xx and 4xx/5xx alike; a hang past `timeout` raises."""
+    req = urllib.request.Request(f"http://127.0.0.1:{proc.port}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def test_hostile_embedding_requests_get_400s_and_the_server_stays_up(sim: Proc) -> None:
+    # A billion dimensions used to make the replica build a 1e9-float list: it stopped answering,
+    # grew past 2 GB and ignored SIGTERM. A uint64 token id used to be a plain-text 500.
+    for body, param in (({"input": "hello", "dimensions": 1_000_000_000}, "dimensions"),
+                        ({"input": "hello", "dimensions": 385}, "dimensions"),
+                        ({"input": [[18446744073709551615]]}, "input"),
+                        ({"input": [[5, -1]]}, "input"),
+                        ({"input": [7, 2**40]}, "input"),
+                        ({"input": "word " * 5000}, "input")):
+        status, err = post_json(sim, "/v1/embeddings", {"model": "sim-llama", **body})
+        assert status == 400, (body, status, err)
+        assert isinstance(err, dict) and err["error"]["type"] == "BadRequestError", err
+        assert err["error"]["param"] == param and err["error"]["code"] == 400
+    assert http(sim, "/health") == ""
+    status, ok = post_json(sim, "/v1/embeddings", {"model": "sim-llama", "input": "hello", "dimensions": 64})
+    assert status == 200 and len(ok["data"][0]["embedding"]) == 64
+
+
+def _stream_one_chunk(proc: Proc) -> socket.socket:
+    """Open a streamed chat request and read until its first SSE event: the request is in flight."""
+    body = json.dumps({"model": "sim-llama", "messages": MESSAGES, "stream": True, "max_tokens": 50,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    return sock
+
+
+def test_sigterm_stops_a_simulator_holding_a_stalled_stream(tmp_path: Path) -> None:
+    # uvicorn's graceful shutdown waits for open responses with no deadline: a stalled stream
+    # (a fault, or a client that never reads) kept a SIGTERMed replica alive for ever.
+    proc = start(tmp_path, "--stall-after", "1")
+    sock = _stream_one_chunk(proc)
+    try:
+        started = time.monotonic()
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.popen.wait(8)
+        assert time.monotonic() - started < 8
+    finally:
+        sock.close()
+        proc.stop()
+
+
+def test_sigterm_stops_a_simulator_whose_event_loop_is_busy(tmp_path: Path) -> None:
+    # 60,000 embedding inputs keep the event loop computing for seconds; a SIGTERM must still stop
+    # the process in bounded time even though no await gives uvicorn's shutdown a chance to run.
+    proc = start(tmp_path)
+    body = json.dumps({"model": "sim-llama", "input": ["x"] * 60_000}).encode()
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+    try:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(1.0)
+        assert proc.popen.poll() is None
+        started = time.monotonic()
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.popen.wait(10)
+        assert time.monotonic() - started < 10
+    finally:
+        sock.close()
         proc.stop()

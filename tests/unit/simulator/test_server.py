@@ -111,6 +111,11 @@ async def test_completions_stream_and_token_prompt(client: aiohttp.ClientSession
     (CHAT, {"model": "m", "messages": MSG, "cache_salt": ""}, 400, "cache_salt"),
     ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/embeddings", {"model": "m", "input": 3}, 400, "input"),
+    ("/v1/embeddings", {"model": "m", "input": [[18446744073709551615]]}, 400, "input"),
+    ("/v1/embeddings", {"model": "m", "input": "hi", "dimensions": 0}, 400, "dimensions"),
+    ("/v1/embeddings", {"model": "m", "input": "hi", "dimensions": 10**9}, 400, "dimensions"),
+    ("/v1/completions", {"model": "m", "prompt": [1, 18446744073709551615]}, 400, "prompt"),
+    ("/v1/completions", {"model": "m", "prompt": [-3]}, 400, "prompt"),
 ])
 async def test_bad_requests_get_vllm_error_bodies(client: aiohttp.ClientSession, path: str, body: dict[str, Any],
                                                   status: int, param: str) -> None:
