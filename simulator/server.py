@@ -280,6 +280,34 @@ class SimServer:
         data += [card(n, path, base) for n, path in self.cfg.lora_modules.items()]
         return json_response({"object": "list", "data": data})
 
+    async def render_chat(self, request: Request) -> Response:
+        """vLLM's `POST /v1/chat/completions/render`: the request as token ids, no generation. Routers
+        that index prefixes by token (vllm-router's cache_aware) call it on the workers."""
+        body = await _json_body(request)
+        return json_response(self._rendered(parse_generate(
+            "chat", body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
+            self.cfg.engine.scheduling_policy == "priority"), body))
+
+    async def render_completion(self, request: Request) -> Response:
+        """vLLM's `POST /v1/completions/render`: a list with one rendered request per prompt."""
+        body = await _json_body(request)
+        return json_response([self._rendered(parse_generate(
+            "completion", body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
+            self.cfg.engine.scheduling_policy == "priority"), body)])
+
+    @staticmethod
+    def _rendered(p: GenerateParams, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's GenerateRequest shape: the prompt's token ids plus the sampling parameters that the
+        simulator honours (vLLM's SamplingParams has many more; they are not modelled here)."""
+        options = body.get("stream_options")
+        return {"request_id": uuid.uuid4().hex, "token_ids": p.prompt_token_ids, "features": None,
+                "sampling_params": {"n": 1, "max_tokens": p.max_tokens, "seed": p.seed,
+                                    "ignore_eos": p.ignore_eos, "temperature": body.get("temperature", 1.0),
+                                    "top_p": body.get("top_p", 1.0), "stop": body.get("stop") or [],
+                                    "stop_token_ids": body.get("stop_token_ids") or []},
+                "model": p.model, "stream": p.stream, "stream_options": options if isinstance(options, dict) else None,
+                "cache_salt": p.cache_salt, "priority": p.priority, "kv_transfer_params": None}
+
     async def tokenize(self, request: Request) -> Response:
         body = await _json_body(request)
         resolve_model(body, self.cfg.names, self.cfg.lora_modules)
@@ -421,6 +449,8 @@ def create_app(cfg: SimServerConfig) -> Starlette:
         for route in (
             Route(f"{prefix}/chat/completions", sim.chat, methods=["POST"]),
             Route(f"{prefix}/completions", sim.completions, methods=["POST"]),
+            Route(f"{prefix}/chat/completions/render", sim.render_chat, methods=["POST"]),
+            Route(f"{prefix}/completions/render", sim.render_completion, methods=["POST"]),
             Route(f"{prefix}/embeddings", sim.embeddings, methods=["POST"]),
             Route(f"{prefix}/models", sim.models, methods=["GET"]),
         )

@@ -157,6 +157,28 @@ async def test_models_tokenize_detokenize(client: aiohttp.ClientSession) -> None
         assert resp.status == 200
 
 
+async def test_render_gives_the_token_ids_the_engine_will_prefill(client: aiohttp.ClientSession) -> None:
+    # vllm-router's cache_aware renders each request on a worker; the ids must be the prompt the
+    # engine caches, so a repeat of the request hits exactly that many tokens.
+    body = {"model": "m", "messages": MSG, "max_tokens": 3, "cache_salt": "s1"}
+    async with client.post("/v1/chat/completions/render", json=body) as resp:
+        assert resp.status == 200
+        rendered = await resp.json()
+    async with client.post("/tokenize", json={"model": "m", "messages": MSG}) as resp:
+        assert rendered["token_ids"] == (await resp.json())["tokens"]
+    assert rendered["sampling_params"]["max_tokens"] == 3 and rendered["cache_salt"] == "s1"
+    assert rendered["model"] == "m" and rendered["stream"] is False and rendered["features"] is None
+    for _ in range(2):
+        async with client.post(CHAT, json=body) as resp:
+            use = (await resp.json())["usage"]
+    assert use["prompt_tokens"] == len(rendered["token_ids"])
+    async with client.post("/v1/completions/render", json={"model": "m", "prompt": "hello world"}) as resp:
+        listed = await resp.json()
+    assert isinstance(listed, list) and len(listed) == 1 and len(listed[0]["token_ids"]) == 2
+    async with client.post("/v1/chat/completions/render", json={"model": "nope", "messages": MSG}) as resp:
+        assert resp.status == 404 and (await resp.json())["error"]["param"] == "model"
+
+
 async def test_metrics_use_vllm_names(client: aiohttp.ClientSession) -> None:
     async with client.post(CHAT, json={"model": "ad", "messages": MSG, "max_tokens": 2, "ignore_eos": True}) as resp:
         assert resp.status == 200
