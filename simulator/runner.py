@@ -1,6 +1,8 @@
 """Real-time asyncio driver for the engine: steps it in a background task and sleeps each step.
 
 Time can run `time_scale` times faster than real time; a consumer that stops early aborts its request.
+Steps follow a deadline timeline, so the time spent computing a step and relaying its tokens comes
+out of the sleep rather than being added to model time; `keep_up()` says how well that held.
 """
 from __future__ import annotations
 
@@ -72,6 +74,15 @@ class EngineRunner:
         self.restarts = 0
         self.started_at = time.time()
         self.steps = 0
+        self.engine_busy_s = 0.0
+        """Model time the engine spent stepping (the sum of step durations)."""
+        self.wall_busy_s = 0.0
+        """Wall time those steps took, sleeps included; engine_busy_s / time_scale when keeping up."""
+        self.slipped_s = 0.0
+        """Model time lost when the runner fell more than `max_behind_s` behind its timeline."""
+        self.max_behind_s = 0.002
+        """Overshoot (wall seconds) made up by shortening later sleeps; beyond it the slip is kept."""
+        self._deadline: float | None = None
 
     def now(self) -> float:
         """Engine time: wall time since start, times `time_scale`."""
@@ -95,18 +106,37 @@ class EngineRunner:
         self.restarts += 1
         self.started_at = time.time()
 
+    def keep_up(self) -> float:
+        """Model time per wall time while busy, over time_scale: 1.0 when the runner keeps up with its
+        scale, 0.5 when the process is too slow and model time runs at half the asked speed."""
+        if self.wall_busy_s <= 0:
+            return 1.0
+        return self.engine_busy_s / (self.wall_busy_s * self.time_scale)
+
     async def run(self) -> None:
         """The engine loop; run it as a background task for the lifetime of the server."""
         while True:
             engine = self.engine
             if not engine.has_work():
                 self._wake.clear()
+                self._deadline = None
                 await self._wake.wait()
                 continue
+            started = self._clock()
+            if self._deadline is None:
+                self._deadline = started
+            elif started - self._deadline > self.max_behind_s:
+                # Too far behind to catch up by skipping sleeps: the lost time stays lost.
+                self.slipped_s += (started - self._deadline) * self.time_scale
+                self._deadline = started
             out = engine.step(self.now())
             self.steps += 1
-            # Tokens become visible when the step ends, as with a real GPU forward pass.
-            await asyncio.sleep(out.duration / self.time_scale)
+            self.engine_busy_s += out.duration
+            self._deadline += out.duration / self.time_scale
+            # Tokens become visible when the step ends, as with a real GPU forward pass. The step's
+            # own compute and the relaying of the previous step's tokens come out of this sleep.
+            await asyncio.sleep(max(0.0, self._deadline - self._clock()))
+            self.wall_busy_s += self._clock() - started
             if engine is not self.engine:
                 continue
             for event in out.events:

@@ -9,13 +9,10 @@ import base64
 import contextlib
 import dataclasses
 import itertools
-import math
 import os
-import random
 import struct
 import time
 import uuid
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from simulator import tokenizer
+from simulator.embeddings import embedding, embedding_dims, embedding_inputs
 from simulator.engine import Engine, EngineConfig, SimRequest, TokenEvent
 from simulator.faults import Faults
 from simulator.kv_events import KVEventsSetup, SimKVEvents
@@ -37,10 +35,8 @@ from simulator.openai_api import (
     ApiError,
     GenerateParams,
     chat_prompt_text,
-    check_token_ids,
     chunk,
     full_response,
-    is_token_ids,
     parse_generate,
     resolve_model,
     tool_chunk,
@@ -107,6 +103,9 @@ class SimServer:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # Load the tokenizer before the port opens: loading it on the first request took ~1 s on a
+        # busy machine, which a gateway with a short read timeout saw as a dead backend.
+        tokenizer.encode("warm up")
         task = asyncio.create_task(self.runner.run(), name="sim-engine-loop")
         replay = asyncio.create_task(self.kv_events.run(), name="sim-kv-replay") if self.kv_events else None
         try:
@@ -247,16 +246,16 @@ class SimServer:
     async def embeddings(self, request: Request) -> Response:
         body = await _json_body(request)
         model, _ = resolve_model(body, self.cfg.names, self.cfg.lora_modules)
-        inputs = _embedding_inputs(body.get("input"), self.runner.engine.max_model_len)
+        inputs = embedding_inputs(body.get("input"), self.runner.engine.max_model_len)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise ApiError(400, "encoding_format must be 'float' or 'base64'", "encoding_format")
-        dims = _embedding_dims(body.get("dimensions"), model, self.cfg.embedding_dim)
+        dims = embedding_dims(body.get("dimensions"), model, self.cfg.embedding_dim)
         data = []
         for i, ids in enumerate(inputs):
             if i and i % 256 == 0:
                 await asyncio.sleep(0)  # a large batch must not starve /health, other requests or shutdown
-            vec = _embedding(ids, dims)
+            vec = embedding(ids, dims)
             emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
             data.append({"object": "embedding", "embedding": emb, "index": i})
         total = sum(map(len, inputs))
@@ -355,6 +354,12 @@ class SimServer:
             self.faults = Faults()
         return json_response(self.faults.to_dict())
 
+    async def admin_runner(self, request: Request) -> Response:
+        """How well the real-time runner keeps up with its time scale (cumulative; take deltas)."""
+        r = self.runner
+        return json_response({"time_scale": r.time_scale, "steps": r.steps, "engine_busy_s": r.engine_busy_s,
+                              "wall_busy_s": r.wall_busy_s, "slipped_s": r.slipped_s, "keep_up": r.keep_up()})
+
     async def admin_reset(self, request: Request) -> Response:
         self.runner.reset()
         return json_response({"restarts": self.runner.restarts, "started_at": self.runner.started_at})
@@ -383,53 +388,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
-
-
-def _embedding_inputs(value: Any, max_model_len: int) -> list[list[int]]:
-    """Token ids of each input, checked as vLLM checks them: ids inside the vocabulary, each input
-    within the context length."""
-    inputs: list[list[int]] | None = None
-    if isinstance(value, str):
-        inputs = [tokenizer.encode(value)]
-    elif isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            inputs = [tokenizer.encode(v) for v in value]
-        elif is_token_ids(value):
-            inputs = [list(value)]
-        elif all(is_token_ids(v) for v in value):
-            inputs = [list(v) for v in value]
-    if inputs is None:
-        raise ApiError(400, "input must be a string, a list of strings, or (lists of) token ids", "input")
-    for ids in inputs:
-        check_token_ids(ids, "input")
-        if len(ids) > max_model_len:
-            raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                           f"requested {len(ids)} tokens in the input for embedding generation. Please reduce "
-                           f"the length of the input.", "input")
-    return inputs
-
-
-def _embedding_dims(value: Any, model: str, hidden_size: int) -> int:
-    """The simulated embedding model is a matryoshka model of `hidden_size` dimensions: fewer may be
-    asked for, more may not (vLLM slices the pooled vector, so it can never return more either)."""
-    if value is None:
-        return hidden_size
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, "dimensions must be an integer", "dimensions")
-    if value < 1:
-        raise ApiError(400, "Dimensions must be greater than 0", "dimensions")
-    if value > hidden_size:
-        raise ApiError(400, f'Model "{model}" has {hidden_size} embedding dimensions; dimensions must be at '
-                       f"most {hidden_size}, got {value}.", "dimensions")
-    return value
-
-
-def _embedding(ids: list[int], dims: int) -> list[float]:
-    """A unit vector determined by the token ids alone."""
-    rng = random.Random(zlib.crc32(struct.pack(f"<{len(ids)}q", *ids)))
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-    return [v / norm for v in vec]
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -463,6 +421,7 @@ def create_app(cfg: SimServerConfig) -> Starlette:
         Route("/admin/requests", sim.admin_requests, methods=["GET"]),
         Route("/admin/faults", sim.admin_faults, methods=["GET", "POST", "DELETE"]),
         Route("/admin/reset", sim.admin_reset, methods=["POST"]),
+        Route("/admin/runner", sim.admin_runner, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: _api_error})
     app.state.sim = sim

@@ -67,3 +67,38 @@ async def test_reset_ends_inflight_requests_and_empties_cache(runner: EngineRunn
     rest = [ev async for ev in stream]
     assert rest[-1].finish_reason == "abort" and runner.restarts == 1
     assert runner.engine.cached_prefix_tokens(list(range(64))) == 0
+
+
+class _Clock:
+    """Monotonic time plus a fake offset: each engine step 'costs' `compute_s` of wall time."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+async def test_step_compute_comes_out_of_the_sleep_so_model_time_keeps_pace() -> None:
+    # A step that costs 3 ms to compute (the Python engine, SSE writes) used to be added on top of
+    # every sleep: at 5x that made model time run ~2x slow. With deadlines it is absorbed.
+    clock = _Clock()
+
+    class SlowEngine(Engine):
+        def step(self, now: float):  # type: ignore[no-untyped-def]
+            clock.offset += 0.003
+            return super().step(now)
+
+    r = EngineRunner(lambda: SlowEngine(get_profile("tiny")), 1.0, clock=clock)
+    task = asyncio.create_task(r.run())
+    try:
+        async for _ in r.submit(SimRequest("a", list(range(32)), 80)):
+            pass
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    e2e = r.engine.stats().e2e.total
+    # 80 steps of ~5.5 ms model time each: the request must not take 80 x 3 ms longer than that.
+    assert e2e < r.engine_busy_s * 1.25, (e2e, r.engine_busy_s)
+    assert r.keep_up() > 0.8 and r.slipped_s < 0.05

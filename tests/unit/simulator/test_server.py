@@ -179,6 +179,15 @@ async def test_render_gives_the_token_ids_the_engine_will_prefill(client: aiohtt
         assert resp.status == 404 and (await resp.json())["error"]["param"] == "model"
 
 
+async def test_admin_runner_reports_keep_up(client: aiohttp.ClientSession) -> None:
+    async with client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 20, "ignore_eos": True}) as resp:
+        assert resp.status == 200
+    async with client.get("/admin/runner") as resp:
+        r = await resp.json()
+    assert r["steps"] >= 20 and r["engine_busy_s"] > 0.05 and r["wall_busy_s"] > 0
+    assert r["keep_up"] == pytest.approx(r["engine_busy_s"] / (r["wall_busy_s"] * r["time_scale"]))
+
+
 async def test_metrics_use_vllm_names(client: aiohttp.ClientSession) -> None:
     async with client.post(CHAT, json={"model": "ad", "messages": MSG, "max_tokens": 2, "ignore_eos": True}) as resp:
         assert resp.status == 200
