@@ -1,0 +1,114 @@
+"""Head-to-head: Gravity against vllm-router, SMG and LiteLLM's proxy, in one process tree and one run.
+
+    .venv/bin/python loadtests/headtohead/run.py --quick          # a few minutes, for development
+    .venv/bin/python loadtests/headtohead/run.py                  # both parts, full size
+    .venv/bin/python loadtests/headtohead/run.py --part overhead  # or --part routing
+
+The peers come from PyPI, pinned, each in its own venv under .gravity/headtohead/ (created on first
+use). Needs nginx and wrk (apt-get install nginx-light wrk). Everything listens on 127.0.0.1, every
+phase is bounded in time, every process is stopped at exit. Results: loadtests/results/headtohead.json
+(figures, exact commands, machine load), tables on stdout, PNG plots in docs/ with --plots.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import INSTALL_HINT, REPO, _busy_processes, _machine, stack
+from peers import PINS, SYSTEMS, ensure_venv
+
+RESULTS = REPO / "loadtests" / "results" / "headtohead.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("overhead", "routing", "all"), default="all")
+    ap.add_argument("--quick", action="store_true", help="1 round x 2 s, short traces: a smoke run")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    g = ap.add_argument_group("overhead")
+    g.add_argument("--rounds", type=int, default=3)
+    g.add_argument("--seconds", type=float, default=5.0)
+    g.add_argument("--connections", type=int, default=32)
+    g.add_argument("--stream-connections", type=int, default=32)
+    g.add_argument("--chunks", type=int, default=32, help="SSE chunks per streamed response")
+    g.add_argument("--interval-ms", type=float, default=10.0, help="upstream gap between SSE chunks")
+    r = ap.add_argument_group("routing")
+    r.add_argument("--backends", type=int, default=4)
+    r.add_argument("--time-scale", type=float, default=1.0, help="simulator speed-up (checked: keep_up)")
+    r.add_argument("--kv-blocks", type=int, default=2500, help="KV blocks per replica (16 tokens each)")
+    r.add_argument("--workloads", default="shared-prefix,multi-turn,agent-loop,long-doc-qa,no-sharing")
+    r.add_argument("--requests", type=int, default=320, help="requests per workload")
+    r.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    r.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds = 1, 2.0
+        args.requests = min(args.requests, 80)
+        args.workloads = ",".join(args.workloads.split(",")[:2]) if args.workloads == ap.get_default("workloads") \
+            else args.workloads
+    systems = [x for x in args.systems.split(",") if x]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"unknown systems {sorted(unknown)}")
+
+    for peer in sorted({SYSTEMS[x].peer for x in systems if SYSTEMS[x].peer}):
+        ensure_venv(peer)  # type: ignore[arg-type]
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "loadtests/headtohead/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "pins": PINS, "machine": _machine(), "busy_processes_at_start": _busy_processes(),
+    }
+    if args.part in ("overhead", "all"):
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        wrk = shutil.which("wrk")
+        if not nginx or not wrk:
+            print(INSTALL_HINT.format(what="nginx and wrk"), file=sys.stderr)
+            return 2
+        import overhead
+        with stack() as s:
+            report["overhead"] = overhead.run(
+                s, systems, wrk=wrk, nginx=nginx, rounds=args.rounds, seconds=args.seconds,
+                connections=args.connections, stream_connections=args.stream_connections, chunks=args.chunks,
+                interval_ms=args.interval_ms)
+        report["overhead"]["settings"] = {"rounds": args.rounds, "seconds": args.seconds,
+                                          "connections": args.connections,
+                                          "stream_connections": args.stream_connections}
+        report["overhead"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    if args.part in ("routing", "all"):
+        import routing_part
+        with stack() as s:
+            report["routing"] = routing_part.run(
+                s, systems, backends=args.backends, time_scale=args.time_scale, kv_blocks=args.kv_blocks,
+                workloads=args.workloads.split(","), requests=args.requests, max_tokens=args.max_tokens,
+                seed=args.seed)
+        report["routing"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    import tables
+    print(tables.render(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.output.exists() and args.part != "all":
+        # A part run on its own keeps the other part's last figures.
+        old = json.loads(args.output.read_text())
+        for key in ("overhead", "routing"):
+            if key not in report and key in old:
+                report[key] = old[key]
+    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.output}")
+    if args.plots:
+        import plots
+        for path in plots.write(report, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
