@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -58,12 +59,12 @@ def wait_answers(port: int, body: bytes, timeout: float = 120.0) -> None:
     raise SystemExit(f"port {port} never answered a chat completion (last: {last})")
 
 
-def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, str]) -> None:
+def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, str], cwd: Path = REPO) -> None:
     """Stack.start with an environment of the caller's (the peers need their own variables)."""
     import subprocess
 
     with open(s.tmp / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     s.procs.append(proc)
     s.pids[name] = proc.pid
     try:
@@ -83,7 +84,7 @@ def start_system(s: Stack, name: str, workers: list[str], model: str, tag: str,
 
 
 def run(s: Stack, systems: list[str], *, wrk: str | None, nginx: str, rounds: int, seconds: float,
-        connections: int, stream_connections: int, chunks: int, interval_ms: float,
+        connections: int, stream_connections: int, chunks: int, interval_ms: float, bare: bool = True,
         log: Any = print) -> dict[str, Any]:
     port_a, port_b = free_port(), free_port()
     conf = s.tmp / "nginx.conf"
@@ -95,6 +96,13 @@ def run(s: Stack, systems: list[str], *, wrk: str | None, nginx: str, rounds: in
     commands: dict[str, list[str]] = {}
     plain = {"direct": port_a}
     streamed = {"direct-sse": sse_a}
+    if bare:
+        # The floor for any Python proxy on this stack (one upstream, no routing), for same-run ratios.
+        port = free_port()
+        argv = [sys.executable, str(REPO / "loadtests" / "bare_proxy.py"), "--port", str(port), "--upstream",
+                f"http://127.0.0.1:{port_a}"]
+        start_proc(s, "bare", argv, port, dict(os.environ))
+        plain["bare"], commands["bare"] = port, argv
     for name in systems:
         plain[name] = start_system(s, name, [f"http://127.0.0.1:{p}" for p in (port_a, port_b)], MODEL, "", commands)
         streamed[name + "-sse"] = start_system(s, name, [f"http://127.0.0.1:{p}" for p in (sse_a, sse_b)],

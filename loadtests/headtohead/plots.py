@@ -37,7 +37,7 @@ def write(report: dict[str, Any], out_dir: Path) -> list[Path]:
     if "overhead" in report:
         ov = report["overhead"]
         c = f"c{ov['settings']['connections']}"
-        names = [n for n in ov["nonstream"] if n != "direct"]
+        names = [n for n in ov["nonstream"] if n not in ("direct", "bare")]
         labels = [NAMES.get(n, n).replace(" ", "\n", 1) for n in names]
         stream = ov.get("stream", {})
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))

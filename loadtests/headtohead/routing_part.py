@@ -43,6 +43,14 @@ def _post(port: int, path: str) -> None:
         resp.read()
 
 
+def _runner(port: int) -> dict[str, float]:
+    """/admin/runner, or zeros from a simulator older than it (--sim-source, to measure the old lag)."""
+    try:
+        return dict(json.loads(_get(port, "/admin/runner")))
+    except OSError:
+        return {"wall_busy_s": 0.0, "engine_busy_s": 0.0, "slipped_s": 0.0}
+
+
 def sim_counters(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, value in _COUNTER.findall(_get(port, "/metrics")):
@@ -111,7 +119,7 @@ def _summary(results: list[dict[str, Any]], engine_s: float) -> dict[str, Any]:
 
 
 def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_blocks: int, workloads: list[str],
-        requests: int, max_tokens: int, seed: int, log: Any = print) -> dict[str, Any]:
+        requests: int, max_tokens: int, seed: int, sim_source: Path = REPO, log: Any = print) -> dict[str, Any]:
     import os
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(REPO / "config" / "tiktoken")}
     sims = []
@@ -120,13 +128,14 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
     for i in range(backends):
         port = free_port()
         start_proc(s, f"sim-{i}", [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port),
-                                   *sim_args], port, env)
+                                   *sim_args], port, {**env, "PYTHONPATH": str(sim_source)}, cwd=sim_source)
         sims.append(port)
     workers = [f"http://127.0.0.1:{p}" for p in sims]
     commands: dict[str, list[str]] = {}
     out: dict[str, Any] = {"settings": {"backends": backends, "time_scale": time_scale, "kv_blocks": kv_blocks,
                                         "kv_tokens_per_replica": kv_blocks * 16, "requests": requests,
-                                        "max_tokens": max_tokens, "seed": seed, "simulator_args": sim_args},
+                                        "max_tokens": max_tokens, "seed": seed, "simulator_args": sim_args,
+                                        "simulator_source": str(sim_source)},
                            "workloads": {}, "commands": commands}
     traces_dir = s.tmp / "traces"
     traces_dir.mkdir()
@@ -143,12 +152,12 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
             wait_answers(port, body)
             for sp in sims:  # empty caches, queues and counters (the engine is replaced)
                 _post(sp, "/admin/reset")
-            runner0 = [json.loads(_get(sp, "/admin/runner")) for sp in sims]
+            runner0 = [_runner(sp) for sp in sims]
             time.sleep(1.0)  # scrapers and health checks see the reset replicas
             cap = max(records[-1].t / time_scale * 3, 60.0)
             results, engine_s = asyncio.run(replay(f"http://127.0.0.1:{port}", records, time_scale, cap))
             counters = [sim_counters(sp) for sp in sims]
-            runner1 = [json.loads(_get(sp, "/admin/runner")) for sp in sims]
+            runner1 = [_runner(sp) for sp in sims]
             s.procs[-1].terminate()
             s.procs[-1].wait(15)
             row = _summary(results, engine_s)

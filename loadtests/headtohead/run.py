@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     r = ap.add_argument_group("routing")
     r.add_argument("--backends", type=int, default=4)
     r.add_argument("--time-scale", type=float, default=1.0, help="simulator speed-up (checked: keep_up)")
-    r.add_argument("--kv-blocks", type=int, default=2500, help="KV blocks per replica (16 tokens each)")
+    r.add_argument("--kv-blocks", type=int, default=2000,
+                   help="KV blocks per replica (16 tokens each): 32k tokens, below every workload's working set")
     r.add_argument("--workloads", default="shared-prefix,multi-turn,agent-loop,long-doc-qa,no-sharing")
     r.add_argument("--requests", type=int, default=320, help="requests per workload")
     r.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--sim-source", type=Path, default=REPO,
+                   help="checkout whose simulator runs the replicas (to measure another version's lag)")
     ap.add_argument("--output", type=Path, default=RESULTS)
     ap.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
     args = ap.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             report["routing"] = routing_part.run(
                 s, systems, backends=args.backends, time_scale=args.time_scale, kv_blocks=args.kv_blocks,
                 workloads=args.workloads.split(","), requests=args.requests, max_tokens=args.max_tokens,
-                seed=args.seed)
+                seed=args.seed, sim_source=args.sim_source.resolve())
         report["routing"]["load_average_1m_at_end"] = os.getloadavg()[0]
     import tables
     print(tables.render(report))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-NAMES = {"direct": "upstream direct (nginx; SSE server when streamed)", "gravity": "Gravity (default profile)",
+NAMES = {"direct": "upstream direct (nginx; SSE server when streamed)", "bare": "bare Starlette+aiohttp proxy", "gravity": "Gravity (default profile)",
          "vllm-router-ca": "vllm-router cache_aware", "vllm-router-rr": "vllm-router round_robin",
          "smg-ca": "SMG cache_aware", "litellm": "LiteLLM simple-shuffle"}
 

@@ -14,7 +14,7 @@ from routing.eval.workloads import WORKLOADS, WorkloadOptions, generate
 
 MODEL = "sim-llama"
 # Arrivals per engine second for 4 replicas (scaled by backends / 4): loaded, not saturated.
-RATES = {"shared-prefix": 24.0, "multi-turn": 16.0, "agent-loop": 12.0, "long-doc-qa": 8.0, "no-sharing": 16.0}
+RATES = {"shared-prefix": 16.0, "multi-turn": 16.0, "agent-loop": 12.0, "long-doc-qa": 8.0, "no-sharing": 16.0}
 _WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "this", "are", "or", "from", "at", "which", "but", "have"]
 
 
