@@ -67,7 +67,7 @@ def measure_capacity(
     make: Callable[[float, int], Sequence[TraceRecord]],
     *,
     config: Callable[[Registry], RoutingConfig],
-    engine: EngineConfig,
+    engine: EngineConfig | Sequence[EngineConfig],
     backends: int,
     lo: float,
     hi: float,

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="JSON Lines trace to replay")
     src.add_argument("--workload", choices=sorted(WORKLOADS), help="built-in workload")
+    src.add_argument("--sweep", action="store_true",
+                     help="robustness sweep over generated cases (`gravity eval --sweep --help`)")
     p.add_argument("--requests", type=int, help="workload size (default: the workload's own)")
     p.add_argument("--rate", type=float, help="workload arrival rate, requests/s")
     p.add_argument("--write-trace", metavar="FILE", help="also write the generated workload as a trace")
@@ -53,6 +55,11 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" in argv:
+        from routing.eval import sweep_cli  # its options differ; matplotlib and the pool load only here
+
+        return sweep_cli.main(argv)
     args = build_parser().parse_args(argv)
     engine = get_profile(args.engine_profile, kv_blocks=args.kv_blocks, seed=args.seed)
     try:

@@ -60,18 +60,23 @@ def simulate(
     records: Sequence[TraceRecord],
     *,
     config: RoutingConfig | Callable[[Registry], RoutingConfig],
-    engine: EngineConfig,
+    engine: EngineConfig | Sequence[EngineConfig],
     backends: int = 4,
     profile: str | None = None,
     seed: int = 0,
     scrape_interval_s: float = 0.1,
     policy_name: str = "",
 ) -> ClusterResult:
-    """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome."""
+    """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome.
+
+    ``engine`` is one config for every backend, or one per backend (a mixed fleet; ``backends`` is
+    then its length).
+    """
     now = 0.0
     clock = lambda: now
-    names = [f"sim-{i}" for i in range(backends)]
-    engines = {n: Engine(replace(engine, seed=engine.seed + i)) for i, n in enumerate(names)}
+    configs = [engine] * backends if isinstance(engine, EngineConfig) else list(engine)
+    names = [f"sim-{i}" for i in range(len(configs))]
+    engines = {n: Engine(replace(c, seed=c.seed + i)) for i, (n, c) in enumerate(zip(names, configs, strict=True))}
     tokens: dict[str, list[int]] = {}
     oracle = OracleIndex(engines, lambda r: tokens.get(r.request_id, []))
     registry = oracle_registry(oracle)

@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from routing.eval.generators import ISSUE_WORKLOADS, generate_spec
 from routing.eval.trace import TraceRecord
 
 __all__ = ["WORKLOADS", "WorkloadOptions", "generate"]
@@ -128,6 +129,13 @@ def llmd(o: WorkloadOptions) -> list[TraceRecord]:
     return [TraceRecord(t, o.model, 64, _chat(systems[rng.randrange(groups)], _text(rng, 1200))) for t in times]
 
 
+def _issue(name: str, default_rate: float) -> Callable[[WorkloadOptions], list[TraceRecord]]:
+    def make(o: WorkloadOptions) -> list[TraceRecord]:
+        return generate_spec(ISSUE_WORKLOADS[name], o.rate or default_rate, o.seed, requests=o.requests)
+    make.__doc__ = f"The issue's '{name}' trace, rebuilt as a generator (routing/eval/generators.py)."
+    return make
+
+
 WORKLOADS: dict[str, Callable[[WorkloadOptions], list[TraceRecord]]] = {
     "shared-prefix": shared_prefix,
     "multi-turn": multi_turn,
@@ -135,6 +143,9 @@ WORKLOADS: dict[str, Callable[[WorkloadOptions], list[TraceRecord]]] = {
     "long-doc-qa": long_doc_qa,
     "no-sharing": no_sharing,
     "llm-d": llmd,
+    # Traces the default was never tuned on (issue 14), as generators; also structures of the sweep.
+    "agent-loop": _issue("agent-loop", 9.0),
+    "tenant-doc-qa": _issue("tenant-doc-qa", 20.0),
 }
 
 

@@ -1,0 +1,96 @@
+"""The sweep runner and report: a tiny end-to-end run, resuming from its cache, the slack rules, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from routing.eval.cli import main as eval_main
+from routing.eval.sweep import (
+    CapacityMethod,
+    PolicyRef,
+    Store,
+    SweepOptions,
+    parse_seeds,
+    policy_refs,
+    run_sweep,
+)
+from routing.eval.sweep_report import build_report, within
+from routing.eval.sweep_space import draw_case
+
+TINY_METHOD = CapacityMethod(seeds=1, steps=2, probe_seconds=1.0, probe_max_requests=30)
+SEED = 8  # a cheap case: a flat workload of short prompts
+
+
+def _opts(policies: tuple[PolicyRef, ...], jobs: int = 1) -> SweepOptions:
+    return SweepOptions(seeds=(SEED,), policies=policies, loads=(0.5, 0.95), requests=24, method=TINY_METHOD, jobs=jobs)
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("1-3,7, 9-10,2") == (1, 2, 3, 7, 9, 10)
+
+
+@pytest.mark.parametrize(("a", "b", "metric", "ok"), [
+    ({"p90": 1.05, "p99": 1.0}, {"p90": 1.0, "p99": 1.0}, None, True),
+    ({"p90": 1.06, "p99": 1.0}, {"p90": 1.0, "p99": 1.0}, None, False),
+    ({"p90": 1.0, "p99": 1.11}, {"p90": 1.0, "p99": 1.0}, None, False),
+    ({"p90": 1.0, "p99": 1.11}, {"p90": 1.0, "p99": 1.0}, "p90", True),
+    ({"p90": 2.0, "p99": 1.10}, {"p90": 1.0, "p99": 1.0}, "p99", True),
+])
+def test_slack_is_5_percent_on_p90_and_10_on_p99(a: dict, b: dict, metric: str | None, ok: bool) -> None:  # type: ignore[type-arg]
+    assert within(a, b, metric) is ok
+
+
+def test_a_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    refs = policy_refs(["default", "round-robin"], None, [])
+    cases = run_sweep(_opts(refs), store, progress=lambda _m: None)
+    assert [c.key for c in cases] == [draw_case(SEED, requests=24).key]
+    runs = store.runs()
+    assert len(runs) == 4 and len(store.capacities()) == 1
+    assert all(r["p90"] > 0 and r["p99"] >= r["p90"] for r in runs.values())
+
+    # A run cut short leaves a partial line: it is ignored and nothing else is redone.
+    with store.runs_path.open("a") as fh:
+        fh.write('{"case": "s0')
+    messages: list[str] = []
+    again = run_sweep(_opts(refs), store, progress=messages.append)
+    assert len(again) == 1 and "0 to run" in messages[0]
+
+    # A new policy runs only its own runs; the capacity comes from the cache.
+    more = (*refs, PolicyRef("least-request", "least-request"))
+    run_sweep(_opts(more), store, progress=lambda _m: None)
+    assert len(store.runs()) == 6 and len(store.capacities()) == 1
+
+    digests = {r.label: r.digest() for r in more}
+    report = build_report(again, store.runs(), digests, (0.5, 0.95))
+    assert len(report.runs) == 2 and all(len(r.by_policy) == 3 for r in report.runs)
+    text = report.text()
+    assert "within slack of best" in text and "Goals for 'default'" in text
+
+
+def test_a_changed_profile_is_a_new_policy(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("routing:\n  profiles:\n    - {name: rr, picker: round-robin}\n    - {name: rnd, picker: random}\n")
+    a, b = policy_refs([], str(cfg), ["rr", "rnd"])
+    assert a.digest() != b.digest()
+    assert PolicyRef("default", "default").digest() == PolicyRef("default", "default").digest()
+
+
+def test_cli_quick_runs_in_parallel_then_reports_from_its_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    args = ["--sweep", "--quick", "--seeds", str(SEED), "--policy", "default", "--policy", "cache-aware",
+            "--loads", "0.95", "--out", str(out)]
+    assert eval_main([*args, "--jobs", "2"]) == 0
+    first = capsys.readouterr().out
+    assert "1 to run" in first and "Goals for 'default'" in first
+    assert (out / "sweep.png").stat().st_size > 10_000
+    table = tmp_path / "t.json"
+    assert eval_main([*args, "--report-only", "--json", str(table)]) == 0
+    assert "1 cases, 1 runs" in capsys.readouterr().out
+    data = json.loads(table.read_text())
+    assert set(data["policies"]) == {"default", "cache-aware"} and len(data["runs"]) == 1
+    assert eval_main(["--sweep", "--policy", "nope"]) == 2
+    assert eval_main(["--sweep", "--describe"]) == 0
+    assert "held-out seeds 101-200" in capsys.readouterr().out
