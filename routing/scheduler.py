@@ -14,7 +14,6 @@ from routing.config import RoutingConfig, resolve
 from routing.datastore import Datastore
 from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
 from routing.plugins.base import BuildContext, CycleContext, Filter, Observer, Picker, Scorer
-from routing.plugins.prefill_cost import PREFIX_MATCH_KEY
 from routing.plugins.registry import Registry, default_registry
 from routing.types import Candidate, Decision, RoutingRequest, ScoreTable
 
@@ -97,7 +96,7 @@ class Scheduler:
             now = timer()
             timings[scorer.name] = now - t
             t = now
-        matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
+        matched = ctx.prefix.cached if ctx.prefix is not None else {}
         prompt_tokens = req.prompt_tokens
         table = ScoreTable(endpoints)
         candidates = [

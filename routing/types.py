@@ -13,6 +13,8 @@ __all__ = [
     "EndpointMetrics",
     "EndpointSpec",
     "EndpointView",
+    "LatencyPrediction",
+    "PrefixMatch",
     "RoutingRequest",
     "ScoreTable",
     "Snapshot",
@@ -137,6 +139,32 @@ class RoutingRequest:
     profile: str | None = None  # None selects RoutingConfig.default_profile
     eligible: frozenset[str] | None = None
     """Endpoint names this request may go to (the ext_proc subset hint); None: every endpoint."""
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The prefix producer's output for one cycle: where the prompt is believed cached.
+
+    Written once per cycle by the prefix scorer (``CycleContext.prefix``) and read by cost scorers and by
+    the scheduler (``Candidate.uncached_tokens``), so no consumer depends on a producer's module.
+    """
+
+    cached: Mapping[str, float]  # endpoint -> fraction of the prompt believed cached there, in [0, 1]
+    home: str | None = None  # where a prefix cached nowhere should start (rendezvous owner), if any
+
+    def fraction(self, endpoint: str) -> float:
+        return self.cached.get(endpoint, 0.0)
+
+    @property
+    def best(self) -> float:
+        return max(self.cached.values(), default=0.0)
+
+
+@dataclass(frozen=True)
+class LatencyPrediction:
+    """Predicted time to first token per endpoint, in seconds (``CycleContext.latency``)."""
+
+    ttft_s: Mapping[str, float]
 
 
 class ScoreTable:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
 from routing.datastore import Datastore
-from routing.types import Candidate, EndpointView, RoutingRequest, Snapshot
+from routing.types import Candidate, EndpointView, LatencyPrediction, PrefixMatch, RoutingRequest, Snapshot
 
 __all__ = [
     "BuildContext",
@@ -30,12 +30,17 @@ __all__ = [
 
 @dataclass
 class CycleContext:
-    """One scheduling cycle: the request, the snapshot it runs over and a scratch pad for plugins."""
+    """One scheduling cycle: the request, the snapshot it runs over, and producers' typed outputs.
+
+    A producer (the prefix scorer, the latency predictor) sets its field once; scorers later in the
+    profile and the scheduler read it. ``None``: no producer ran in this profile.
+    """
 
     request: RoutingRequest
     snapshot: Snapshot
     rng: random.Random
-    scratch: dict[str, Any] = field(default_factory=dict)
+    prefix: PrefixMatch | None = None
+    latency: LatencyPrediction | None = None
 
 
 @dataclass(frozen=True)

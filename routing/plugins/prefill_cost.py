@@ -1,7 +1,7 @@
 """Scorer ``prefill-cost-scorer``: estimated prefill work ahead of this request's first token on each endpoint.
 
 cost = prompt tokens still awaiting prefill there + this prompt's uncached part (from the prefix
-scorer's match, shared through the cycle scratch pad) + a per-request charge for decode batch load.
+scorer's match, ``CycleContext.prefix``) + a per-request charge for decode batch load.
 Tokens are one unit for queueing and cache misses, so no weight has to trade them off.
 """
 from __future__ import annotations
@@ -14,10 +14,7 @@ from pydantic import Field
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
 from routing.types import EndpointView
 
-__all__ = ["FACTORY", "PREFIX_HOME_KEY", "PREFIX_MATCH_KEY", "PrefillCostParams", "PrefillCostScorer"]
-
-PREFIX_MATCH_KEY = "prefix_match"  # scratch-pad key: dict endpoint -> fraction of the prompt cached
-PREFIX_HOME_KEY = "prefix_home"  # scratch-pad key: the endpoint a prefix cached nowhere should start on
+__all__ = ["FACTORY", "PrefillCostParams", "PrefillCostScorer"]
 
 
 class PrefillCostParams(Params):
@@ -49,10 +46,11 @@ class PrefillCostScorer:
 
     def costs(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         p = self._p
-        matched: dict[str, float] = ctx.scratch.get(PREFIX_MATCH_KEY, {})
-        home: str | None = ctx.scratch.get(PREFIX_HOME_KEY)
+        prefix = ctx.prefix
+        matched = prefix.cached if prefix is not None else {}
+        home = prefix.home if prefix is not None else None
         prompt = ctx.request.prompt_tokens or max(1, len(ctx.request.prompt) // 4)
-        best_match = max(matched.values(), default=0.0)
+        best_match = prefix.best if prefix is not None else 0.0
         extra_miss = p.miss_weight - 1.0
         drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
         now = self._clock()

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from routing.plugins.base import BuildContext, CycleContext, Params, PluginFactory
-from routing.plugins.prefill_cost import PREFIX_HOME_KEY, PREFIX_MATCH_KEY
 from routing.prefix import (
     ApproxPrefixIndex,
     PrefixIndex,
@@ -22,7 +21,7 @@ from routing.prefix import (
     request_seed,
     stable_block_key,
 )
-from routing.types import EndpointView, RoutingRequest
+from routing.types import EndpointView, PrefixMatch, RoutingRequest
 
 __all__ = ["FACTORY", "PrefixCacheScorer", "PrefixParams"]
 
@@ -55,15 +54,14 @@ class PrefixCacheScorer:
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         names = [e.name for e in endpoints]
         scores = self.index.match(ctx.request, names)
-        # Producer role: cost-based scorers later in the profile read the match from the scratch pad.
-        ctx.scratch[PREFIX_MATCH_KEY] = dict(zip(names, scores, strict=True))
         # "Cached nowhere" means no endpoint holds even the first block: a chat template's few shared
         # tokens (an exact index sees those) must not disable the home.
         prompt_len = len(ctx.request.prompt)
+        home = None
         if names and prompt_len and max(scores) * prompt_len < self._home_block and self._recurs(ctx.request):
             home = self.home(ctx.request, names)
-            if home is not None:
-                ctx.scratch[PREFIX_HOME_KEY] = home
+        # Producer role: cost-based scorers later in the profile, and the scheduler, read the match.
+        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home)
         return scores
 
     def home(self, request: RoutingRequest, names: Sequence[str]) -> str | None:

@@ -177,3 +177,29 @@ def test_eligible_narrows_every_pick_and_an_empty_subset_is_503_not_404() -> Non
             sched.schedule(_req(eligible=subset))
     with pytest.raises(ModelNotServed):
         sched.schedule(_req(model="other", eligible=frozenset({"a"})))
+
+
+def test_the_scheduler_depends_on_plugin_protocols_not_on_plugins() -> None:
+    # Producer outputs have a typed home (CycleContext.prefix / .latency); no consumer, the scheduler
+    # included, imports a producer's module for a key.
+    import ast
+    from pathlib import Path
+
+    import routing.scheduler
+
+    tree = ast.parse(Path(routing.scheduler.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    plugins = {m for m in imported if m.startswith("routing.plugins.")}
+    assert plugins <= {"routing.plugins.base", "routing.plugins.registry"}
+
+
+def test_the_prefix_match_reaches_uncached_tokens_through_the_context() -> None:
+    ds = make_datastore(["a", "b"])
+    sched = build_scheduler(RoutingConfig(), ds, rng=random.Random(0))
+    req = RoutingRequest(model="m", prompt=b"x" * 4096, prompt_tokens=1000)
+    first = sched.schedule(req)
+    assert [c.uncached_tokens for c in first.ranked] == [1000, 1000]
+    sched.observe(req, first.best.endpoint)
+    again = sched.schedule(req)
+    cached = {c.endpoint: c.uncached_tokens for c in again.ranked}
+    assert cached[first.best.endpoint] == 0 and cached[next(e for e in cached if e != first.best.endpoint)] == 1000

@@ -16,7 +16,7 @@ from routing.plugins.lora_capable import LoraCapableFilter
 from routing.plugins.model_served import ModelServedFilter
 from routing.plugins.queue import QueueParams, QueueScorer
 from routing.plugins.session import SessionAffinityScorer
-from routing.types import EndpointView
+from routing.types import EndpointView, PrefixMatch
 from tests.unit.routing.helpers import context, metrics, view
 
 M = metrics
@@ -150,14 +150,14 @@ def test_filter(case: str, flt: Any, views: list[EndpointView], req: dict[str, A
 
 
 def test_prefill_cost_reads_the_prefix_match_and_in_flight_prefill() -> None:
-    from routing.plugins.prefill_cost import PREFIX_MATCH_KEY, PrefillCostParams, PrefillCostScorer
+    from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
 
     scorer = PrefillCostScorer(
         "c", PrefillCostParams(per_request_tokens=0, smoothing_tokens=100, miss_weight=1, home_fraction=0)
     )
     views = [view("a", inflight_prompt_tokens=900, inflight_requests=1), view("b"), view("c")]
     ctx = context(*views, prompt_tokens=1000)
-    ctx.scratch[PREFIX_MATCH_KEY] = {"a": 1.0, "b": 0.9}
+    ctx.prefix = PrefixMatch({"a": 1.0, "b": 0.9})
     # costs: a = 900 queued + 0 uncached; b = 100 uncached; c = 1000 uncached
     assert scorer.costs(ctx, views) == pytest.approx([900.0, 100.0, 1000.0])
     assert scorer.score(ctx, views) == pytest.approx([200 / 1000, 1.0, 200 / 1100])
@@ -209,24 +209,16 @@ def test_prefill_cost(
     case: str, params: dict[str, float], views: list[EndpointView], match: dict[str, float], home: str | None,
     expected: list[float],
 ) -> None:
-    from routing.plugins.prefill_cost import (
-        PREFIX_HOME_KEY,
-        PREFIX_MATCH_KEY,
-        PrefillCostParams,
-        PrefillCostScorer,
-    )
+    from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
 
     base = {"per_request_tokens": 0.0, "miss_weight": 1.0, "home_fraction": 0.0}
     scorer = PrefillCostScorer("c", PrefillCostParams(**{**base, **params}))
     ctx = context(*views, prompt_tokens=1000)
-    ctx.scratch[PREFIX_MATCH_KEY] = match
-    if home is not None:
-        ctx.scratch[PREFIX_HOME_KEY] = home
+    ctx.prefix = PrefixMatch(match, home)
     assert scorer.costs(ctx, views) == pytest.approx(expected)
 
 
 def test_prefix_scorer_names_a_stable_home_only_when_nothing_is_cached() -> None:
-    from routing.plugins.prefill_cost import PREFIX_HOME_KEY
     from routing.plugins.prefix_scorer import PrefixCacheScorer
     from routing.prefix import ApproxPrefixIndex
 
@@ -236,24 +228,25 @@ def test_prefix_scorer_names_a_stable_home_only_when_nothing_is_cached() -> None
     prompt = b"group seven system prompt " * 4
     first = context(*views, prompt=prompt)
     scorer.score(first, views)
-    home = first.scratch[PREFIX_HOME_KEY]
+    assert first.prefix is not None
+    home = first.prefix.home
+    assert home is not None
     # Same first block, different tail: same home; the order of the candidates does not matter.
     again = context(*reversed(views), prompt=prompt[:16] + b"another question entirely")
     scorer.score(again, list(reversed(views)))
-    assert again.scratch[PREFIX_HOME_KEY] == home
+    assert again.prefix is not None and again.prefix.home == home
     # Once an endpoint holds the prefix, affinity takes over and there is no home.
     scorer.observe(first.request, "a")
     cached = context(*views, prompt=prompt)
     scorer.score(cached, views)
-    assert PREFIX_HOME_KEY not in cached.scratch
+    assert cached.prefix is not None and cached.prefix.home is None and cached.prefix.fraction("a") > 0
     # Prompts shorter than a block have no home.
     short = context(*views, prompt=b"hi")
     scorer.score(short, views)
-    assert PREFIX_HOME_KEY not in short.scratch
+    assert short.prefix is not None and short.prefix.home is None
 
 
 def test_home_only_for_a_prefix_seen_before_when_recurrence_is_required() -> None:
-    from routing.plugins.prefill_cost import PREFIX_HOME_KEY
     from routing.plugins.prefix_scorer import PrefixCacheScorer
     from routing.prefix import ApproxPrefixIndex
 
@@ -263,12 +256,12 @@ def test_home_only_for_a_prefix_seen_before_when_recurrence_is_required() -> Non
     prompt = b"a one-off prompt, never repeated"
     one_off = context(*views, prompt=prompt)
     scorer.score(one_off, views)
-    assert PREFIX_HOME_KEY not in one_off.scratch  # pure load balance for prompts that do not recur
+    assert one_off.prefix is not None and one_off.prefix.home is None  # pure load balance for prompts that do not recur
     scorer.observe(one_off.request, "b")
     index.drop("b")  # evicted (restart): the prefix recurs but is cached nowhere, so it gets its home
     back = context(*views, prompt=prompt)
     scorer.score(back, views)
-    assert back.scratch[PREFIX_HOME_KEY] in {"a", "b", "c"}
+    assert back.prefix is not None and back.prefix.home in {"a", "b", "c"}
 
 
 def test_rendezvous_spreads_keys_and_moves_only_the_removed_endpoints() -> None:
