@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_FILTERS",
     "PluginSpec",
     "ProfilePluginRef",
+    "ProfileRule",
     "ProfileSpec",
     "RoutingConfig",
     "load_routing_config",
@@ -84,6 +85,20 @@ def _default_profiles() -> list[ProfileSpec]:
     return [ProfileSpec(name="default", plugins=refs)]
 
 
+class ProfileRule(BaseModel):
+    """Run ``profile`` for requests matching every condition given (first matching rule wins).
+
+    A profile the caller names on the request (``RoutingRequest.profile``) takes precedence over rules.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str
+    model: str | None = Field(default=None, description="glob on the requested model name, e.g. 'llama-70b*'")
+    lora: bool | None = Field(default=None, description="true: requests naming a LoRA adapter; false: base model")
+    priority: str | None = Field(default=None, description="the request's priority class, e.g. 'batch'")
+
+
 class RoutingConfig(BaseModel):
     """Scheduler plugins and profiles plus the metrics collector's timing."""
 
@@ -92,6 +107,7 @@ class RoutingConfig(BaseModel):
     plugins: list[PluginSpec] = Field(default_factory=_default_plugins)
     profiles: list[ProfileSpec] = Field(default_factory=_default_profiles, min_length=1)
     default_profile: str | None = None  # None: the first profile
+    profile_rules: list[ProfileRule] = Field(default_factory=list)
     scrape_interval_s: float = Field(default=0.1, gt=0)
     scrape_timeout_s: float = Field(default=0.5, gt=0)
     stale_after_s: float = Field(default=2.0, gt=0)
@@ -154,6 +170,9 @@ def _problems(cfg: RoutingConfig, registry: Registry) -> list[str]:
         out.extend(_check_ref(cfg, registry, profile.picker, "picker", f"{path}.picker"))
     if cfg.default_profile is not None and cfg.default_profile not in names:
         out.append(f"routing.default_profile: unknown profile '{cfg.default_profile}'")
+    for i, rule in enumerate(cfg.profile_rules):
+        if rule.profile not in names:
+            out.append(f"routing.profile_rules[{i}].profile: unknown profile '{rule.profile}'")
     return out
 
 

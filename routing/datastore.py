@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot
+from routing.latency import DRAIN_RATE_FRACTION, TTFTModel
+from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot, pending_prefill
 
 __all__ = ["Datastore", "InflightTicket", "RestartListener"]
 
@@ -30,6 +31,10 @@ class InflightTicket:
     generation: int
     done: bool = False
     prefilled: bool = False
+    # What the TTFT model is fitted on: when the request was dispatched and its features then.
+    started_at: float = 0.0
+    tokens_ahead: float = 0.0
+    inflight_ahead: int = 0
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _State:
     prefill_anchor_tokens: int = 0
     generation: int = 0
     restarts: int = 0
+    ttft_model: TTFTModel = dataclasses.field(default_factory=TTFTModel)
     view: EndpointView | None = None  # cached immutable copy; None after any write to this state
 
 
@@ -159,19 +165,24 @@ class Datastore:
     # -- in-flight accounting ------------------------------------------------------------------
     def begin(self, name: str, prompt_tokens: int, max_tokens: int) -> InflightTicket:
         state = self._states.get(name)
-        generation = -1
+        now = self._clock()
+        ticket = InflightTicket(name, prompt_tokens, max_tokens, -1, started_at=now)
         if state is not None:
             self._dirty(state)
+            ticket.tokens_ahead = prompt_tokens + pending_prefill(
+                state.inflight_prompt_tokens, state.prefill_tokens_per_s * DRAIN_RATE_FRACTION,
+                state.prefill_anchor_at, state.prefill_anchor_tokens, now)
+            ticket.inflight_ahead = state.inflight_requests
             if state.inflight_prompt_tokens == 0:
-                state.prefill_busy_since = state.prefill_anchor_at = self._clock()
+                state.prefill_busy_since = state.prefill_anchor_at = now
                 state.prefill_busy_tokens = state.prefill_anchor_tokens = 0
             state.prefill_busy_tokens += prompt_tokens
             state.prefill_anchor_tokens += prompt_tokens
             state.inflight_requests += 1
             state.inflight_prompt_tokens += prompt_tokens
             state.inflight_decode_tokens += max_tokens
-            generation = state.generation
-        return InflightTicket(name, prompt_tokens, max_tokens, generation)
+            ticket.generation = state.generation
+        return ticket
 
     def first_token(self, ticket: InflightTicket) -> None:
         """Optional: the first token arrived, so the prompt no longer waits for prefill.
@@ -189,6 +200,8 @@ class Datastore:
             # Prefill rate as realised since the busy period began (queueing behind a running step
             # included, so it errs low): what lets a scorer tell a backlog about to finish from a new one.
             now = self._clock()
+            if ticket.generation == state.generation:
+                state.ttft_model.update(ticket.tokens_ahead, ticket.inflight_ahead, now - ticket.started_at)
             # Re-anchor the backlog estimate on every completion, so an error in the rate cannot
             # accumulate over a long busy period; what is still pending is assumed not yet started.
             state.prefill_anchor_at = now
@@ -260,6 +273,7 @@ class Datastore:
             prefill_anchor_at=s.prefill_anchor_at,
             prefill_anchor_tokens=s.prefill_anchor_tokens,
             prefill_tokens_per_s=s.prefill_tokens_per_s,
+            ttft=s.ttft_model.coefficients,
             generation=s.generation,
         )
 

@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from routing.config import RoutingConfig, resolve
+from routing.config import ProfileRule, RoutingConfig, resolve
 from routing.datastore import Datastore
-from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
+from routing.errors import ModelNotServed, NoHealthyEndpoint
 from routing.plugins.base import BuildContext, CycleContext, Filter, Observer, Picker, Scorer
 from routing.plugins.registry import Registry, default_registry
+from routing.profiles import ProfileSelector
 from routing.types import Candidate, Decision, RoutingRequest, ScoreTable
 
 __all__ = ["Profile", "Scheduler", "build_scheduler"]
@@ -40,10 +41,11 @@ class Scheduler:
         *,
         rng: random.Random,
         timer: Callable[[], float] = time.perf_counter,
+        rules: Sequence[ProfileRule] = (),
     ) -> None:
         self._ds = datastore
         self._profiles = profiles
-        self._default = default_profile
+        self._selector = ProfileSelector(profiles, default_profile, rules)
         self._rng = rng
         self._timer = timer
 
@@ -51,16 +53,18 @@ class Scheduler:
     def profiles(self) -> list[str]:
         return list(self._profiles)
 
-    def _profile(self, name: str | None) -> Profile:
-        profile = self._profiles.get(name or self._default)
-        if profile is None:
-            raise UnknownProfile(name or self._default)
-        return profile
+    def select_profile(self, req: RoutingRequest) -> str:
+        """The profile ``req`` runs: the one it names (the caller authorised it), else the first matching
+        ``profile_rules`` entry, else the default; raises UnknownProfile for a name not configured."""
+        return self._selector.select(req)
+
+    def _profile(self, req: RoutingRequest) -> Profile:
+        return self._profiles[self._selector.select(req)]
 
     def schedule(self, req: RoutingRequest) -> Decision:
         timer = self._timer
         started = timer()
-        profile = self._profile(req.profile)
+        profile = self._profile(req)
         snapshot = self._ds.snapshot()
         model = req.model
         endpoints = [e for e in snapshot if e.serves(model)]
@@ -124,7 +128,7 @@ class Scheduler:
 
     def observe(self, req: RoutingRequest, endpoint: str) -> None:
         """Tell stateful plugins where the request went (call once, after the pick is final)."""
-        for obs in self._profile(req.profile).observers:
+        for obs in self._profile(req).observers:
             obs.observe(req, endpoint)
 
 
@@ -187,4 +191,4 @@ def build_scheduler(
             observers=tuple(observers),
         )
     default = cfg.default_profile or cfg.profiles[0].name
-    return Scheduler(datastore, profiles, default, rng=rng, timer=timer)
+    return Scheduler(datastore, profiles, default, rng=rng, timer=timer, rules=cfg.profile_rules)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from routing.latency import PRIOR, TTFTCoefficients
+
 __all__ = [
     "Candidate",
     "Decision",
@@ -62,6 +64,19 @@ class EndpointMetrics:
     updated_at: float = 0.0
 
 
+def pending_prefill(inflight_prompt_tokens: int, rate: float, anchor_at: float, anchor_tokens: int,
+                    now: float) -> float:
+    """Prompt tokens awaiting prefill net of ``rate`` x time since the anchor (see EndpointView)."""
+    pending = float(inflight_prompt_tokens)
+    if pending <= 0 or rate <= 0:
+        return pending
+    left = anchor_tokens - rate * (now - anchor_at)
+    # min(pending, max(0.0, left)) with one builtin call fewer: this runs per endpoint per request.
+    if not left > 0.0:  # also NaN
+        return 0.0
+    return min(pending, left)
+
+
 @dataclass(frozen=True)
 class EndpointView:
     """An immutable copy of one endpoint's state inside a :class:`Snapshot`."""
@@ -84,21 +99,13 @@ class EndpointView:
     prefill_tokens_per_s: float = 0.0
     prefill_anchor_at: float = 0.0
     prefill_anchor_tokens: int = 0
+    ttft: TTFTCoefficients = PRIOR  # this endpoint's fitted TTFT model (routing/latency.py)
 
     def pending_prefill_tokens(self, now: float, rate_fraction: float = 1.0) -> float:
         """Prompt tokens still to prefill, net of the progress the measured rate implies since the anchor
         (a fluid FIFO estimate); the raw count when the rate is unknown or disabled."""
-        pending = float(self.inflight_prompt_tokens)
-        if pending <= 0:
-            return pending
-        rate = self.prefill_tokens_per_s * rate_fraction
-        if rate <= 0:
-            return pending
-        left = self.prefill_anchor_tokens - rate * (now - self.prefill_anchor_at)
-        # min(pending, max(0.0, left)) with one builtin call fewer: this runs per endpoint per request.
-        if not left > 0.0:  # also NaN
-            return 0.0
-        return min(pending, left)
+        return pending_prefill(self.inflight_prompt_tokens, self.prefill_tokens_per_s * rate_fraction,
+                               self.prefill_anchor_at, self.prefill_anchor_tokens, now)
 
     def serves(self, model: str) -> bool:
         return self.models is not None and (model in self.models or model in self.loras)
@@ -151,6 +158,9 @@ class PrefixMatch:
 
     cached: Mapping[str, float]  # endpoint -> fraction of the prompt believed cached there, in [0, 1]
     home: str | None = None  # where a prefix cached nowhere should start (rendezvous owner), if any
+    # Recent share of traffic whose prompt starts with this prompt's first block (0 when not tracked):
+    # a prefix carrying more than a replica's fair share is worth copying.
+    share: float = 0.0
 
     def fraction(self, endpoint: str) -> float:
         return self.cached.get(endpoint, 0.0)

@@ -230,20 +230,24 @@ def _sessions(spec: WorkloadSpec, rate: float, n: int, rng: random.Random,
               session: _Session, prompts: int) -> list[TraceRecord]:
     """Sessions arriving by ``spec.arrivals``, each a run of requests ``think_s`` apart, until ``n`` fit.
 
-    Sessions are drawn past the point where ``n`` requests would have arrived, so the tail of the
-    (time-sorted, truncated) trace runs at the steady rate rather than thinning out.
+    Sessions start from one session lifetime *before* t = 0 and only requests at t >= 0 are kept, so
+    the trace runs at the steady rate from its start (traffic already in flight when it begins, its
+    caches cold) instead of ramping up over a session's lifetime: capacity probes of a few hundred
+    requests would otherwise never leave the ramp. Sessions are drawn past the point where ``n``
+    requests would have arrived, so the tail does not thin out either.
     """
     steps_mean = (spec.steps[0] + spec.steps[1]) / 2
     share = 1.0 - spec.hot_share
     session_rate = rate * share / steps_mean
-    horizon = n / rate + spec.steps[1] * spec.think_s[1]
-    count = max(1, math.ceil(session_rate * horizon * 1.2) + 2)
+    lifetime = spec.steps[1] * spec.think_s[1]
+    horizon = n / rate + lifetime
+    count = max(1, math.ceil(session_rate * (horizon + lifetime) * 1.2) + 2)
     starts = arrival_times(rng, count, session_rate, spec.arrivals)
     weights = zipf_weights(prompts, spec.zipf)
     out: list[TraceRecord] = []
     for i, start in enumerate(starts):
-        out += session(rng, f"s{i}", start, rng.choices(range(prompts), weights=weights)[0])
-    return out
+        out += session(rng, f"s{i}", start - lifetime, rng.choices(range(prompts), weights=weights)[0])
+    return [r for r in out if r.t >= 0.0]
 
 
 def _agent(spec: WorkloadSpec, rate: float, n: int, text_rng: random.Random, rng: random.Random) -> list[TraceRecord]:

@@ -89,7 +89,9 @@ def oracle_registry(index: OracleIndex) -> Registry:
 
     def build(name: str, params: OracleParams, deps: BuildContext) -> PrefixCacheScorer:
         # Same home rule as the default profile, so the two differ only in what they know is cached.
-        return PrefixCacheScorer(name, index, seen_capacity=PrefixParams().home_seen_capacity)
+        defaults = PrefixParams()
+        return PrefixCacheScorer(name, index, seen_capacity=defaults.home_seen_capacity, clock=deps.clock,
+                                 share_window_s=defaults.share_window_s)
 
     registry.add(PluginFactory("oracle-prefix-scorer", "scorer", OracleParams, build, "true engine cache state"))
     return registry

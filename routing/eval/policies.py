@@ -19,12 +19,49 @@ POLICIES: dict[str, dict[str, Any]] = {
     "oracle": {},  # built from the defaults in policy_config
 }
 
+# Candidate variants of the default profile, measured with the sweep (docs/routing.md): name ->
+# (replace prefill-cost by predicted-latency, params merged into the cost scorer, picker spec or None).
+CANDIDATES: dict[str, tuple[bool, dict[str, Any], dict[str, Any] | None]] = {
+    "hot": (False, {"hot_replication": True}, None),
+    "guard": (False, {}, {"type": "imbalance-guard", "params": {"abs_threshold": 8, "rel_threshold": 1.5}}),
+    "pl": (True, {}, None),
+    "pl-hot": (True, {"hot_replication": True}, None),
+    "pl-guard": (True, {}, {"type": "imbalance-guard", "params": {"load": "predicted", "abs_threshold": 1.0,
+                                                                  "rel_threshold": 1.5}}),
+    "pl-hot-guard": (True, {"hot_replication": True}, {"type": "imbalance-guard", "params": {
+        "load": "predicted", "abs_threshold": 1.0, "rel_threshold": 1.5}}),
+}
+POLICIES.update({name: {} for name in CANDIDATES})
+
+
+def _candidate(name: str, registry: Registry) -> RoutingConfig:
+    predicted, params, picker = CANDIDATES[name]
+    defaults = RoutingConfig()
+    profile = defaults.profile(None)
+    assert profile is not None
+    plugins = []
+    for spec in defaults.plugins:
+        data = spec.model_dump()
+        if spec.type == "prefill-cost-scorer":
+            if predicted:
+                keep = {k: v for k, v in data["params"].items() if k in ("miss_weight", "home_fraction", "waiting_tokens")}
+                data = {"type": "predicted-latency-scorer", "name": spec.key, "params": keep}
+            data["params"] = {**data["params"], **params}
+        plugins.append(data)
+    prof = {**profile.model_dump(), "name": name}
+    if picker is not None:
+        plugins.append({**picker, "name": "guard"})
+        prof["picker"] = "guard"
+    return RoutingConfig.model_validate({"plugins": plugins, "profiles": [prof]}, context={"registry": registry})
+
 
 def policy_config(name: str, registry: Registry) -> RoutingConfig:
     try:
         data = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy '{name}'; choose from {', '.join(POLICIES)}") from None
+    if name in CANDIDATES:
+        return _candidate(name, registry)
     if name == "oracle":
         # The default profile with the approximate prefix index swapped for the engines' true state.
         defaults = RoutingConfig()

@@ -31,6 +31,11 @@ class PrefillCostParams(Params):
         description="count prompt tokens awaiting prefill net of the progress the endpoint's measured prefill "
         "rate (times this) implies since its backlog began; 0 counts them all until the first token",
     )
+    hot_replication: bool = Field(
+        default=False,
+        description="divide the extra miss weight by how many replicas' worth of traffic the prefix carries "
+        "(PrefixMatch.share x candidates), so a hot prefix is copied to a less-loaded replica sooner",
+    )
     home_fraction: float = Field(
         default=0.5, ge=0,
         description="discount on the prefix's home endpoint, as a fraction of the prompt, when it is cached "
@@ -52,6 +57,8 @@ class PrefillCostScorer:
         prompt = ctx.request.prompt_tokens or max(1, len(ctx.request.prompt) // 4)
         best_match = prefix.best if prefix is not None else 0.0
         extra_miss = p.miss_weight - 1.0
+        if p.hot_replication and prefix is not None and prefix.share > 0:
+            extra_miss /= max(1.0, prefix.share * len(endpoints))
         drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
         now = self._clock()
         out = []

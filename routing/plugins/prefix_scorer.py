@@ -6,8 +6,9 @@ block), so a new or evicted prefix group keeps landing on the same replica inste
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import Field
 
@@ -39,17 +40,27 @@ class PrefixParams(Params):
         description="first blocks remembered to tell a recurring prefix from a one-off prompt: only a prefix "
         "seen before (evicted, or a group that recurs) gets a home; 0 gives every uncached prompt a home",
     )
+    share_window_s: float = Field(
+        default=10.0, gt=0,
+        description="time constant of the decayed request counts behind PrefixMatch.share (the prefix's "
+        "recent share of traffic, by first block); needs home_seen_capacity > 0",
+    )
 
 
 class PrefixCacheScorer:
-    def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256, seen_capacity: int = 0) -> None:
+    def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256, seen_capacity: int = 0,
+                 clock: Callable[[], float] | None = None, share_window_s: float = 10.0) -> None:
         self.name = name
         self.index = index
         self._home_block = home_block_size
         self._keys: dict[str, int] = {}
         self._seen_capacity = seen_capacity
-        # In-process first-block hash -> None, least recently seen first.
-        self._seen: OrderedDict[int, None] = OrderedDict()
+        # In-process first-block hash -> [decayed request count, when it was last decayed], least
+        # recently seen first; with the total's decayed count it gives each prefix's share of traffic.
+        self._seen: OrderedDict[int, list[float]] = OrderedDict()
+        self._clock = clock
+        self._tau = share_window_s
+        self._total = [0.0, 0.0]
 
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         names = [e.name for e in endpoints]
@@ -58,11 +69,27 @@ class PrefixCacheScorer:
         # tokens (an exact index sees those) must not disable the home.
         prompt_len = len(ctx.request.prompt)
         home = None
-        if names and prompt_len and max(scores) * prompt_len < self._home_block and self._recurs(ctx.request):
+        seen = self._seen_entry(ctx.request)
+        if names and prompt_len and max(scores) * prompt_len < self._home_block and (
+                not self._seen_capacity or seen is not None):
+            # A one-off prompt (no sharing) gains nothing from a home and loses load balance to it; a
+            # prefix seen before is a group that recurs, and its home keeps the groups partitioned.
             home = self.home(ctx.request, names)
         # Producer role: cost-based scorers later in the profile, and the scheduler, read the match.
-        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home)
+        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home, self._share(seen))
         return scores
+
+    def _share(self, seen: list[float] | None) -> float:
+        if seen is None or self._clock is None or self._total[0] <= 0:
+            return 0.0
+        now = self._clock()
+        mine = seen[0] * math.exp((seen[1] - now) / self._tau)
+        total = self._total[0] * math.exp((self._total[1] - now) / self._tau)
+        return min(1.0, mine / total) if total > 0 else 0.0
+
+    def _bump(self, entry: list[float], now: float) -> None:
+        entry[0] = entry[0] * math.exp((entry[1] - now) / self._tau) + 1.0
+        entry[1] = now
 
     def home(self, request: RoutingRequest, names: Sequence[str]) -> str | None:
         """The endpoint that owns the prompt's first block; None for prompts shorter than a block.
@@ -88,13 +115,11 @@ class PrefixCacheScorer:
             first = block_hashes(request.prompt, self._home_block, request_seed(request), 1)
         return first[0] if first else None
 
-    def _recurs(self, request: RoutingRequest) -> bool:
-        # A one-off prompt (no sharing) gains nothing from a home and loses load balance to it; a
-        # prefix seen before is a group that recurs, and its home keeps the groups partitioned.
+    def _seen_entry(self, request: RoutingRequest) -> list[float] | None:
         if not self._seen_capacity:
-            return True
+            return None
         first = self._first_block(request)
-        return first is not None and first in self._seen
+        return None if first is None else self._seen.get(first)
 
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
         self.index.observe(request, endpoint)
@@ -102,8 +127,15 @@ class PrefixCacheScorer:
             first = self._first_block(request)
             if first is not None:
                 seen = self._seen
-                seen[first] = None
-                seen.move_to_end(first)
+                entry = seen.get(first)
+                if entry is None:
+                    entry = seen[first] = [0.0, 0.0]
+                else:
+                    seen.move_to_end(first)
+                if self._clock is not None:
+                    now = self._clock()
+                    self._bump(entry, now)
+                    self._bump(self._total, now)
                 if len(seen) > self._seen_capacity:
                     seen.popitem(last=False)
 
@@ -121,7 +153,8 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
 
     index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of)
     deps.datastore.add_restart_listener(index.drop)
-    return PrefixCacheScorer(name, index, params.block_size, params.home_seen_capacity)
+    return PrefixCacheScorer(name, index, params.block_size, params.home_seen_capacity, deps.clock,
+                             params.share_window_s)
 
 
 FACTORY = PluginFactory(

@@ -152,3 +152,16 @@ def test_unknown_structure_and_arrivals_are_rejected() -> None:
 def test_the_issues_traces_are_named_workloads(name: str) -> None:
     records = generate(name, WorkloadOptions(seed=1, requests=30, rate=4.0))
     assert len(records) == 30
+
+
+@pytest.mark.parametrize("structure", ["agent", "chat"])
+def test_session_traces_run_at_the_steady_rate_from_the_start(structure: str) -> None:
+    # Sessions live ~40 s here, longer than the trace: without a warm start the first part would
+    # be a ramp and a capacity probe would measure the ramp.
+    spec = _spec(structure, steps=(8, 12), think_s=(2.0, 4.0))
+    records = generate_spec(spec, rate=10.0, seed=4, requests=300)
+    span = records[-1].t
+    first = sum(r.t < span / 4 for r in records)
+    last = sum(r.t >= 3 * span / 4 for r in records)
+    assert span == pytest.approx(30.0, rel=0.2)
+    assert first == pytest.approx(last, rel=0.3)
