@@ -1,9 +1,12 @@
 """Benchmark: the default profile's per-request scheduling cost (schedule + observe) on the hot path.
 
-8 endpoints, 4 KB prompts from 64 prefix groups (a warm prefix index), in-flight accounting as the
-gateway does it. Prints microseconds per request, per plugin, against round-robin measured in the same run.
+8 endpoints, 4 KB and 32 KB prompts from 64 prefix groups (a warm prefix index), in-flight accounting
+as the gateway does it. Prints microseconds per request, per plugin, against round-robin measured in
+the same run, and, apart, what tokenizing the prompt would cost (the scheduler does not tokenize: it
+hashes bytes and estimates tokens as bytes / 4).
 
-Run: .venv/bin/python loadtests/eval_scheduler_cost.py [--requests 20000] [--prompt-bytes 4096]
+Run: .venv/bin/python loadtests/eval_scheduler_cost.py [--requests 20000] [--prompt-bytes 4096 --prompt-bytes 32768]
+     [--policy pl ...]
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from routing.eval.policies import policy_config
 from routing.plugins.registry import default_registry
 from routing.scheduler import build_scheduler
 from routing.types import EndpointMetrics, EndpointSpec, RoutingRequest
+from simulator.tokenizer import encode
+
+WORDS = b"the of and to in is that for it as was with be by on not".split()
 
 
 def measure(cfg: RoutingConfig, prompts: list[bytes], endpoints: int) -> tuple[float, dict[str, float]]:
@@ -50,28 +56,38 @@ def measure(cfg: RoutingConfig, prompts: list[bytes], endpoints: int) -> tuple[f
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20_000)
-    ap.add_argument("--prompt-bytes", type=int, default=4096)
+    ap.add_argument("--prompt-bytes", type=int, action="append", help="repeatable; default 4096 and 32768")
     ap.add_argument("--endpoints", type=int, default=8)
+    ap.add_argument("--policy", action="append", default=[], help="more policies beside round-robin and default")
     args = ap.parse_args()
-    rng = random.Random(1)
-    words = [w.encode() for w in ("the of and to in is that for it as was with be by on not".split())]
-
-    def text(n: int) -> bytes:
-        out = b" ".join(rng.choice(words) for _ in range(n // 3))
-        return out[:n]
-
-    groups = [text(args.prompt_bytes * 3 // 4) for _ in range(64)]
-    prompts = [rng.choice(groups) + text(args.prompt_bytes // 4) for _ in range(args.requests)]
     registry = default_registry()
-    results = {}
-    for policy in ("round-robin", "default"):
-        results[policy] = measure(policy_config(policy, registry), prompts, args.endpoints)
-    base = results["round-robin"][0]
-    print(f"{args.endpoints} endpoints, {args.prompt_bytes}-byte prompts, {args.requests} requests "
-          f"(schedule + observe + begin/end)")
-    for policy, (us, plugins) in results.items():
-        detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(plugins.items(), key=lambda kv: -kv[1]))
-        print(f"{policy:12s} {us:6.1f} us/request ({us / base:.1f}x round-robin); per plugin us: {detail}")
+    for size in args.prompt_bytes or [4096, 32768]:
+        rng = random.Random(1)
+
+        def text(n: int, rng: random.Random = rng) -> bytes:
+            out = b" ".join(rng.choice(WORDS) for _ in range(n // 3))
+            return out[:n]
+
+        groups = [text(size * 3 // 4) for _ in range(64)]
+        prompts = [rng.choice(groups) + text(size // 4) for _ in range(args.requests)]
+        results = {}
+        for policy in ("round-robin", "default", *args.policy):
+            results[policy] = measure(policy_config(policy, registry), prompts, args.endpoints)
+        base = results["round-robin"][0]
+        print(f"{args.endpoints} endpoints, {size}-byte prompts, {args.requests} requests "
+              f"(schedule + observe + begin/end)")
+        for policy, (us, plugins) in results.items():
+            detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(plugins.items(), key=lambda kv: -kv[1]))
+            scoring = sum(plugins.values())
+            print(f"{policy:12s} {us:6.1f} us/request ({us / base:.1f}x round-robin), plugins {scoring:.1f} us; "
+                  f"per plugin us: {detail}")
+        sample = [p.decode() for p in prompts[:200]]
+        started = time.perf_counter()
+        for p in sample:
+            encode(p)
+        tok_us = (time.perf_counter() - started) / len(sample) * 1e6
+        print(f"{'(tokenize)':12s} {tok_us:6.1f} us/request: o200k tiktoken of the same prompt, not done by the "
+              "scheduler (reported apart)")
     return 0
 
 

@@ -33,10 +33,11 @@ RANGES: dict[str, str] = {
     "requests": "per run max(400, 30 s of arrivals), at most 1,200; capacity probes max(400, 20 s), at most 1,600",
     "flat": "groups 2-128 (log); prefix 256-6,000 tokens (log) x up to 1.5 spread; question 16-512 (log)",
     "tree": "systems 1-6 (100-2,000 tokens) -> documents 2-48 (1,000-10,000 tokens, log) -> question 16-200",
-    "agent": "agent prompts 1-8 (1,000-6,000 tokens); steps 2-10 .. +0-12; tool results 100-2,000 (log); "
+    "agent": "agent prompts 1-8 (1,000-6,000 tokens); steps 2-10 .. +0-12; tool results 100-2,000 (log) x up to 3; "
              "think 0.2-3 s (x1-3); histories capped at 64k tokens; hot chat share 0 (40 %) or 0-0.5, over 1-8 hot prompts of 300-3,000 tokens",
-    "chat": "system prompts 1-16 (200-3,000 tokens); turns 2-10 .. +0-6; user turn 32-512 (log); think 2-10 s",
-    "none": "prompts 128-4,000 tokens (log)",
+    "chat": "system prompts 1-16 (200-3,000 tokens); turns 2-10 .. +0-6; user turn 32-512 (log) x up to 2; "
+            "think 2-10 s (x1-2)",
+    "none": "prompts 128-4,000 tokens (log) x up to 3",
     "zipf": "0 (20 %) or 0.2-1.5 over groups/documents/agents/system prompts",
     "output": "fixed / uniform 1..2m / exponential (cap 6m) / bimodal (80 % m/4, 20 % 4m); mean m 16-512 (log)",
     "arrivals": "Poisson 50 %; on/off 25 % (bursts 1-5 s, gaps 1-10 s); ramp 25 % (from 0.2-0.6 of the peak)",
