@@ -21,6 +21,7 @@ from gateway.config import ExtprocConfig
 from gateway.dispatch import new_exchange, schedule
 from gateway.errors import GatewayError, ServiceUnavailable, to_gateway_error
 from gateway.exchange import Exchange
+from gateway.extproc.local import LocalAnswer, call_app
 from gateway.metrics import UNROUTED
 from gateway.openai_requests import ParsedBody
 from gateway.services import Gateway
@@ -82,7 +83,9 @@ class Decider(Protocol):
         """A request answered with an error by the sidecar itself (metrics; refund if admitted)."""
         ...
 
-    def models(self) -> list[str]: ...
+    async def local(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> LocalAnswer:
+        """(status, headers, body) for a route that is not proxied, as `gravity serve` answers it."""
+        ...
 
 
 def endpoint_address(url: str) -> tuple[str, int]:
@@ -106,6 +109,7 @@ class GatewayDecider:
         """Endpoint name -> `ip:port` Envoy can connect to (ORIGINAL_DST needs an IP)."""
         self.name_of: dict[str, str] = {}
         self.started = False
+        self._app: Any = None
         """Set once the gateway parts run (Redis, upstream session, first scrape)."""
 
     async def resolve(self, loop: Any) -> None:
@@ -124,8 +128,12 @@ class GatewayDecider:
             self.name_of[address] = name
             del target
 
-    def models(self) -> list[str]:
-        return sorted(self.gw.datastore.served_models())
+    async def local(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> LocalAnswer:
+        if self._app is None:
+            from gateway.app import create_app
+
+            self._app = create_app(self.gw.cfg, self.gw)  # routes only: the sidecar runs the lifespan
+        return await call_app(self._app, method, target, headers, body)
 
     def _request_id(self, headers: Mapping[str, str]) -> tuple[str, str]:
         """(internal id, id to echo): the internal one is always ours, so a client repeating an id

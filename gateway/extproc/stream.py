@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import BodyTooLarge, GatewayError, NotFound, normalise_upstream_error, to_gateway_error
+from gateway.errors import BodyTooLarge, GatewayError, normalise_upstream_error, to_gateway_error
 from gateway.extproc import wire
 from gateway.extproc.decider import Decider, Pick, PickRequest
 from gateway.extproc.pb import ep
@@ -49,6 +49,7 @@ class ExtProcStream:
         self.clock = clock
         self.headers: dict[str, str] = {}
         self.route: str | None = None
+        """A proxied inference route ("chat/completions"...); None: a route the sidecar answers itself."""
         self.subset: list[str] | None = None
         self.chunks: list[bytes] = []
         self.size = 0
@@ -104,10 +105,6 @@ class ExtProcStream:
         method = self.headers.get(":method", "")
         path = self.headers.get(":path", "").split("?", 1)[0]
         self.route = _ROUTES.get(path) if method == "POST" else None
-        if self.route is None:
-            if method == "GET" and path == "/v1/models":
-                return self._models()
-            raise NotFound(f"Unknown request URL: {method} {path}.")
         length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             raise BodyTooLarge(f"Request body of {length} bytes exceeds the limit of {self.max_body} bytes.")
@@ -117,15 +114,14 @@ class ExtProcStream:
             return []  # the headers answer carries the decision, once the body is complete
         return [ep.ProcessingResponse(request_headers=ep.HeadersResponse())]
 
-    def _models(self) -> list[ep.ProcessingResponse]:
+    async def _answer_locally(self, raw: bytes) -> list[ep.ProcessingResponse]:
+        """Not an inference route: the gateway's own app answers (models, Responses, 404s...)."""
         self.done = True
-        created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "gravity"}
-                for m in self.decider.models()]
+        status, headers, body = await self.decider.local(self.headers.get(":method", ""),
+                                                         self.headers.get(":path", "/"), self.headers, raw)
         return [ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
-            status={"code": 200},
-            headers=wire.header_mutation({"content-type": "application/json"}),
-            body=orjson.dumps({"object": "list", "data": data}), details="gravity_models"))]
+            status={"code": status}, headers=wire.header_list_mutation(headers), body=body,
+            details="gravity_local"))]
 
     async def _request_body(self, chunk: bytes, end: bool) -> list[ep.ProcessingResponse]:
         if self.done or self.pick is not None:
@@ -141,9 +137,10 @@ class ExtProcStream:
         return await self._decide()
 
     async def _decide(self) -> list[ep.ProcessingResponse]:
-        assert self.route is not None
         raw = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
+        if self.route is None:
+            return await self._answer_locally(raw)
         parsed = parse_body(self.route, raw)  # the proxy's parser: the same 400s
         try:
             pick = await self.decider.decide(PickRequest(self.route, parsed, raw, self.headers, self.subset))

@@ -23,6 +23,7 @@ __all__ = [
     "SUBSET_NAMESPACE",
     "body_chunks",
     "destination_metadata",
+    "header_list_mutation",
     "header_mutation",
     "headers_of",
     "immediate",
@@ -123,6 +124,18 @@ def header_mutation(set_: Mapping[str, str], remove: Iterable[str] = ()) -> ep.H
                                             append_action=_OVERWRITE) for k, v in set_.items()],
         remove_headers=list(remove),
     )
+
+
+def header_list_mutation(pairs: Iterable[tuple[str, str]]) -> ep.HeaderMutation:
+    """Headers that may repeat (an app's answer): the first of a name overwrites, the rest append."""
+    seen: set[str] = set()
+    out = []
+    for k, v in pairs:
+        action = core.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD if k in seen else _OVERWRITE
+        seen.add(k)
+        out.append(core.HeaderValueOption(header=core.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                                          append_action=action))
+    return ep.HeaderMutation(set_headers=out)
 
 
 def immediate(err: GatewayError, headers: Mapping[str, str] | None = None) -> ep.ProcessingResponse:

@@ -122,6 +122,8 @@ class Stack:
     envoy: Proc | None = None
     gravity: dict[str, Any] = field(default_factory=dict)
     mode: str = "FULL_DUPLEX_STREAMED"
+    admin: int = 0
+    """Envoy's admin port."""
 
     @property
     def base(self) -> str:
@@ -130,8 +132,8 @@ class Stack:
 
     def served_by(self, request_id: str) -> list[int]:
         """Which simulators (by index) logged a request with this x-request-id."""
-        return [i for i, s in enumerate(self.sims)
-                if any(r["request_id"].endswith("-" + request_id) for r in sim_requests(s.port))]
+        return [i for i, s in enumerate(self.sims) if s.popen.poll() is None  # skip killed ones
+                and any(r["request_id"].endswith("-" + request_id) for r in sim_requests(s.port))]
 
     def stop(self) -> None:
         for p in (self.envoy, *self.sidecars, *self.sims, self.redis):
@@ -165,8 +167,9 @@ def stack(tmp: Path, *, sims: int = 2, sidecars: int = 1, template: str = "envoy
         side = [start_sidecar(tmp, cfg) for _ in range(sidecars)]
         started.extend(side)
         st = Stack(tmp, redis, sim_procs, side, gravity=cfg)
+        st.admin = free_port()
         st.envoy = start_envoy(tmp, render_envoy(
-            template, listen=free_port(), admin=free_port(), extproc=[p.port for p in side],
+            template, listen=free_port(), admin=st.admin, extproc=[p.port for p in side],
             pool=[s.port for s in sim_procs], failure_mode_allow=failure_mode_allow,
             request_body_mode=request_body_mode, subset=_subset(subset, sim_procs)))
         started.append(st.envoy)
@@ -183,3 +186,33 @@ def _subset(subset: list[int] | str | None, sims: list[Proc]) -> list[str] | str
     if isinstance(subset, str):
         return ",".join(f"127.0.0.1:{sims[int(i)].port}" for i in subset.split(",") if i)
     return [f"127.0.0.1:{sims[i].port}" for i in subset]
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
+    """One POST, read whole (streams too), with plain http.client: nothing between test and Envoy."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", parts.path, json.dumps(body).encode(),
+                     {"content-type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()

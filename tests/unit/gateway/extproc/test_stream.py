@@ -27,6 +27,7 @@ class ScriptedDecider:
         self.finished: list[Exchange] = []
         self.rejected: list[GatewayError] = []
         self.first_tokens = 0
+        self.locals: list[tuple[str, str, bytes]] = []
 
     async def decide(self, req: PickRequest) -> Pick:
         self.requests.append(req)
@@ -53,8 +54,9 @@ class ScriptedDecider:
     async def reject(self, err: GatewayError, pick: Pick | None) -> None:
         self.rejected.append(err)
 
-    def models(self) -> list[str]:
-        return ["m"]
+    async def local(self, method: str, target: str, headers: Any, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        self.locals.append((method, target, body))
+        return 201, [("content-type", "application/json"), ("set-cookie", "a"), ("set-cookie", "b")], b'{"ok":1}'
 
 
 def _headers(path: str = "/v1/chat/completions", method: str = "POST", eos: bool = False,
@@ -198,13 +200,22 @@ async def test_oversized_bodies_by_header_and_by_count() -> None:
     assert out[0].immediate_response.status.code == 413
 
 
-async def test_unknown_routes_404_and_models_answered_by_the_sidecar() -> None:
-    s = ExtProcStream(ScriptedDecider(), max_body_bytes=100)
-    out = await s.handle(_headers(path="/v1/nope"))
-    assert out[0].immediate_response.status.code == 404
-    s = ExtProcStream(ScriptedDecider(), max_body_bytes=100)
-    out = await s.handle(_headers(path="/v1/models?x=1", method="GET", eos=True))
-    assert orjson.loads(out[0].immediate_response.body)["data"][0]["id"] == "m"
+@pytest.mark.parametrize("protocol", [FD, BUF])
+async def test_other_routes_are_answered_by_the_gateway_app_after_their_body(protocol: ep.ProtocolConfiguration
+                                                                             ) -> None:
+    d = ScriptedDecider()
+    s = ExtProcStream(d, max_body_bytes=100)
+    out = await s.handle(_headers(path="/v1/models?x=1", method="GET", eos=True, protocol=protocol))
+    ir = out[0].immediate_response
+    assert d.locals == [("GET", "/v1/models?x=1", b"")] and ir.status.code == 201 and ir.body == b'{"ok":1}'
+    actions = [(h.header.key, h.append_action) for h in ir.headers.set_headers]
+    assert actions[1:] == [("set-cookie", 2), ("set-cookie", 0)]  # overwrite, then append: both kept
+    s = ExtProcStream(d, max_body_bytes=100)
+    first = await s.handle(_headers(path="/v1/responses", protocol=protocol))
+    assert [m.WhichOneof("response") for m in first] == ([] if protocol is FD else ["request_headers"])
+    out = await s.handle(_body(b'{"input": "hi"}', True))
+    assert d.locals[-1] == ("POST", "/v1/responses", b'{"input": "hi"}') and s.done
+    assert d.requests == []  # never scheduled as an inference request
 
 
 def _sse(*events: dict[str, Any]) -> bytes:
