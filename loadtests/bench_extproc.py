@@ -144,6 +144,56 @@ def relay_cost(chunks: int = 20_000) -> dict[str, float]:
     return {"us_per_chunk": min(asyncio.run(run()) for _ in range(3)), "chunk_bytes": float(len(event))}
 
 
+def decision_cost(requests: int = 3000) -> float:
+    """Sidecar CPU per request without gRPC: Envoy's four messages (request headers and body,
+    response headers and body) through ExtProcStream and the real GatewayDecider, answers encoded."""
+    import asyncio
+    import time
+
+    from harness import COMPLETION
+
+    from gateway.config import parse_config
+    from gateway.extproc.decider import GatewayDecider
+    from gateway.extproc.pb import core, ep
+    from gateway.extproc.stream import ExtProcStream
+    from gateway.services import Gateway
+
+    cfg = parse_config({"state": {"redis_url": "redis://127.0.0.1:1/0"},  # never connected: no limits
+                        "backends": [{"name": "n", "url": "http://127.0.0.1:1", "models": [MODEL]}]})
+    gw = Gateway(cfg)
+    decider = GatewayDecider(gw, cfg.extproc)
+
+    def headers(*pairs: tuple[str, bytes]) -> ep.HttpHeaders:
+        return ep.HttpHeaders(headers=core.HeaderMap(headers=[core.HeaderValue(key=k, raw_value=v)
+                                                              for k, v in pairs]))
+    wires = [m.SerializeToString() for m in (
+        ep.ProcessingRequest(request_headers=headers((":method", b"POST"), (":path", b"/v1/chat/completions"),
+                                                     ("content-type", b"application/json")),
+                             protocol_config=ep.ProtocolConfiguration(request_body_mode=4, response_body_mode=4)),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=REQUEST, end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=headers((":status", b"200"), ("content-type", b"application/json"))),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=COMPLETION.encode(), end_of_stream=True)))]
+
+    async def run() -> float:
+        await decider.resolve(asyncio.get_running_loop())
+        decider.started = True
+
+        async def one() -> None:
+            stream = ExtProcStream(decider, max_body_bytes=1 << 20)
+            for raw in wires:
+                for out in await stream.handle(ep.ProcessingRequest.FromString(raw)):
+                    out.SerializeToString()
+            await stream.close(cancelled=False)
+        for _ in range(200):
+            await one()
+        started = time.process_time()
+        for _ in range(requests):
+            await one()
+        return (time.process_time() - started) / requests * 1e6
+
+    return min(asyncio.run(run()) for _ in range(3))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -200,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = summary[name]["added_p50_ms_c1"] <= TARGET_ADDED_P50_MS
         print(f"{name}: adds {summary[name]['added_p50_ms_c1']:.3f} ms p50 at c=1 "
               f"(target <= {TARGET_ADDED_P50_MS} ms: {'met' if ok else 'NOT met'})")
+    handling = decision_cost()
+    print(f"sidecar CPU per request without gRPC (4 messages in, 4 answers): {handling:.0f} us "
+          f"(in-process, best of 3)")
     chunk = relay_cost()
     print(f"sidecar CPU per streamed SSE chunk ({chunk['chunk_bytes']:.0f} bytes): "
           f"{chunk['us_per_chunk']:.1f} us (in-process, best of 3)")
@@ -207,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "command": "python loadtests/bench_extproc.py " + " ".join(argv or sys.argv[1:]),
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine,
-        "rounds": args.rounds, "seconds": args.seconds, "results": summary, "stream_chunk": chunk}, indent=2) + "\n")
+        "rounds": args.rounds, "seconds": args.seconds, "results": summary, "stream_chunk": chunk,
+        "sidecar_us_per_request_without_grpc": handling}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
