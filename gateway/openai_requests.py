@@ -13,6 +13,12 @@ from gateway.errors import BodyTooLarge, InvalidRequest
 
 ROUTES = ("chat/completions", "completions", "embeddings")
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have (docs/policies.md, "Request limits").
+
+orjson parses 1,024 levels but serialises only 254, and the gateway re-serialises bodies it changes
+(usage for streams, priority, Responses history), so the limit sits well below both."""
+
 
 class ParsedBody:
     __slots__ = ("body", "cache_salt", "max_tokens", "model", "prompt", "stream", "user", "wants_usage")
@@ -89,16 +95,41 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest more than `limit` levels (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                push((child, depth + 1))
+    return False
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or the 400 OpenAI gives for anything else."""
+    """The body as a JSON object, or the 400 OpenAI gives for anything else (nesting too deep included)."""
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit"):
+            raise _nesting_error() from None
         raise InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.",
                              code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Nesting needs at least as many brackets as levels: most bodies are ruled out without a walk.
+    if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH) and _too_deep(body, MAX_JSON_DEPTH):
+        raise _nesting_error()
     return body
+
+
+def _nesting_error() -> InvalidRequest:
+    return InvalidRequest(f"The request body nests arrays or objects more than {MAX_JSON_DEPTH} levels deep.",
+                          code="nesting_too_deep")
 
 
 def required_model(body: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.openai_requests import chat_prompt_bytes, parse_body
+from gateway.openai_requests import MAX_JSON_DEPTH, chat_prompt_bytes, parse_body
 
 MSG = b'"messages":[{"role":"user","content":"hi"}]'
 
@@ -46,3 +46,21 @@ def test_bad_input_names_the_parameter(route: str, raw: bytes, param: str | None
 
 def test_embeddings_never_stream() -> None:
     assert not parse_body("embeddings", b'{"model":"m","input":"x","stream":true}').stream
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1024])
+def test_bodies_nested_past_the_limit_are_refused_whatever_the_route(depth: int) -> None:
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * depth + b"]" * depth + b"}"
+    for route in ("chat/completions", "completions", "embeddings"):
+        with pytest.raises(InvalidRequest) as info:
+            parse_body(route, raw)
+        assert info.value.code == "nesting_too_deep"
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    # The body object is level 1, so MAX_JSON_DEPTH - 1 nested arrays under a field reach the limit.
+    inner = b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1)
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "x": ' + inner + b"}"
+    assert parse_body("chat/completions", raw).model == "m"
+    wide = b'{"model": "m", "prompt": [' + b",".join([b"[1]"] * 5000) + b"]}"
+    assert parse_body("completions", wide).model == "m"
