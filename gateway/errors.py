@@ -83,6 +83,11 @@ class UpstreamError(GatewayError):
     code = None
 
 
+def is_expected(exc: BaseException) -> bool:
+    """A domain outcome (bad input, a refusal, an outage) rather than a bug: no traceback for these."""
+    return isinstance(exc, (GatewayError, RoutingError)) or isinstance(getattr(exc, "http_status", None), int)
+
+
 def to_gateway_error(exc: BaseException) -> GatewayError:
     """Translate any error raised while serving a request; unknown ones become a bare 500."""
     if isinstance(exc, GatewayError):
@@ -113,9 +118,28 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
                     media_type="application/json")
 
 
-def normalise_upstream_error(status: int, body: bytes) -> UpstreamError:
-    """Rewrite a backend's error body (vLLM's several shapes, KServe's, plain text) as OpenAI's."""
-    message, etype, param, code = "", "invalid_request_error" if status < 500 else "server_error", None, None
+class UpstreamAuthError(GatewayError):
+    """The backend refused the gateway's own credential: an operator's problem, never the client's key."""
+
+    status, type, code = 502, "server_error", "upstream_auth_error"
+
+
+def _openai_type(status: int) -> str:
+    """OpenAI's `type` for a status: backends' own strings (BadRequestError, NotFoundError...) are theirs."""
+    if status == 429:
+        return "requests"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def normalise_upstream_error(status: int, body: bytes, retry_after: str | None = None) -> GatewayError:
+    """Rewrite a backend's error body (vLLM's several shapes, KServe's, plain text) as OpenAI's.
+
+    The status is kept except for 401/403, which say the *gateway's* upstream key is wrong (a 502);
+    a backend's `Retry-After` (whole seconds) is passed on."""
+    if status in (401, 403):
+        return UpstreamAuthError(f"The backend refused the gateway's credentials (HTTP {status}); "
+                                 "the operator has been told.")
+    message, etype, param, code = "", _openai_type(status), None, None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -124,7 +148,6 @@ def normalise_upstream_error(status: int, body: bytes) -> UpstreamError:
         nested = data.get("error")
         inner: dict[str, Any] = nested if isinstance(nested, dict) else data
         message = str(inner.get("message") or inner.get("detail") or inner.get("error") or "")
-        etype = str(inner.get("type") or etype)
         param = inner.get("param") if isinstance(inner.get("param"), str) else None
         raw_code = inner.get("code")
         code = raw_code if isinstance(raw_code, str) else None
@@ -132,4 +155,7 @@ def normalise_upstream_error(status: int, body: bytes) -> UpstreamError:
         message = body[:500].decode("utf-8", "replace").strip() or f"Backend returned HTTP {status}."
     if status == 404 and code is None and "model" in message.lower():
         code = "model_not_found"
-    return UpstreamError(message, status=status, type=etype, param=param, code=code)
+    if status == 429 and code is None:
+        code = "rate_limit_exceeded"
+    wait = float(retry_after) if retry_after is not None and retry_after.strip().isdigit() else None
+    return UpstreamError(message[:2000], status=status, type=etype, param=param, code=code, retry_after=wait)
