@@ -24,6 +24,7 @@ from gateway.dispatch import new_exchange, schedule
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
+    is_expected,
     NotFound,
     error_response,
     to_gateway_error,
@@ -32,7 +33,7 @@ from gateway.metrics import UNROUTED
 from gateway.openai_requests import ClientGone, parse_body, read_body
 from gateway.proxy import ProxyResponse
 from gateway.services import Gateway
-from gateway.upstream import forwardable_request_headers
+from gateway.upstream import scope_headers
 
 log = logging.getLogger("gravity")
 
@@ -43,16 +44,21 @@ _PROXIED = {b"/v1/chat/completions": "chat/completions", b"/v1/completions": "co
             b"/v1/embeddings": "embeddings"}
 
 
-def _request_id(scope: MutableMapping[str, Any]) -> bytes:
+def _client_request_id(scope: MutableMapping[str, Any]) -> bytes | None:
+    """The client's own `x-request-id` when sane: echoed and logged, never used as an identity."""
     for k, v in scope["headers"]:
         if k == b"x-request-id":
-            return v if _SANE_REQUEST_ID.match(v) else os.urandom(16).hex().encode()
-    return os.urandom(16).hex().encode()
+            return v if _SANE_REQUEST_ID.match(v) else None
+    return None
 
 
 class GatewayApp:
     """The outermost ASGI app: every response gets `x-request-id`, and the proxied OpenAI POST
-    routes go straight to their handler (they answer their own errors), skipping the router."""
+    routes go straight to their handler (they answer their own errors), skipping the router.
+
+    Each request gets an id of the gateway's own (`scope["state"]["request_id"]`): it names the
+    request to the limiter, the backends and the logs, so a client repeating an id cannot collide
+    with another request. A sane client id is echoed back and logged beside it."""
 
     def __init__(self, gw: Gateway, inner: Starlette) -> None:
         self.gw = gw
@@ -63,20 +69,32 @@ class GatewayApp:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
-        rid = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = rid.decode()
+        internal = os.urandom(16).hex()
+        client_id = _client_request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = internal
+        state["client_request_id"] = client_id.decode() if client_id is not None else None
+        rid = client_id if client_id is not None else internal.encode()
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
-        route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
-        if route is None:
+        if not scope["raw_path"].startswith(b"/v1/"):
             await self.inner(scope, receive, send_with_id)
             return
-        response = await handle_proxy(self.gw, route, scope, receive)
-        await response(scope, receive, send_with_id)
+        inflight = self.gw.metrics.inflight
+        inflight.inc()
+        try:
+            route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
+            if route is None:
+                await self.inner(scope, receive, send_with_id)
+                return
+            response = await handle_proxy(self.gw, route, scope, receive)
+            await response(scope, receive, send_with_id)
+        finally:
+            inflight.dec()
 
 
 def _gateway(request: Request) -> Gateway:
@@ -95,12 +113,15 @@ async def handle_proxy(gw: Gateway, route: str, scope: MutableMapping[str, Any],
         model = parsed.model
         headers = Headers(scope=scope)
         ex = new_exchange(gw, route, parsed, raw, headers, scope["state"]["request_id"],
-                          forwardable_request_headers(scope["headers"]))
+                          scope_headers(scope, gw.trusted_proxies))
         await schedule(gw, ex, headers)
     except Exception as exc:
         err = to_gateway_error(exc)
-        if not isinstance(exc, (GatewayError, ClientGone)) and err.status >= 500:
-            log.exception("request failed before dispatch")
+        if not is_expected(exc) and not isinstance(exc, ClientGone):
+            log.exception("request %s failed before dispatch", scope["state"]["request_id"])
+        elif err.status >= 500:
+            gw.outcomes.warning(f"refused:{err.code}", "requests refused before dispatch: %d %s (%s)",
+                                err.status, err.code, err.message)
         if err.code in ("model_not_found", "no_healthy_backend"):
             served = model if err.code == "no_healthy_backend" else UNROUTED
             gw.metrics.routing_errors.labels(served, err.code or "").inc()

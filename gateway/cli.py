@@ -50,7 +50,10 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     uvicorn.run(app, host=server.host, port=server.port, loop="uvloop", http="httptools",
-                access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5)
+                access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5,
+                # The gateway decides whom to believe about client addresses (server.trusted_proxies);
+                # uvicorn would otherwise take X-Forwarded-For from any loopback peer.
+                proxy_headers=False)
     return 0
 
 

@@ -4,6 +4,7 @@ Errors name the path of the bad value (`backends[1].url: ...`) and stop start-up
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -41,6 +42,19 @@ class ServerConfig(_Model):
     """Candidates tried when a backend cannot be reached before any byte was sent."""
     max_connections_per_backend: int = Field(0, ge=0)
     """0 means unlimited (aiohttp keeps idle connections alive for reuse either way)."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """CIDRs of load balancers in front of the gateway: their `X-Forwarded-For`/`-Proto` are extended
+    rather than replaced by the peer address (anyone else's are dropped)."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"{c!r} is not an IP network (write e.g. 10.0.0.0/8)") from None
+        return v
 
 
 class StateConfig(_Model):
@@ -85,7 +99,9 @@ class BackendConfig(_Model):
     """Models served; omit to discover them from the backend's /v1/models."""
     path_prefix: str | None = None
     """Where the OpenAI routes live; defaults by kind (vllm /v1, kserve /openai/v1, openai /v1)."""
-    metrics_path: str = "/metrics"
+    metrics_path: str | None = None
+    """Where vLLM-style Prometheus metrics live; defaults to /metrics for vllm and kserve. An `openai`
+    backend (a hosted API) has none by default: it is routed without load metrics."""
     api_key: str | None = None
     """Sent upstream as a bearer token; write `${ENV_VAR}` to take it from the environment."""
 
@@ -102,6 +118,12 @@ class BackendConfig(_Model):
         if v is None:
             return v
         return "/" + v.strip("/") if v.strip("/") else ""
+
+    @property
+    def resolved_metrics_path(self) -> str | None:
+        if self.metrics_path is not None:
+            return self.metrics_path or None
+        return None if self.kind == "openai" else "/metrics"
 
     @property
     def api_base(self) -> str:

@@ -34,7 +34,7 @@ class GatewayMetrics:
                                        ["backend", "reason"], registry=r)
         self.routing_errors = Counter("gravity_routing_errors", "Requests no backend could take.",
                                       ["model", "code"], registry=r)
-        self.inflight = Gauge("gravity_requests_in_flight", "Requests being served now.", registry=r)
+        self.inflight = Gauge("gravity_requests_in_flight", "API requests (/v1/...) being served now, from arrival to the last byte.", registry=r)
         self.client_disconnects = Counter("gravity_client_disconnects", "Requests the client abandoned.",
                                           ["route"], registry=r)
 

@@ -19,6 +19,7 @@ from gateway.errors import (
     GatewayError,
     UpstreamTimeout,
     error_response,
+    is_expected,
     normalise_upstream_error,
     to_gateway_error,
 )
@@ -86,7 +87,13 @@ class ProxyResponse:
         try:
             if resp.status >= 400:
                 body = await resp.read()
-                await self._send_error(send, normalise_upstream_error(resp.status, body))
+                if resp.status in (401, 403):
+                    self.gw.outcomes.warning(
+                        f"upstream-auth:{self.ex.backend}", "backend %s refused the gateway's credentials "
+                        "(HTTP %d): check its api_key; an operator problem, clients get 502 upstream_auth_error",
+                        self.ex.backend, resp.status)
+                await self._send_error(send, normalise_upstream_error(resp.status, body,
+                                                                      resp.headers.get("retry-after")))
                 self.ex.outcome = "upstream_error"
             elif self.ex.stream and resp.content_type == "text/event-stream":
                 await self._relay_stream(send, resp)
@@ -199,8 +206,11 @@ class ProxyResponse:
 
     async def _send_error(self, send: Send, exc: BaseException) -> None:
         err = to_gateway_error(exc)
-        if not isinstance(exc, GatewayError):
+        if not is_expected(exc):
             log.exception("request %s failed", self.ex.request_id, exc_info=exc)
+        elif err.status >= 500:
+            self.gw.outcomes.warning(f"failed:{err.code}", "requests failed: %d %s (%s)", err.status, err.code,
+                                     err.message)
         self.ex.outcome = "error"
         self.ex.status = err.status
         response = error_response(err, self.ex.response_headers)

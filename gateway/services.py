@@ -15,10 +15,11 @@ from starlette.routing import BaseRoute
 from gateway.admission import install_admission
 from gateway.config import GatewayConfig
 from gateway.exchange import Exchange, FinishHook, IdentifyHook, Lifecycle, PreDispatchHook
+from gateway.logs import OutcomeLog
 from gateway.metrics import GatewayMetrics
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import install_state
-from gateway.upstream import BackendTarget, Upstream
+from gateway.upstream import BackendTarget, TrustedProxies, Upstream
 from routing.datastore import Datastore
 from routing.scheduler import Scheduler, build_scheduler
 from routing.scraper import Collector
@@ -36,7 +37,10 @@ class Gateway:
         self.cfg = cfg
         self.started_at = time.time()
         self.metrics = GatewayMetrics()
+        self.outcomes = OutcomeLog(log)
+        """Expected failures (outages, refusals): one WARNING per kind per interval, no traceback."""
         self.upstream = Upstream(cfg.server)
+        self.trusted_proxies = TrustedProxies(cfg.server.trusted_proxies)
         self.datastore = Datastore(stale_after_s=cfg.routing.stale_after_s)
         self.targets: dict[str, BackendTarget] = {}
         for b in cfg.backends:
@@ -45,6 +49,7 @@ class Gateway:
             self.datastore.upsert(EndpointSpec(
                 name=b.name, url=b.url, models=frozenset(b.models) if b.models else None,
                 models_url=target.models_url, metrics_url=target.metrics_url,
+                scrape_metrics=target.metrics_url is not None,
             ))
         self.scheduler: Scheduler = build_scheduler(cfg.routing, self.datastore)
         self.collector = Collector(self.datastore, self._fetch, interval_s=cfg.routing.scrape_interval_s,

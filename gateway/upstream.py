@@ -5,30 +5,77 @@ aiohttp rather than httpx: measured ~19x the throughput here (docs/decisions/000
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
 from gateway.config import BackendConfig, ServerConfig
 
-# Never forwarded upstream: hop-by-hop headers, the gateway's own credentials, and what we recompute.
+# Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), the gateway's own credentials,
+# what the client may not assert about itself (its address, where to route), and what we recompute.
 _DROP_REQUEST = frozenset({
-    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-    "proxy-authorization", "authorization", "api-key", "x-api-key", "accept-encoding", "expect",
+    "host", "content-length", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+    "trailer", "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "api-key",
+    "x-api-key", "accept-encoding", "expect", "cookie", "forwarded", "x-real-ip", "x-request-id",
 })
+_DROP_PREFIXES = ("x-gravity-", "x-forwarded-", "x-gateway-destination-endpoint")
 _DROP_RESPONSE = frozenset({
-    "content-length", "connection", "keep-alive", "transfer-encoding", "server", "date",
-    "content-encoding", "x-request-id",  # the gateway sets its own x-request-id on every response
+    "content-length", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "trailer",
+    "upgrade", "te", "server", "date", "content-encoding", "set-cookie",
+    "x-request-id",  # the gateway sets its own x-request-id on every response
 })
 
 
-def forwardable_request_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+class TrustedProxies:
+    """Peers whose `X-Forwarded-For`/`-Proto` the gateway extends instead of replacing."""
+
+    def __init__(self, cidrs: list[str]) -> None:
+        self._nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def trusts(self, host: str) -> bool:
+        if not self._nets:
+            return False
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._nets)
+
+
+def forwardable_request_headers(headers: list[tuple[bytes, bytes]], peer: str | None = None,
+                                scheme: str = "http", trusted: TrustedProxies | None = None) -> dict[str, str]:
+    """The client's headers as they may go upstream, with `X-Forwarded-For`/`-Proto` from the real peer."""
     out: dict[str, str] = {}
+    hop: set[str] = set()
+    xff = xfp = None
     for k, v in headers:
         name = k.decode("latin-1").lower()
-        if name not in _DROP_REQUEST and not name.startswith("x-gravity-"):
+        if name == "connection":
+            hop.update(t.strip().lower() for t in v.decode("latin-1").split(","))
+        elif name == "x-forwarded-for":
+            xff = v.decode("latin-1") if xff is None else f"{xff}, {v.decode('latin-1')}"
+        elif name == "x-forwarded-proto":
+            xfp = v.decode("latin-1")
+        if name not in _DROP_REQUEST and not name.startswith(_DROP_PREFIXES):
             out[name] = v.decode("latin-1")
+    for name in hop:
+        out.pop(name, None)
+    if peer is not None:
+        from_proxy = trusted is not None and trusted.trusts(peer)
+        out["x-forwarded-for"] = f"{xff}, {peer}" if from_proxy and xff else peer
+        out["x-forwarded-proto"] = xfp if from_proxy and xfp else scheme
+    # Ask for identity: a compressed answer could not be read for usage nor relayed as labelled.
+    out["accept-encoding"] = "identity"
     return out
+
+
+def scope_headers(scope: Any, trusted: TrustedProxies | None = None) -> dict[str, str]:
+    """`forwardable_request_headers` for an ASGI scope (its peer and scheme)."""
+    client = scope.get("client")
+    return forwardable_request_headers(scope["headers"], client[0] if client else None,
+                                       scope.get("scheme", "http"), trusted)
 
 
 def forwardable_response_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
@@ -41,14 +88,14 @@ class BackendTarget:
 
     name: str
     api_base: str
-    metrics_url: str
+    metrics_url: str | None
     models_url: str
     auth_header: str | None
 
     @classmethod
     def from_config(cls, b: BackendConfig) -> BackendTarget:
         return cls(
-            name=b.name, api_base=b.api_base, metrics_url=b.url + b.metrics_path,
+            name=b.name, api_base=b.api_base, metrics_url=b.url + path if (path := b.resolved_metrics_path) else None,
             models_url=b.api_base + "/models",
             auth_header=f"Bearer {b.api_key}" if b.api_key else None,
         )
@@ -67,7 +114,10 @@ class Upstream:
             ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            connector=connector,
+            # Identity is asked for; a backend that compresses anyway is decoded here (its
+            # Content-Encoding is not relayed), so the client always gets what the headers say.
+            auto_decompress=True, skip_auto_headers=("User-Agent",),
             timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
                                           sock_read=self.cfg.read_timeout_s),
         )

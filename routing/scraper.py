@@ -273,6 +273,10 @@ class Collector:
                 models, loras = parse_models(await self._get(spec.resolved_models_url()))
                 self._ds.set_models(spec.name, models, loras)
                 self._discovered_at[spec.name] = self._clock()
+            if not spec.scrape_metrics:
+                self._failures.pop(spec.name, None)
+                self._ds.set_healthy(spec.name, True)
+                return
             text = await self._get(spec.resolved_metrics_url())
         except asyncio.CancelledError:
             raise

@@ -34,6 +34,9 @@ class EndpointSpec:
     # so the gateway fills these in per endpoint and the collector never guesses.
     models_url: str | None = None
     metrics_url: str | None = None
+    scrape_metrics: bool = True
+    """False for backends without vLLM metrics (a hosted OpenAI-compatible API): routed on the
+    gateway's own in-flight counts, healthy unless requests to it fail."""
 
     def resolved_metrics_url(self) -> str:
         return self.metrics_url or self.url.rstrip("/") + "/metrics"

@@ -27,7 +27,7 @@ from gateway.state.translate import (
     responses_usage,
 )
 from gateway.state.turn import Turn, commit, release
-from gateway.upstream import forwardable_request_headers
+from gateway.upstream import scope_headers
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -78,7 +78,7 @@ async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw
     parsed_body = parse_body("chat/completions", provisional)
     request_id = request.scope["state"]["request_id"]
     ex = new_exchange(gw, "chat/completions", parsed_body, provisional, request.headers, request_id,
-                      forwardable_request_headers(request.scope["headers"]))
+                      scope_headers(request.scope, gw.trusted_proxies))
     scoped = scoped_tenant(request)
     if scoped is not None:
         ex.tenant = scoped
