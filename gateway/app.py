@@ -20,13 +20,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import GatewayConfig
+from gateway.conn_guard import ConnectionGuard, ConnectionLimits
 from gateway.dispatch import new_exchange, schedule
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
-    is_expected,
     NotFound,
     error_response,
+    is_expected,
     to_gateway_error,
 )
 from gateway.metrics import UNROUTED
@@ -60,15 +61,23 @@ class GatewayApp:
     request to the limiter, the backends and the logs, so a client repeating an id cannot collide
     with another request. A sane client id is echoed back and logged beside it."""
 
-    def __init__(self, gw: Gateway, inner: Starlette) -> None:
+    def __init__(self, gw: Gateway, inner: Starlette, guard: ConnectionGuard) -> None:
         self.gw = gw
         self.inner = inner
         self.state = inner.state
+        self.connection_guard = guard
+        """Connection limits for the server to wrap its protocol with (`gravity serve` does)."""
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self.connection_guard.response_done(scope.get("client"))
+
+    async def _http(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         internal = os.urandom(16).hex()
         client_id = _client_request_id(scope)
         state = scope.setdefault("state", {})
@@ -108,7 +117,7 @@ async def handle_proxy(gw: Gateway, route: str, scope: MutableMapping[str, Any],
     model = "unknown"
     ex = None
     try:
-        raw = await read_body(scope, receive, gw.cfg.server.max_body_bytes)
+        raw = await read_body(scope, receive, gw.cfg.server.max_body_bytes, gw.cfg.server.limits.body_timeout_s)
         parsed = parse_body(route, raw)
         model = parsed.model
         headers = Headers(scope=scope)
@@ -120,7 +129,7 @@ async def handle_proxy(gw: Gateway, route: str, scope: MutableMapping[str, Any],
         if not is_expected(exc) and not isinstance(exc, ClientGone):
             log.exception("request %s failed before dispatch", scope["state"]["request_id"])
         elif err.status >= 500:
-            gw.outcomes.warning(f"refused:{err.code}", "requests refused before dispatch: %d %s (%s)",
+            gw.outcomes.note(f"refused:{err.code}", "requests refused before dispatch: %d %s (%s)",
                                 err.status, err.code, err.message)
         if err.code in ("model_not_found", "no_healthy_backend"):
             served = model if err.code == "no_healthy_backend" else UNROUTED
@@ -223,4 +232,8 @@ def create_app(cfg: GatewayConfig, gateway: Gateway | None = None) -> GatewayApp
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.gateway = gw
-    return GatewayApp(gw, app)
+    limits = cfg.server.limits
+    guard = ConnectionGuard(ConnectionLimits(
+        header_timeout_s=limits.header_timeout_s, idle_timeout_s=limits.idle_timeout_s,
+        max_connections=limits.max_connections, max_head_bytes=limits.max_head_bytes))
+    return GatewayApp(gw, app, guard)

@@ -49,7 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    uvicorn.run(app, host=server.host, port=server.port, loop="uvloop", http="httptools",
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    # Connection limits of our own wrap the server's protocol (server.limits, gateway/conn_guard.py).
+    uvicorn.run(app, host=server.host, port=server.port, loop="uvloop",
+                http=app.connection_guard.protocol_class(HttpToolsProtocol),
                 access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5,
                 # The gateway decides whom to believe about client addresses (server.trusted_proxies);
                 # uvicorn would otherwise take X-Forwarded-For from any loopback peer.

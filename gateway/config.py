@@ -28,6 +28,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ConnectionLimitsConfig(_Model):
+    """Limits on client connections, enforced below the HTTP server (gateway/conn_guard.py)."""
+
+    header_timeout_s: float = Field(10.0, gt=0)
+    """From a connection's opening (or a kept-alive connection's next first byte) to the end of the head."""
+    body_timeout_s: float = Field(60.0, gt=0)
+    """From the end of the head to the last byte of the body; a slower client gets 408."""
+    idle_timeout_s: float = Field(75.0, gt=0)
+    """A kept-alive connection with no request in progress is closed after this long (longer than
+    the usual load balancer's 60 s, so the balancer closes first)."""
+    max_connections: int = Field(4096, gt=0)
+    """Connections beyond this are answered 503 and closed."""
+    max_head_bytes: int = Field(64 * 1024, gt=0)
+    """A larger request head gets 431."""
+
+
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -42,6 +58,7 @@ class ServerConfig(_Model):
     """Candidates tried when a backend cannot be reached before any byte was sent."""
     max_connections_per_backend: int = Field(0, ge=0)
     """0 means unlimited (aiohttp keeps idle connections alive for reuse either way)."""
+    limits: ConnectionLimitsConfig = ConnectionLimitsConfig()
     trusted_proxies: list[str] = Field(default_factory=list)
     """CIDRs of load balancers in front of the gateway: their `X-Forwarded-For`/`-Proto` are extended
     rather than replaced by the peer address (anyone else's are dropped)."""

@@ -61,6 +61,10 @@ class Conflict(GatewayError):
     status, type, code = 409, "invalid_request_error", "conflict"
 
 
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 

@@ -21,7 +21,7 @@ class OutcomeLog:
         self._last: dict[str, float] = {}
         self._folded: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: object) -> bool:
+    def note(self, kind: str, message: str, *args: object) -> bool:
         """Log `message` unless `kind` was logged within the interval; True when a line was written."""
         now = self._clock()
         last = self._last.get(kind)

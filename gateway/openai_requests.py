@@ -4,12 +4,13 @@ Wrong types fail here with a 400 that names the parameter, as OpenAI does.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 
-from gateway.errors import BodyTooLarge, InvalidRequest
+from gateway.errors import BodyTooLarge, InvalidRequest, RequestTimeout
 
 ROUTES = ("chat/completions", "completions", "embeddings")
 
@@ -172,10 +173,20 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
     return ParsedBody(body, model, stream, wants_usage, max_tokens, prompt, cache_salt, user)
 
 
-async def read_body(scope: MutableMapping[str, Any], receive: Any, limit: int) -> bytes:
+async def read_body(scope: MutableMapping[str, Any], receive: Any, limit: int, timeout_s: float | None = None
+                    ) -> bytes:
+    """The whole request body, refused with 413 past `limit` bytes or 408 past `timeout_s` seconds."""
     for k, v in scope["headers"]:
         if k == b"content-length" and v.isdigit() and int(v) > limit:
             raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.") from None
+
+
+async def _read(receive: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -88,7 +88,7 @@ class ProxyResponse:
             if resp.status >= 400:
                 body = await resp.read()
                 if resp.status in (401, 403):
-                    self.gw.outcomes.warning(
+                    self.gw.outcomes.note(
                         f"upstream-auth:{self.ex.backend}", "backend %s refused the gateway's credentials "
                         "(HTTP %d): check its api_key; an operator problem, clients get 502 upstream_auth_error",
                         self.ex.backend, resp.status)
@@ -209,7 +209,7 @@ class ProxyResponse:
         if not is_expected(exc):
             log.exception("request %s failed", self.ex.request_id, exc_info=exc)
         elif err.status >= 500:
-            self.gw.outcomes.warning(f"failed:{err.code}", "requests failed: %d %s (%s)", err.status, err.code,
+            self.gw.outcomes.note(f"failed:{err.code}", "requests failed: %d %s (%s)", err.status, err.code,
                                      err.message)
         self.ex.outcome = "error"
         self.ex.status = err.status

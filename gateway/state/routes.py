@@ -56,9 +56,8 @@ def _api(handler: Handler) -> Handler:
     return wrapped
 
 
-async def _body(request: Request, limit: int) -> dict[str, Any]:
-
-    raw = await read_body(request.scope, request.receive, limit)
+async def _body(request: Request, limits: tuple[int, float]) -> dict[str, Any]:
+    raw = await read_body(request.scope, request.receive, *limits)
     return json_object(raw) if raw else {}
 
 
@@ -95,15 +94,17 @@ class StateRoutes:
         self.gw, self.store = gw, store
 
     @property
-    def _limit(self) -> int:
-        return self.gw.cfg.server.max_body_bytes
+    def _limit(self) -> tuple[int, float]:
+        """Body size and time limits."""
+        server = self.gw.cfg.server
+        return server.max_body_bytes, server.limits.body_timeout_s
 
     # -- responses -----------------------------------------------------------------------------
     async def create_response(self, request: Request) -> Any:
 
         ex = None
         try:
-            raw = await read_body(request.scope, request.receive, self._limit)
+            raw = await read_body(request.scope, request.receive, *self._limit)
             turn, ex = await prepare_response(self.gw, self.store, request, raw)
         except Exception as exc:
             if isinstance(exc, RedisError):
