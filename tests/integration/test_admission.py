@@ -101,14 +101,25 @@ def test_the_sdk_sees_rate_limit_error_with_headers_and_its_retries_work(stack: 
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS, max_tokens=2)
     assert raw.headers["x-ratelimit-limit-requests"] == "60"
     assert raw.headers["x-ratelimit-remaining-requests"] == "59"
-    for _ in range(60):  # spend the burst
+    async def burst() -> list[BaseException | None]:
+        # All at once: one by one, a loaded machine can serve them slower than the bucket refills (1/s).
+        aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key=client.api_key, max_retries=0)
+
+        async def one() -> BaseException | None:
+            try:
+                await aclient.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)  # type: ignore[arg-type]
+            except openai.RateLimitError as exc:
+                return exc
+            return None
         try:
-            client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)
-        except openai.RateLimitError as exc:
-            err = exc
-            break
-    else:
+            return await asyncio.gather(*(one() for _ in range(70)))
+        finally:
+            await aclient.close()
+
+    refused = [e for e in asyncio.run(burst()) if isinstance(e, openai.RateLimitError)]
+    if not refused:
         pytest.fail("never rate limited")
+    err = refused[0]
     assert err.code == "rate_limit_exceeded" and err.type == "requests"
     h = err.response.headers
     assert h["x-ratelimit-limit-requests"] == "60" and h["x-ratelimit-remaining-requests"] == "0"
