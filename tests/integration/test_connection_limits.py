@@ -17,7 +17,7 @@ from tests.support.procs import Proc, start_gateway, start_redis, start_sim
 
 pytestmark = pytest.mark.slow
 
-HEADER_S, BODY_S, IDLE_S, MAX_CONN = 1.0, 1.0, 1.5, 80
+HEADER_S, BODY_S, IDLE_S, MAX_CONN = 4.0, 1.0, 1.5, 80
 
 
 @pytest.fixture(scope="module")
@@ -69,29 +69,31 @@ def test_slow_heads_are_closed_while_others_are_served(gw: Proc) -> None:
             pass
         closed, got = await _closed_within(reader, HEADER_S * 3)
         writer.close()
-        return closed, got, time.monotonic() - started
+        return closed, got, time.monotonic()
 
     async def good(client: openai.AsyncOpenAI) -> float:
-        t = time.monotonic()
         reply = await client.chat.completions.create(model="sim-llama", max_tokens=3,
                                                      messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content
-        return time.monotonic() - t
+        return time.monotonic()
 
-    async def go() -> tuple[list[tuple[bool, bytes, float]], list[float]]:
+    async def go() -> tuple[list[tuple[bool, bytes, float]], list[float], float]:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        started = time.monotonic()
         slow = [asyncio.create_task(slowloris(gw.port)) for _ in range(50)]
         await asyncio.sleep(0.3)
-        served = [await good(client) for _ in range(10)]
+        served = [await good(client) for _ in range(5)]
         results = await asyncio.gather(*slow)
         await client.close()
-        return results, served
+        return results, served, started
 
-    results, served = asyncio.run(go())
+    results, served, started = asyncio.run(go())
     assert all(closed for closed, _, _ in results), "a slow head was never closed"
     assert all(got.startswith(b"HTTP/1.1 408") for _, got, _ in results if got), results[0]
-    assert max(took for _, _, took in results) < HEADER_S * 4
-    assert max(served) < 2.0, served
+    closed_at = [at - started for _, _, at in results]
+    assert max(closed_at) < HEADER_S * 3, closed_at
+    # Served while the slow connections were still held, not after the gateway got rid of them.
+    assert max(served) < min(at for _, _, at in results), (served, closed_at)
 
 
 def test_a_trickled_body_gets_408(gw: Proc) -> None:
