@@ -46,6 +46,30 @@ async def test_without_upstream_priority_the_body_is_untouched() -> None:
     assert ex.raw is raw and ex.routing.priority == "sheddable"
 
 
+KEYS = [{"name": "std", "sha256": hash_key("std")},
+        {"name": "boss", "sha256": hash_key("boss"), "max_priority": "critical"}]
+
+
+@pytest.mark.parametrize(("key", "header", "want", "value"), [
+    ("std", "critical", "standard", 0), ("boss", "critical", "critical", -10), ("std", "sheddable", "sheddable", 10),
+])
+async def test_the_header_is_capped_at_the_keys_max_priority(key: str, header: str, want: str, value: int) -> None:
+    gw = _gateway({"auth": {"enabled": True, "keys": KEYS}, "priority": {"upstream": True}})
+    ex = _exchange(gw, {**CHAT, "priority": -1000})
+    await gw.before_dispatch(ex, {"authorization": f"Bearer {key}", "x-gravity-priority": header})
+    assert ex.routing.priority == want
+    assert orjson.loads(ex.raw)["priority"] == value and orjson.loads(ex.upstream_body())["priority"] == value
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_clients_own_body_priority_is_stripped_without_upstream_priority(stream: bool) -> None:
+    gw = _gateway({"auth": {"enabled": True, "keys": KEYS}})
+    ex = _exchange(gw, {**CHAT, "priority": -1000, "stream": stream})
+    await gw.before_dispatch(ex, {"authorization": "Bearer std"})
+    assert "priority" not in orjson.loads(ex.raw) and "priority" not in orjson.loads(ex.upstream_body())
+    assert "priority" not in ex.body
+
+
 async def test_no_token_counting_when_no_limit_applies() -> None:
     """Nothing to reserve: the estimator is not asked, routing keeps its bytes/4 estimate."""
     gw = _gateway({})

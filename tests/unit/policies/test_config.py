@@ -40,6 +40,8 @@ def test_a_full_section_parses() -> None:
     ({"rate_limits": {"failure_mode": "maybe"}}, "policies.rate_limits.failure_mode"),
     ({"rate_limits": {"bogus": 1}}, "policies.rate_limits.bogus: Extra inputs are not permitted"),
     ({"priority": {"upstream_values": {"critical": 0}}}, "missing values for ['sheddable', 'standard']"),
+    ({"auth": {"keys": [{"name": "k", "sha256": SHA, "priority": "critical", "max_priority": "standard"}]}},
+     "policies.auth.keys[0]: priority 'critical' is above max_priority 'standard'"),
 ])
 def test_bad_values_name_their_path(section: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:

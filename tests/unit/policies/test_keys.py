@@ -25,6 +25,19 @@ def test_record_round_trip_keeps_everything_but_the_key() -> None:
     assert back.id == key.sha256[:12]
 
 
+def test_max_priority_defaults_to_the_keys_own_and_survives_the_record() -> None:
+    plain = ApiKey(sha256=hash_key("k"), name="a", tenant="t", priority="sheddable")
+    assert plain.priority_cap == "sheddable"
+    boss = ApiKey(sha256=hash_key("k"), name="a", tenant="t", max_priority="critical")
+    assert boss.priority_cap == "critical"
+    assert ApiKey.from_record(boss.sha256, boss.to_record()).priority_cap == "critical"
+    # A record written before max_priority existed caps at the key's own priority.
+    assert ApiKey.from_record(boss.sha256, b'{"name": "a", "tenant": "t", "priority": "standard"}').priority_cap \
+        == "standard"
+    cfg = KeyConfig(name="a", sha256="0" * 64, priority="sheddable", max_priority="critical")
+    assert ApiKey.from_config(cfg).priority_cap == "critical"
+
+
 def test_config_key_may_use_only_its_models() -> None:
     key = ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64, models=["x"]))
     assert key.may_use("x") and not key.may_use("y")

@@ -40,6 +40,19 @@ def test_priority_from_header_or_key_default(header: str | None, default: str, w
     assert resolve_priority(header, default) == want  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("header", "default", "maximum", "want"), [
+    ("critical", "standard", "standard", "standard"),  # self-promotion is capped
+    ("Critical", "sheddable", "standard", "standard"),
+    ("critical", "standard", "critical", "critical"),  # up to what the key may ask for
+    ("standard", "sheddable", "standard", "standard"),
+    ("sheddable", "critical", "critical", "sheddable"),  # asking for less is always allowed
+    (None, "sheddable", "standard", "sheddable"),
+])
+def test_header_priority_is_capped_at_the_keys_maximum(header: str | None, default: str, maximum: str,
+                                                       want: str) -> None:
+    assert resolve_priority(header, default, maximum) == want  # type: ignore[arg-type]
+
+
 def test_unknown_priority_is_a_400() -> None:
     with pytest.raises(InvalidPriority):
         resolve_priority("urgent", "standard")
