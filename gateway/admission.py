@@ -96,7 +96,7 @@ class Admission:
         key = await self.auth.authenticate(headers)
         self.auth.check_model(key, ex.model)
         ex.tenant = key.tenant
-        priority = resolve_priority(headers.get("x-gravity-priority"), key.priority)
+        priority = resolve_priority(headers.get("x-gravity-priority"), key.priority, key.priority_cap)
         if priority == "sheddable" and self.cfg.priority.shed and should_shed(
                 priority, ex.model, self.gw.datastore.snapshot(), self.cfg.priority):
             retry = self.cfg.priority.shed_retry_after_s
@@ -119,9 +119,14 @@ class Admission:
                 ex.response_headers.update(ratelimit_headers(reservation.verdict))
                 if self.gw.cfg.server.debug_headers:
                     ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
+        # Only the gateway says what priority a backend sees: its own value, or none at all (a
+        # client's `priority` would jump vLLM's queue past every policy here).
         if self.cfg.priority.upstream and ex.route != "embeddings":
             ex.body = {**ex.body, "priority": self.cfg.priority.upstream_values[priority]}
             # upstream_body() forwards ex.raw untouched for non-stream requests: keep them in step.
+            ex.raw = orjson.dumps(ex.body)
+        elif "priority" in ex.body:
+            ex.body = {k: v for k, v in ex.body.items() if k != "priority"}
             ex.raw = orjson.dumps(ex.body)
 
     def _completion_budget(self, ex: Exchange) -> int:

@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", default="default")
     create.add_argument("--model", action="append", dest="models", metavar="MODEL",
                         help="a model the key may use (repeat); default: every model")
-    create.add_argument("--priority", choices=("critical", "standard", "sheddable"), default="standard")
+    create.add_argument("--priority", choices=("critical", "standard", "sheddable"), default="standard",
+                        help="priority of requests without an x-gravity-priority header (default: standard)")
+    create.add_argument("--max-priority", choices=("critical", "standard", "sheddable"),
+                        help="highest priority the header may ask for (default: --priority)")
     for flag, what in (("tpm", "tokens per minute"), ("rpm", "requests per minute"),
                        ("tpd", "tokens per day"), ("concurrency", "requests in flight")):
         create.add_argument(f"--{flag}", type=int, help=what)
@@ -62,7 +65,7 @@ def _open(args: argparse.Namespace) -> Any:
 def _describe(k: ApiKey) -> dict[str, Any]:
     return {"id": k.id, "name": k.name, "tenant": k.tenant,
             "models": sorted(k.models) if k.models is not None else None, "priority": k.priority,
-            "limits": k.limits.model_dump(exclude_none=True), "created_at": k.created_at}
+            "max_priority": k.priority_cap, "limits": k.limits.model_dump(exclude_none=True), "created_at": k.created_at}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -71,8 +74,13 @@ async def _run(args: argparse.Namespace) -> int:
         store = RedisKeyStore(handle.client)
         if args.command == "create":
             limits = Limits(tpm=args.tpm, rpm=args.rpm, tpd=args.tpd, concurrency=args.concurrency)
-            text, key = await store.create(name=args.name, tenant=args.tenant, models=args.models,
-                                           priority=args.priority, limits=limits)
+            try:
+                text, key = await store.create(name=args.name, tenant=args.tenant, models=args.models,
+                                               priority=args.priority, limits=limits,
+                                               max_priority=args.max_priority)
+            except ValueError as exc:
+                print(f"gravity keys: {exc}", file=sys.stderr)
+                return 2
             if args.json:
                 print(orjson.dumps({"key": text, **_describe(key)}).decode())
             else:
@@ -89,6 +97,7 @@ async def _run(args: argparse.Namespace) -> int:
                     models = ",".join(sorted(k.models)) if k.models is not None else "*"
                     budget = " ".join(f"{n}={v}" for n, v in k.limits.model_dump(exclude_none=True).items())
                     print(f"{k.id}  {k.name}  tenant={k.tenant}  models={models}  priority={k.priority}"
+                          f"  max_priority={k.priority_cap}"
                           + (f"  {budget}" if budget else ""))
             return 0
         gone = await store.revoke(args.key)

@@ -21,6 +21,12 @@ __all__ = [
 ]
 
 Priority = Literal["critical", "standard", "sheddable"]
+PRIORITY_RANK: dict[Priority, int] = {"sheddable": 0, "standard": 1, "critical": 2}
+
+
+def check_priority_cap(priority: Priority, max_priority: Priority | None) -> None:
+    if max_priority is not None and PRIORITY_RANK[priority] > PRIORITY_RANK[max_priority]:
+        raise ValueError(f"priority {priority!r} is above max_priority {max_priority!r}")
 
 # Tenant names end up inside Redis hash tags `{tenant}`: no braces, no spaces.
 _NAME = r"^[A-Za-z0-9._-]{1,64}$"
@@ -58,7 +64,14 @@ class KeyConfig(_Model):
     """Models the key may use; omit for every model."""
     priority: Priority = "standard"
     """Priority of the key's requests when they carry no `x-gravity-priority` header."""
+    max_priority: Priority | None = None
+    """Highest priority the header may ask for (a higher one is lowered to it); default: `priority`."""
     limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _priority_within_max(self) -> KeyConfig:
+        check_priority_cap(self.priority, self.max_priority)
+        return self
 
     @field_validator("sha256")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from policies.config import KeyConfig, Limits, Priority
+from policies.config import KeyConfig, Limits, Priority, check_priority_cap
 
 __all__ = ["KEY_PREFIX", "ApiKey", "RedisKeyStore", "generate_key", "hash_key"]
 
@@ -41,6 +41,15 @@ class ApiKey:
     limits: Limits = field(default_factory=Limits)
     created_at: float = 0.0
     source: str = "config"
+    max_priority: Priority | None = None
+    """Highest priority `x-gravity-priority` may ask for; None: the key's own `priority`."""
+
+    @property
+    def priority_cap(self) -> Priority | None:
+        """The cap on the header's priority; None (no cap) only for the anonymous key of auth off."""
+        if self.source == "anonymous":
+            return None
+        return self.max_priority or self.priority
 
     @property
     def id(self) -> str:
@@ -54,7 +63,7 @@ class ApiKey:
     def from_config(cls, k: KeyConfig) -> ApiKey:
         return cls(sha256=k.sha256, name=k.name, tenant=k.tenant,
                    models=frozenset(k.models) if k.models is not None else None,
-                   priority=k.priority, limits=k.limits)
+                   priority=k.priority, limits=k.limits, max_priority=k.max_priority)
 
     def to_record(self) -> bytes:
         return orjson.dumps({
@@ -62,6 +71,7 @@ class ApiKey:
             "models": sorted(self.models) if self.models is not None else None,
             "priority": self.priority, "limits": self.limits.model_dump(exclude_none=True),
             "created_at": self.created_at,
+            **({"max_priority": self.max_priority} if self.max_priority is not None else {}),
         })
 
     @classmethod
@@ -72,7 +82,8 @@ class ApiKey:
                    models=frozenset(models) if isinstance(models, list) else None,
                    priority=data.get("priority", "standard"),
                    limits=Limits.model_validate(data.get("limits") or {}),
-                   created_at=float(data.get("created_at") or 0.0), source="redis")
+                   created_at=float(data.get("created_at") or 0.0), source="redis",
+                   max_priority=data.get("max_priority"))
 
 
 class _RedisLike(Protocol):
@@ -105,13 +116,14 @@ class RedisKeyStore:
 
     async def create(self, *, name: str, tenant: str, models: Iterable[str] | None = None,
                      priority: Priority = "standard", limits: Limits | None = None,
-                     now: float | None = None) -> tuple[str, ApiKey]:
+                     now: float | None = None, max_priority: Priority | None = None) -> tuple[str, ApiKey]:
         """Store a new key and return its text (shown once; only the hash is kept) and record."""
+        check_priority_cap(priority, max_priority)
         text = generate_key()
         key = ApiKey(sha256=hash_key(text), name=name, tenant=tenant,
                      models=frozenset(models) if models is not None else None, priority=priority,
                      limits=limits or Limits(), created_at=time.time() if now is None else now,
-                     source="redis")
+                     source="redis", max_priority=max_priority)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._record(key.sha256), key.to_record())
             pipe.sadd(self._index, key.sha256)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from policies.config import Priority, PriorityConfig
+from policies.config import PRIORITY_RANK, Priority, PriorityConfig
 from policies.errors import InvalidPriority
 
 __all__ = ["PRIORITIES", "EndpointLoad", "resolve_priority", "saturated", "should_shed"]
@@ -37,13 +37,19 @@ class EndpointLoad(Protocol):
     def trusted_metrics(self) -> _Metrics | None: ...
 
 
-def resolve_priority(header: str | None, default: Priority) -> Priority:
+def resolve_priority(header: str | None, default: Priority, maximum: Priority | None = None) -> Priority:
+    """The header's priority, lowered to `maximum` when it asks for more (None: no cap), else `default`.
+
+    Lowering is silent, as a client asking for more than its key allows is not an error of its
+    request: it runs at the highest priority it may have."""
     if header is None or header == "":
         return default
     value = header.strip().lower()
     if value not in PRIORITIES:  # narrows value to Priority for the return below
         raise InvalidPriority(f"Invalid x-gravity-priority {header[:32]!r}: expected one of "
                               f"{', '.join(PRIORITIES)}.")
+    if maximum is not None and PRIORITY_RANK[value] > PRIORITY_RANK[maximum]:
+        return maximum
     return value
 
 

@@ -93,6 +93,8 @@ async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw
     turn.tenant = ex.tenant
     # Fields admission added to the body (an upstream priority, say) carry over to the final one.
     added = {k: v for k, v in ex.body.items() if k != "messages" and provisional_body.get(k) != v}
+    # ...and fields it removed (a client's own `priority`) stay removed.
+    removed = provisional_body.keys() - ex.body.keys()
     history: list[Item] = []
     if req.previous_response_id:
         history = await store.history(turn.tenant, req.previous_response_id)
@@ -103,7 +105,8 @@ async def prepare_response(gw: Gateway, store: StateStore, request: Request, raw
             raise InvalidRequest(f"Conversation '{req.conversation_id}' would exceed the limit of "
                                  f"{gw.cfg.state.max_conversation_items} items.", param="conversation",
                                  code="conversation_item_limit")
-        final = orjson.dumps({**chat_body(req, history), **added})
+        rebuilt = {k: v for k, v in chat_body(req, history).items() if k not in removed}
+        final = orjson.dumps({**rebuilt, **added})
         parsed_body = parse_body("chat/completions", final)
         ex.body, ex.raw = parsed_body.body, final
         ex.routing = dataclasses.replace(ex.routing, prompt=parsed_body.prompt,

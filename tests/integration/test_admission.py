@@ -42,6 +42,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         {"name": "slow", "sha256": hash_key("key-slow"), "tenant": "team-b", "limits": {"rpm": 60}},
         {"name": "elsewhere", "sha256": hash_key("key-elsewhere"), "tenant": "team-a", "models": ["other"]},
         {"name": "batch", "sha256": hash_key("key-batch"), "tenant": "team-c", "priority": "sheddable"},
+        {"name": "batch-up", "sha256": hash_key("key-batch-up"), "tenant": "team-c", "priority": "sheddable",
+         "max_priority": "standard"},
     ]
     cfg = {
         "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
@@ -185,7 +187,9 @@ async def test_sheddable_requests_are_refused_when_every_endpoint_is_saturated(s
             status, _, err = await post(s, "key-ci", "sheddable")
             assert status == 429
             assert (await post(s, "key-ci", "critical"))[0] == 200  # never shed by the gateway
-            assert (await post(s, "key-batch", "standard"))[0] == 200
+            # A sheddable key cannot promote itself out of shedding unless its max_priority allows.
+            assert (await post(s, "key-batch", "standard"))[0] == 429
+            assert (await post(s, "key-batch-up", "standard"))[0] == 200
         finally:
             for r in held:
                 r.close()
@@ -193,7 +197,7 @@ async def test_sheddable_requests_are_refused_when_every_endpoint_is_saturated(s
         assert (await post(s, "key-batch"))[0] == 200
         async with s.get(stack.base + "/metrics") as r:
             text = await r.text()
-        assert 'gravity_admission_rejections_total{code="load_shed"} 2.0' in text
+        assert 'gravity_admission_rejections_total{code="load_shed"} 3.0' in text
 
 
 def test_admin_backends_needs_a_key_once_auth_is_on(stack: Stack) -> None:

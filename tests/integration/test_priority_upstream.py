@@ -129,3 +129,15 @@ def test_keys_cli_stores_max_priority(redis_proc: Proc) -> None:
                               "--max-priority", "sheddable"], capture_output=True, text=True, cwd=REPO,
                              timeout=30, check=False)
     assert refused.returncode != 0 and "max_priority" in refused.stderr
+
+
+@pytest.mark.parametrize(("upstream", "sent"), [(False, None), (True, 0)])
+async def test_the_responses_api_sends_the_gateways_priority_only(gateways: dict[bool, str], recorder: Recorder,
+                                                                 upstream: bool, sent: int | None) -> None:
+    headers = {"authorization": "Bearer key-std", "content-type": "application/json",
+               "x-gravity-priority": "critical"}
+    payload = {"model": MODEL, "input": "hi", "max_output_tokens": 1, "priority": -1000}
+    async with aiohttp.ClientSession() as s, s.post(gateways[upstream] + "/v1/responses", data=orjson.dumps(payload),
+                                                    headers=headers) as r:
+        assert r.status == 200, await r.text()
+    assert (await recorder.last()).get("priority") == sent
