@@ -7,19 +7,25 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from policies.config import AuthConfig
 from policies.errors import InvalidApiKey, KeyStoreUnavailable, ModelNotAllowed
-from policies.keys import ApiKey, RedisKeyStore, hash_key
+from policies.keys import ApiKey, KeyStore, hash_key
 
 __all__ = ["Authenticator", "bearer_token"]
 
 log = logging.getLogger("gravity.policies.auth")
 
-_NEGATIVE_TTL_S = 1.0  # a key created a moment ago must work soon; unknown keys must not hammer Redis
+_INDEX_TTL_S = 1.0
+"""How long the store's index is trusted to say a key does not exist: a new key works this soon."""
+_INDEX_MAX_AGE_S = 60.0
+"""The index is reloaded in full at least this often, even if its signature did not change (an
+older `gravity keys` changes the set without bumping its version)."""
+_NEGATIVE_TTL_S = 1.0  # a key in the index whose record is gone (revoked meanwhile)
 _CACHE_SIZE = 10_000
 
 
@@ -35,7 +41,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, cfg: AuthConfig, store: RedisKeyStore | None = None, *,
+    def __init__(self, cfg: AuthConfig, store: KeyStore | None = None, *,
                  clock: Callable[[], float] = time.monotonic, timeout_s: float = 0.5) -> None:
         self.cfg = cfg
         self.store = store if cfg.redis_keys else None
@@ -44,6 +50,14 @@ class Authenticator:
         self.anonymous = ApiKey(sha256="", name="anonymous", tenant=cfg.default_tenant, source="anonymous")
         self._config_keys = {k.sha256: ApiKey.from_config(k) for k in cfg.keys}
         self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
+        # The store's set of key hashes: a key not in it is refused without a lookup or a cache
+        # entry, so a flood of random keys costs Redis one index check a second and evicts nothing.
+        self._known: frozenset[str] | None = None
+        """None: the index could not be read at the last check (the store is unreachable)."""
+        self._known_sig: tuple[int, int] | None = None
+        self._known_checked = -math.inf
+        self._known_loaded = -math.inf
+        self._index_lock = asyncio.Lock()
 
     async def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         if not self.cfg.enabled:
@@ -71,6 +85,14 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
             return cached[0]
+        known = await self._index(now)
+        if known is None:  # the store is unreachable: a key seen before keeps working
+            if cached is not None and cached[0] is not None:
+                return cached[0]
+            raise KeyStoreUnavailable("The API key store is unavailable; try again shortly.")
+        if digest not in known:
+            self._cache.pop(digest, None)  # revoked: gone from the index
+            return None
         try:
             async with asyncio.timeout(self.timeout_s):
                 key = await self.store.get(digest)
@@ -85,3 +107,26 @@ class Authenticator:
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return key
+
+    async def _index(self, now: float) -> frozenset[str] | None:
+        if now - self._known_checked < _INDEX_TTL_S:
+            return self._known
+        async with self._index_lock:  # one check at a time; the others then find it fresh
+            now = self.clock()
+            if now - self._known_checked >= _INDEX_TTL_S:
+                await self._refresh_index(now)
+        return self._known
+
+    async def _refresh_index(self, now: float) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                sig = await self.store.signature()
+                if sig != self._known_sig or self._known is None or now - self._known_loaded >= _INDEX_MAX_AGE_S:
+                    self._known = await self.store.hashes()
+                    self._known_sig, self._known_loaded = sig, now
+        except Exception as exc:  # noqa: BLE001 - unreachable: known keys keep working, others get 503
+            if self._known is not None:
+                log.warning("API key store unreachable: %s", type(exc).__name__)
+            self._known = None
+        self._known_checked = now

@@ -15,7 +15,7 @@ import orjson
 
 from policies.config import KeyConfig, Limits, Priority, check_priority_cap
 
-__all__ = ["KEY_PREFIX", "ApiKey", "RedisKeyStore", "generate_key", "hash_key"]
+__all__ = ["KEY_PREFIX", "ApiKey", "KeyStore", "RedisKeyStore", "generate_key", "hash_key"]
 
 KEY_PREFIX = "gk-"
 
@@ -96,6 +96,19 @@ class _RedisLike(Protocol):
     def pipeline(self, transaction: Any = ..., shard_hint: Any = ...) -> Any: ...
 
 
+class KeyStore(Protocol):
+    """Where keys not in config live (Redis), as the authenticator reads it."""
+
+    async def get(self, sha256: str) -> ApiKey | None:
+        """The key with this hash, or None."""
+
+    async def signature(self) -> tuple[int, int]:
+        """(version, number of keys): changes whenever keys are created or revoked."""
+
+    async def hashes(self) -> frozenset[str]:
+        """The hash of every key in the store."""
+
+
 class RedisKeyStore:
     """Keys kept in Redis: one record per hash plus an index set, all under one hash tag.
 
@@ -106,6 +119,8 @@ class RedisKeyStore:
     def __init__(self, client: _RedisLike, prefix: str = "gravity") -> None:
         self.client = client
         self._index = f"{prefix}:{{apikeys}}"
+        self._version = f"{self._index}:version"
+        """Bumped by every create and revoke, so a gateway can tell the index changed cheaply."""
 
     def _record(self, sha256: str) -> str:
         return f"{self._index}:{sha256}"
@@ -127,8 +142,20 @@ class RedisKeyStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._record(key.sha256), key.to_record())
             pipe.sadd(self._index, key.sha256)
+            pipe.incr(self._version)
             await pipe.execute()
         return text, key
+
+    async def signature(self) -> tuple[int, int]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self._version)
+            pipe.scard(self._index)
+            version, count = await pipe.execute()
+        return int(version or 0), int(count)
+
+    async def hashes(self) -> frozenset[str]:
+        return frozenset(h.decode() if isinstance(h, bytes) else str(h)
+                         for h in await self.client.smembers(self._index))
 
     async def all(self) -> list[ApiKey]:
         hashes = sorted(h.decode() if isinstance(h, bytes) else str(h)
@@ -150,5 +177,6 @@ class RedisKeyStore:
                 for k in gone:
                     pipe.delete(self._record(k.sha256))
                     pipe.srem(self._index, k.sha256)
+                pipe.incr(self._version)
                 await pipe.execute()
         return gone

@@ -80,6 +80,9 @@ async def test_limits_and_keys_on_a_cluster(cluster: int) -> None:
         store = RedisKeyStore(client)
         text, created = await store.create(name="ci", tenant="t0")
         assert await store.get(hash_key(text)) == created
+        signature = await store.signature()
+        assert signature[1] == 1 and await store.hashes() == {created.sha256}
         assert [k.name for k in await store.revoke(created.id)] == ["ci"]
+        assert await store.signature() not in (signature, (signature[0], 0)) and await store.hashes() == set()
     finally:
         await client.aclose()
