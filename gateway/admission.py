@@ -1,6 +1,7 @@
-"""Wire the admission policies into the gateway: auth, priority shedding, token rate limits.
+"""The admission policies at the gateway's edge: auth, priority shedding, token rate limits.
 
-`install_admission(gw)` registers one pre-dispatch hook, one finish hook and one lifecycle part.
+Two steps, so the pipeline can send the reservation and the session lookup in one Redis round trip:
+`authenticate` (local: keys are cached) then `reserve`; `finish` settles what `reserve` took.
 """
 from __future__ import annotations
 
@@ -8,25 +9,22 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-import orjson
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.exchange import Exchange
 from policies.auth import Authenticator
-from policies.config import PoliciesConfig
-from policies.errors import LoadShed, PolicyError
+from policies.config import PoliciesConfig, Priority
+from policies.errors import AdminRequired, LoadShed, PolicyError
 from policies.estimate import TokenEstimator
-from policies.keys import RedisKeyStore
+from policies.keys import ApiKey, RedisKeyStore
 from policies.limiter import Limiter, Reservation, ratelimit_headers
-from policies.priority import resolve_priority, should_shed
+from policies.priority import EndpointLoad, resolve_priority, should_shed
+from policies.redis_pipe import RedisPipe
 
-if TYPE_CHECKING:
-    from gateway.services import Gateway
-
-__all__ = ["Admission", "install_admission"]
+__all__ = ["Admission"]
 
 log = logging.getLogger("gravity.admission")
 
@@ -34,10 +32,12 @@ _EXTRAS = "admission"
 
 
 class Admission:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.cfg: PoliciesConfig = gw.cfg.policies
-        registry = gw.metrics.registry
+    def __init__(self, cfg: PoliciesConfig, registry: CollectorRegistry,
+                 endpoints: Callable[[], Iterable[EndpointLoad]], *, debug_headers: bool = False) -> None:
+        self.cfg = cfg
+        self._endpoints = endpoints
+        """The endpoints' current load, for shedding (the datastore's snapshot)."""
+        self._debug = debug_headers
         self.rejections = Counter("gravity_admission_rejections", "Requests refused by admission policies.",
                                   ["code"], registry=registry)
         self.redis_errors = Counter(
@@ -53,12 +53,13 @@ class Admission:
     def _count_redis_error(self, op: str, exc: BaseException) -> None:
         self.redis_errors.labels(op, self.cfg.rate_limits.failure_mode).inc()
 
-    async def start(self) -> None:
-        client = self.gw.redis.client if self.gw.redis is not None else None
+    async def start(self, client: Any, pipe: RedisPipe | None = None) -> None:
+        """Attach the Redis client (None: no Redis at all) and start the settlement batcher; `pipe` is the
+        request path's shared pipelined connection."""
         if client is not None:
             if self.cfg.auth.enabled and self.cfg.auth.redis_keys:
                 self.auth.store = RedisKeyStore(client)
-            self.limiter.attach(client)
+            self.limiter.attach(client, pipe)
             if self.cfg.rate_limits.enabled:
                 await self.limiter.warm(client)
                 self._settler = asyncio.create_task(self.limiter.run_settler(), name="gravity-settler")
@@ -81,53 +82,63 @@ class Admission:
             self._settler = None
         await self.limiter.close()  # queued settlements must reach Redis before it closes
 
+    async def authorize_admin(self, headers: Mapping[str, str]) -> None:
+        """Operator routes: with auth on, only keys marked `admin: true` (401 without a key, 403 with another)."""
+        if not self.cfg.auth.enabled:
+            return
+        key = await self.auth.authenticate(headers)
+        if not key.admin:
+            raise AdminRequired("This route needs an admin API key (a key with admin: true).")
+
     async def identify(self, headers: Mapping[str, str]) -> str:
         """The API key's tenant (raising the same 401 as dispatching routes)."""
         return (await self.auth.authenticate(headers)).tenant
 
-    async def before_dispatch(self, ex: Exchange, headers: Mapping[str, str]) -> None:
+    async def authenticate(self, ex: Exchange, headers: Mapping[str, str]) -> ApiKey:
+        """Who the request acts as; refuses bad keys, forbidden models, invalid priorities, shed load."""
         try:
-            await self._admit(ex, headers)
+            key = await self.auth.authenticate(headers)
+            self.auth.check_model(key, ex.model)
+            ex.tenant = key.tenant
+            priority = resolve_priority(headers.get("x-gravity-priority"), key.priority, key.priority_cap)
+            if priority == "sheddable" and self.cfg.priority.shed and should_shed(
+                    priority, ex.model, self._endpoints(), self.cfg.priority):
+                retry = self.cfg.priority.shed_retry_after_s
+                raise LoadShed(f"Every backend for model '{ex.model}' is saturated and this request's priority "
+                               f"is sheddable; try again in {retry:g}s.", retry_after=retry)
         except PolicyError as exc:
             self.rejections.labels(exc.code or "policy").inc()
             raise
+        if priority != ex.routing.priority:
+            ex.routing = dataclasses.replace(ex.routing, priority=priority)
+        return key
 
-    async def _admit(self, ex: Exchange, headers: Mapping[str, str]) -> None:
-        key = await self.auth.authenticate(headers)
-        self.auth.check_model(key, ex.model)
-        ex.tenant = key.tenant
-        priority = resolve_priority(headers.get("x-gravity-priority"), key.priority, key.priority_cap)
-        if priority == "sheddable" and self.cfg.priority.shed and should_shed(
-                priority, ex.model, self.gw.datastore.snapshot(), self.cfg.priority):
-            retry = self.cfg.priority.shed_retry_after_s
-            raise LoadShed(f"Every backend for model '{ex.model}' is saturated and this request's priority "
-                           f"is sheddable; try again in {retry:g}s.", retry_after=retry)
-        if not self.limiter.scopes(key, ex.model):
-            # No budget applies: nothing to reserve, so no token counting; routing keeps its
-            # bytes-based estimate of the prompt.
-            if priority != ex.routing.priority:
-                ex.routing = dataclasses.replace(ex.routing, priority=priority)
-        else:
-            prompt = ex.routing.prompt
-            messages = prompt.count(b"\x1e") if ex.route == "chat/completions" else 0
-            estimate = self.estimator.estimate(ex.model, prompt, messages)
-            ex.routing = dataclasses.replace(ex.routing, priority=priority, prompt_tokens=estimate.tokens)
-            reservation = await self.limiter.reserve(key, ex.model, ex.request_id,
-                                                     estimate.tokens + self._completion_budget(ex))
-            if reservation is not None:
-                ex.extras[_EXTRAS] = (reservation, estimate)
-                ex.response_headers.update(ratelimit_headers(reservation.verdict))
-                if self.gw.cfg.server.debug_headers:
-                    ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
-        # Only the gateway says what priority a backend sees: its own value, or none at all (a
-        # client's `priority` would jump vLLM's queue past every policy here).
+    async def reserve(self, ex: Exchange, key: ApiKey) -> None:
+        """Take the request's tokens from every budget that applies (or raise `RateLimited`)."""
+        try:
+            if self.limiter.scopes(key, ex.model):
+                prompt = ex.routing.prompt
+                messages = prompt.count(b"\x1e") if ex.route == "chat/completions" else 0
+                estimate = self.estimator.estimate(ex.model, prompt, messages)
+                ex.routing = dataclasses.replace(ex.routing, prompt_tokens=estimate.tokens)
+                reservation = await self.limiter.reserve(key, ex.model, ex.request_id,
+                                                         estimate.tokens + self._completion_budget(ex))
+                if reservation is not None:
+                    ex.extras[_EXTRAS] = (reservation, estimate)
+                    ex.response_headers.update(ratelimit_headers(reservation.verdict))
+                    if self._debug:
+                        ex.response_headers["x-gravity-reserved-tokens"] = str(reservation.reserved)
+            # else: no budget applies, so no token counting; routing keeps its bytes-based estimate.
+        except PolicyError as exc:
+            self.rejections.labels(exc.code or "policy").inc()
+            raise
         if self.cfg.priority.upstream and ex.route != "embeddings":
-            ex.body = {**ex.body, "priority": self.cfg.priority.upstream_values[priority]}
-            # upstream_body() forwards ex.raw untouched for non-stream requests: keep them in step.
-            ex.raw = orjson.dumps(ex.body)
+            priority: Priority = ex.routing.priority  # type: ignore[assignment]  # resolve_priority set it
+            ex.replace_body({**ex.body, "priority": self.cfg.priority.upstream_values[priority]})
         elif "priority" in ex.body:
-            ex.body = {k: v for k, v in ex.body.items() if k != "priority"}
-            ex.raw = orjson.dumps(ex.body)
+            # Only the gateway says what priority a backend sees: a client's own `priority` would
+            # jump vLLM's queue past every policy here.
+            ex.replace_body({k: v for k, v in ex.body.items() if k != "priority"})
 
     def _completion_budget(self, ex: Exchange) -> int:
         if ex.route == "embeddings":
@@ -137,6 +148,7 @@ class Admission:
         return (ex.routing.max_tokens or self.cfg.rate_limits.default_max_tokens) * choices
 
     async def finish(self, ex: Exchange) -> None:
+        """Settle the reservation with the tokens really used (nothing for a failed request)."""
         held = ex.extras.pop(_EXTRAS, None)
         usage = ex.usage or {}
         prompt_used = usage.get("prompt_tokens")
@@ -161,12 +173,3 @@ def _tokens_used(ex: Exchange, reserved: int) -> int:
         if any(isinstance(p, int) for p in parts):
             return sum(p for p in parts if isinstance(p, int))
     return reserved if ex.outcome == "ok" else 0
-
-
-def install_admission(gw: Gateway) -> Admission:
-    admission = Admission(gw)
-    gw.pre_dispatch_hooks.append(admission.before_dispatch)
-    gw.identify = admission.identify
-    gw.finish_hooks.append(admission.finish)
-    gw.lifecycle.append(admission)
-    return admission

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -32,32 +31,14 @@ def _load(path: str) -> GatewayConfig | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.serve import serve
 
     cfg = _load(args.config)
     if cfg is None:
         return 2
     server = cfg.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
                                            if v is not None})
-    cfg = cfg.model_copy(update={"server": server})
-    app = create_app(cfg)
-    # Everything allocated so far lives for the process: move it out of the collector's sight and
-    # collect young objects less often (measured: -25% CPU per request, p99 66 -> 17 ms at c=32;
-    # docs/benchmarks.md).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    # Connection limits of our own wrap the server's protocol (server.limits, gateway/conn_guard.py).
-    uvicorn.run(app, host=server.host, port=server.port, loop="uvloop",
-                http=app.connection_guard.protocol_class(HttpToolsProtocol),
-                access_log=False, log_level=args.log_level, lifespan="on", timeout_graceful_shutdown=5,
-                # The gateway decides whom to believe about client addresses (server.trusted_proxies);
-                # uvicorn would otherwise take X-Forwarded-For from any loopback peer.
-                proxy_headers=False)
+    serve(cfg.model_copy(update={"server": server}), args.log_level)
     return 0
 
 

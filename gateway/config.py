@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies.config import PoliciesConfig
+from policies.resilience import ResilienceConfig
 from routing.config import RoutingConfig
 
 BackendKind = Literal["vllm", "kserve", "openai"]
@@ -52,13 +53,17 @@ class ServerConfig(_Model):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Request bodies over this are refused with 413 before they are read whole."""
     connect_timeout_s: float = Field(5.0, gt=0)
+    """Deprecated: `resilience.timeouts.connect_s` (a value set here is used when that one is not)."""
     read_timeout_s: float = Field(600.0, gt=0)
-    """Longest silence allowed from a backend (time to first byte, or between stream chunks)."""
+    """Deprecated: `resilience.timeouts.first_byte_s` and `stall_s` (a value set here sets both)."""
     max_attempts: int = Field(3, ge=1, le=10)
-    """Candidates tried when a backend cannot be reached before any byte was sent."""
+    """Deprecated: `resilience.retries.max_attempts`."""
     max_connections_per_backend: int = Field(0, ge=0)
     """0 means unlimited (aiohttp keeps idle connections alive for reuse either way)."""
     limits: ConnectionLimitsConfig = ConnectionLimitsConfig()
+    metrics_auth: Literal["none", "admin"] = "none"
+    """`admin`: `/metrics` needs an admin API key (Prometheus sends it as a bearer token); `none` leaves it
+    open for a scraper on a private network (docs/metrics.md says what it exposes)."""
     trusted_proxies: list[str] = Field(default_factory=list)
     """CIDRs of load balancers in front of the gateway: their `X-Forwarded-For`/`-Proto` are extended
     rather than replaced by the peer address (anyone else's are dropped)."""
@@ -142,6 +147,16 @@ class BackendConfig(_Model):
             return self.metrics_path or None
         return None if self.kind == "openai" else "/metrics"
 
+    health_path: str | None = None
+    """Probed while an endpoint is down, open or its metrics are stale; defaults to /health for vllm and
+    kserve, none for openai (judged by its answers alone)."""
+
+    @property
+    def resolved_health_path(self) -> str | None:
+        if self.health_path is not None:
+            return self.health_path or None
+        return None if self.kind == "openai" else "/health"
+
     @property
     def api_base(self) -> str:
         prefix = self.path_prefix if self.path_prefix is not None else DEFAULT_PATH_PREFIX[self.kind]
@@ -155,6 +170,26 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     policies: PoliciesConfig = PoliciesConfig()
     extproc: ExtprocConfig = ExtprocConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
+
+    @model_validator(mode="after")
+    def _legacy_server_timeouts(self) -> GatewayConfig:
+        """The server section's old timeout fields, kept working: they fill what `resilience` leaves unset."""
+        old = self.server.model_fields_set
+        res = self.resilience
+        given_timeouts = res.timeouts.model_fields_set if "timeouts" in res.model_fields_set else set()
+        timeouts = res.timeouts.model_copy(update={
+            k: v for k, v in (("connect_s", self.server.connect_timeout_s if "connect_timeout_s" in old else None),
+                              ("first_byte_s", self.server.read_timeout_s if "read_timeout_s" in old else None),
+                              ("stall_s", self.server.read_timeout_s if "read_timeout_s" in old else None))
+            if v is not None and k not in given_timeouts})
+        retries = res.retries
+        if "max_attempts" in old and ("retries" not in res.model_fields_set
+                                      or "max_attempts" not in retries.model_fields_set):
+            retries = retries.model_copy(update={"max_attempts": self.server.max_attempts})
+        if timeouts != res.timeouts or retries is not res.retries:
+            object.__setattr__(self, "resilience", res.model_copy(update={"timeouts": timeouts, "retries": retries}))
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:

@@ -37,6 +37,16 @@ class GatewayMetrics:
         self.inflight = Gauge("gravity_requests_in_flight", "API requests (/v1/...) being served now, from arrival to the last byte.", registry=r)
         self.client_disconnects = Counter("gravity_client_disconnects", "Requests the client abandoned.",
                                           ["route"], registry=r)
+        self.attempts = Counter("gravity_upstream_attempts", "Upstream attempts, by endpoint and kind "
+                                "(first, retry, resume).", ["backend", "kind"], registry=r)
+        self.retries = Counter("gravity_upstream_retries", "Failed attempts that were retried elsewhere, by the "
+                               "endpoint that failed and how.", ["backend", "failure"], registry=r)
+        self.resumes = Counter("gravity_stream_resumes", "Streams continued on another endpoint, by the endpoint "
+                               "that broke and how.", ["backend", "failure"], registry=r)
+        self.fallbacks = Counter("gravity_model_fallbacks", "Requests answered by a fallback model.",
+                                 ["model", "fallback"], registry=r)
+        self.circuit = Gauge("gravity_circuit_state", "Circuit breaker state per endpoint (1 for the current "
+                             "state: closed, open, half_open).", ["backend", "state"], registry=r)
 
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -67,6 +77,10 @@ class GatewayMetrics:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 self._child(self.cached_tokens, model, ex.backend or "").inc(details["cached_tokens"])
+
+    def circuit_state(self, backend: str, state: str) -> None:
+        for s in ("closed", "open", "half_open"):
+            self._child(self.circuit, backend, s).set(1 if s == state else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

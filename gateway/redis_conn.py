@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.config import StateConfig
+from policies.redis_pipe import RedisPipe
 
 log = logging.getLogger("gravity.redis")
 
@@ -30,8 +31,18 @@ class RedisHandle:
     url: str
     """What to tell a user or a second process: the configured URL or the embedded socket."""
     _embedded: Any = None
+    pipe: RedisPipe | None = None
+    """One pipelined connection for the commands on every request's path (the rate-limit script and
+    the session lookup go out in one write: one round trip). None on Redis Cluster, where the
+    client routes each command to its slot's node (the two then run in parallel)."""
+
+    def __post_init__(self) -> None:
+        if self.pipe is None and RedisPipe.supports(self.client):
+            self.pipe = RedisPipe(self.client)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self.pipe is not None:
+            await self.pipe.close()
         embedded, self._embedded = self._embedded, None
         if embedded is not None:
             await _shutdown_embedded(embedded)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from gateway.config import BackendConfig, ServerConfig
+from policies.resilience import ResilienceConfig
 
 # Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), the gateway's own credentials,
 # what the client may not assert about itself (its address, where to route), and what we recompute.
@@ -84,48 +86,61 @@ def forwardable_response_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict
 
 @dataclass(frozen=True)
 class BackendTarget:
-    """Where one backend's OpenAI routes and metrics live, with its upstream credential."""
+    """Where one backend's OpenAI routes, metrics and health live, with its upstream credential."""
 
     name: str
     api_base: str
     metrics_url: str | None
     models_url: str
     auth_header: str | None
+    kind: str = "vllm"
+    health_url: str | None = None
 
     @classmethod
     def from_config(cls, b: BackendConfig) -> BackendTarget:
+        metrics, health = b.resolved_metrics_path, b.resolved_health_path
         return cls(
-            name=b.name, api_base=b.api_base, metrics_url=b.url + path if (path := b.resolved_metrics_path) else None,
+            name=b.name, api_base=b.api_base, metrics_url=b.url + metrics if metrics else None,
             models_url=b.api_base + "/models",
             auth_header=f"Bearer {b.api_key}" if b.api_key else None,
+            kind=b.kind, health_url=b.url + health if health else None,
         )
 
 
 class Upstream:
-    """Owns the one ClientSession; created and closed by the app's lifespan."""
+    """Owns the pooled ClientSession (and one without pooling, for re-sending after a stale pooled
+    connection was reset); created and closed by the lifespan."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, resilience: ResilienceConfig | None = None) -> None:
         self.cfg = cfg
+        self._connect_s = (resilience.timeouts.connect_s if resilience is not None and
+                           resilience.timeouts.connect_s else cfg.connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=self.cfg.max_connections_per_backend,
             ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False,
         )
+        # Deadlines are the dispatcher's (first byte, stall, total); the session only bounds connecting.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_s)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Identity is asked for; a backend that compresses anyway is decoded here (its
             # Content-Encoding is not relayed), so the client always gets what the headers say.
-            auto_decompress=True, skip_auto_headers=("User-Agent",),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
-                                          sock_read=self.cfg.read_timeout_s),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",), timeout=timeout,
         )
+        self._fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                                            auto_decompress=True, skip_auto_headers=("User-Agent",),
+                                            timeout=timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for s in (self._session, self._fresh):
+            if s is not None:
+                await s.close()
+        self._session = self._fresh = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -133,8 +148,19 @@ class Upstream:
             raise RuntimeError("upstream session used outside the app's lifespan")
         return self._session
 
+    @property
+    def fresh(self) -> aiohttp.ClientSession:
+        if self._fresh is None:
+            raise RuntimeError("upstream session used outside the app's lifespan")
+        return self._fresh
+
     async def fetch_text(self, url: str, timeout_s: float) -> tuple[int, str]:
-        """GET for the scraper and model discovery: (status, body); errors propagate."""
+        """GET for the scraper, the health prober and model discovery: (status, body); errors propagate."""
         async with asyncio.timeout(timeout_s):
             async with self.session.get(url) as resp:
                 return resp.status, await resp.text()
+
+    def fetcher(self, timeout_s: float) -> Callable[[str], Awaitable[tuple[int, str]]]:
+        async def fetch(url: str) -> tuple[int, str]:
+            return await self.fetch_text(url, timeout_s)
+        return fetch

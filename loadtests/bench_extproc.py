@@ -153,14 +153,14 @@ def decision_cost(requests: int = 3000) -> float:
     from harness import COMPLETION
 
     from gateway.config import parse_config
+    from gateway.core import build_core
     from gateway.extproc.decider import GatewayDecider
     from gateway.extproc.pb import core, ep
     from gateway.extproc.stream import ExtProcStream
-    from gateway.services import Gateway
 
     cfg = parse_config({"state": {"redis_url": "redis://127.0.0.1:1/0"},  # never connected: no limits
                         "backends": [{"name": "n", "url": "http://127.0.0.1:1", "models": [MODEL]}]})
-    gw = Gateway(cfg)
+    gw = build_core(cfg)
     decider = GatewayDecider(gw, cfg.extproc)
 
     def headers(*pairs: tuple[str, bytes]) -> ep.HttpHeaders:

@@ -30,6 +30,9 @@ class CircuitPolicy:
     open_s: float = 2.0
     """First open period; doubled on each re-open without a success between."""
     max_open_s: float = 60.0
+    max_open_fraction: float = 0.5
+    """Never more than this share of the endpoints open at once (at least one may open): an overload
+    that makes every endpoint slow must not take the whole fleet out (Envoy's max_ejection_percent)."""
 
 
 @dataclass
@@ -44,11 +47,15 @@ class _Circuit:
 
 class CircuitBoard:
     def __init__(self, policy: CircuitPolicy, clock: Callable[[], float],
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, population: int = 0) -> None:
         self.policy = policy
         self._clock = clock
         self._listener = listener
         self._circuits: dict[str, _Circuit] = {}
+        self.population = population
+        """How many endpoints there are (for `max_open_fraction`; 0: no cap)."""
+        self.held_closed = 0
+        """Trips not acted on because the cap was reached."""
 
     def _get(self, endpoint: str) -> _Circuit:
         c = self._circuits.get(endpoint)
@@ -97,6 +104,9 @@ class CircuitBoard:
         c.probing = False
         self._record(c, False)
         p = self.policy
+        if c.state == CLOSED and self._tripped(c) and not self._may_open():
+            self.held_closed += 1
+            return
         if c.state == HALF_OPEN or (c.state == CLOSED and self._tripped(c)):
             c.open_for = min(p.max_open_s, c.open_for * 2 if c.open_for else p.open_s)
             c.open_until = self._clock() + c.open_for
@@ -107,6 +117,12 @@ class CircuitBoard:
         c = self._circuits.pop(endpoint, None)
         if c is not None and c.state != CLOSED and self._listener is not None:
             self._listener(endpoint, CLOSED)
+
+    def _may_open(self) -> bool:
+        if self.population <= 0:
+            return True
+        opened = sum(1 for c in self._circuits.values() if c.state != CLOSED)
+        return opened < max(1, int(self.population * self.policy.max_open_fraction))
 
     def _record(self, c: _Circuit, ok: bool) -> None:
         now = self._clock()

@@ -67,6 +67,8 @@ class KeyConfig(_Model):
     max_priority: Priority | None = None
     """Highest priority the header may ask for (a higher one is lowered to it); default: `priority`."""
     limits: Limits = Limits()
+    admin: bool = False
+    """May read the operator routes (`/admin/*`, and `/metrics` with `server.metrics_auth: admin`)."""
 
     @model_validator(mode="after")
     def _priority_within_max(self) -> KeyConfig:

@@ -5,6 +5,7 @@ The gateway's one error mapping (`gateway/errors.py`) reads these attributes; no
 from __future__ import annotations
 
 __all__ = [
+    "AdminRequired",
     "InvalidApiKey",
     "InvalidPriority",
     "KeyStoreUnavailable",
@@ -32,6 +33,12 @@ class PolicyError(Exception):
 
 class InvalidApiKey(PolicyError):
     http_status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class AdminRequired(PolicyError):
+    """An operator route asked with a key that is not marked `admin: true`."""
+
+    http_status, error_type, code = 403, "permission_error", "admin_required"
 
 
 class ModelNotAllowed(PolicyError):

@@ -43,6 +43,8 @@ class ApiKey:
     source: str = "config"
     max_priority: Priority | None = None
     """Highest priority `x-gravity-priority` may ask for; None: the key's own `priority`."""
+    admin: bool = False
+    """May read the operator routes (`/admin/*`, `/metrics` when protected)."""
 
     @property
     def priority_cap(self) -> Priority | None:
@@ -63,7 +65,7 @@ class ApiKey:
     def from_config(cls, k: KeyConfig) -> ApiKey:
         return cls(sha256=k.sha256, name=k.name, tenant=k.tenant,
                    models=frozenset(k.models) if k.models is not None else None,
-                   priority=k.priority, limits=k.limits, max_priority=k.max_priority)
+                   priority=k.priority, limits=k.limits, max_priority=k.max_priority, admin=k.admin)
 
     def to_record(self) -> bytes:
         return orjson.dumps({
@@ -72,6 +74,7 @@ class ApiKey:
             "priority": self.priority, "limits": self.limits.model_dump(exclude_none=True),
             "created_at": self.created_at,
             **({"max_priority": self.max_priority} if self.max_priority is not None else {}),
+            **({"admin": True} if self.admin else {}),
         })
 
     @classmethod
@@ -83,7 +86,7 @@ class ApiKey:
                    priority=data.get("priority", "standard"),
                    limits=Limits.model_validate(data.get("limits") or {}),
                    created_at=float(data.get("created_at") or 0.0), source="redis",
-                   max_priority=data.get("max_priority"))
+                   max_priority=data.get("max_priority"), admin=data.get("admin") is True)
 
 
 class _RedisLike(Protocol):
@@ -131,14 +134,15 @@ class RedisKeyStore:
 
     async def create(self, *, name: str, tenant: str, models: Iterable[str] | None = None,
                      priority: Priority = "standard", limits: Limits | None = None,
-                     now: float | None = None, max_priority: Priority | None = None) -> tuple[str, ApiKey]:
+                     now: float | None = None, max_priority: Priority | None = None,
+                     admin: bool = False) -> tuple[str, ApiKey]:
         """Store a new key and return its text (shown once; only the hash is kept) and record."""
         check_priority_cap(priority, max_priority)
         text = generate_key()
         key = ApiKey(sha256=hash_key(text), name=name, tenant=tenant,
                      models=frozenset(models) if models is not None else None, priority=priority,
                      limits=limits or Limits(), created_at=time.time() if now is None else now,
-                     source="redis", max_priority=max_priority)
+                     source="redis", max_priority=max_priority, admin=admin)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._record(key.sha256), key.to_record())
             pipe.sadd(self._index, key.sha256)

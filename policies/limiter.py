@@ -92,6 +92,7 @@ class Limiter:
         self.on_redis_error = on_redis_error
         self._client: Any = None
         self._pipe: RedisPipe | None = None
+        self._owns_pipe = True
         self._local = MemoryState()
         self._local_swept = -math.inf
         # A slot's member is never a caller's string: a repeated id would share one slot (ZADD of
@@ -108,18 +109,20 @@ class Limiter:
         self._batching = False
         self._wake = asyncio.Event()
 
-    def attach(self, client: Any) -> None:
+    def attach(self, client: Any, pipe: RedisPipe | None = None) -> None:
         """Use this redis.asyncio client (or cluster); the script is sent once, then run by EVALSHA.
 
-        A plain Redis client lends its settings to one pipelined connection of the limiter's own;
-        a cluster client routes each call by its keys' slot itself."""
+        A plain Redis client lends its settings to one pipelined connection: `pipe` when the caller
+        shares one (the gateway sends the session lookup on it in the same write), else the
+        limiter's own; a cluster client routes each call by its keys' slot itself."""
         self._client = client
-        self._pipe = RedisPipe(client) if RedisPipe.supports(client) else None
+        self._owns_pipe = pipe is None
+        self._pipe = pipe if pipe is not None else (RedisPipe(client) if RedisPipe.supports(client) else None)
 
     async def close(self) -> None:
         """Send what is queued, then close the limiter's own connection."""
         await self.flush()
-        if self._pipe is not None:
+        if self._pipe is not None and self._owns_pipe:
             await self._pipe.close()
 
     async def warm(self, client: Any) -> None:
@@ -222,7 +225,10 @@ class Limiter:
                 entry = by_scope[s.bucket_key] = (s, [])
             entry[1].append((r.member, r.reserved, actual))
         self._pending_n += 1
-        if not self._batching or self._pending_n >= SETTLE_BATCH_MAX:
+        # A concurrency slot is freed at once: a client that waits for its answer before sending the
+        # next request must find its slot free (batching only ever delays token refunds).
+        holds_slot = any(s.limits.concurrency for s in r.scopes)
+        if not self._batching or holds_slot or self._pending_n >= SETTLE_BATCH_MAX:
             await self.flush()
         else:
             self._wake.set()

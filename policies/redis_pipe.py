@@ -33,6 +33,8 @@ class RedisPipe:
         self._connecting = asyncio.Lock()
         self._out: list[bytes] = []
         """Packed commands of this loop turn, written together at its end (one syscall under load)."""
+        self.writes = 0
+        """Writes made (each is one round trip for the commands in it)."""
 
     @staticmethod
     def supports(client: object) -> bool:
@@ -60,6 +62,7 @@ class RedisPipe:
         out, self._out = self._out, []
         if not out or conn is not self._conn:  # dropped meanwhile: its callers have failed already
             return
+        self.writes += 1
         try:
             conn._writer.writelines(out)
         except Exception as exc:  # noqa: BLE001 - closed under us: fail the callers, not the loop

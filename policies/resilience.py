@@ -56,6 +56,8 @@ class CircuitConfig(_Model):
     min_requests: int = Field(20, ge=1)
     open_s: float = Field(2.0, gt=0)
     max_open_s: float = Field(60.0, gt=0)
+    max_open_fraction: float = Field(0.5, gt=0, le=1)
+    """Never more than this share of the endpoints open at once (at least one)."""
 
 
 class HealthConfig(_Model):
@@ -122,7 +124,7 @@ class ResilienceConfig(_Model):
     def circuit_policy(self) -> CircuitPolicy:
         c = self.circuit
         return CircuitPolicy(c.consecutive_failures, c.error_rate, c.window_s, c.min_requests, c.open_s,
-                             c.max_open_s)
+                             c.max_open_s, c.max_open_fraction)
 
     def budget_policy(self) -> RetryBudgetPolicy:
         r = self.retries

@@ -237,6 +237,7 @@ class Collector:
         *,
         discovery_interval_s: float = 10.0,
         unhealthy_after: int = 3,
+        probed: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if unhealthy_after < 1:
@@ -250,6 +251,8 @@ class Collector:
         self._discovery_interval_s = discovery_interval_s
         self._clock = clock
         self._discovered_at: dict[str, float] = {}
+        self._probed = probed
+        """Health probes (routing/health.py) judge endpoints whose scrapes fail without refusing."""
 
     async def refresh_once(self) -> None:
         specs = self._ds.specs()
@@ -295,7 +298,9 @@ class Collector:
     def _failed(self, name: str, reason: str, *, immediate: bool) -> None:
         count = self._failures.get(name, 0) + 1
         self._failures[name] = count
-        if immediate or count >= self._unhealthy_after:
+        # A refused connection means nothing listens. Anything else (a slow or failing scrape) only
+        # leaves the metrics stale, i.e. the load unknown; with health probes on, they decide health.
+        if immediate or (not self._probed and count >= self._unhealthy_after):
             self._ds.set_healthy(name, False, reason if count == 1 else f"{reason} ({count} in a row)")
             # Rediscover models after recovery: the endpoint may have been redeployed.
             self._discovered_at.pop(name, None)

@@ -59,6 +59,9 @@ class SimRequest:
     lora: str | None = None
     ignore_eos: bool = True
     seed: int | None = None
+    output_offset: int = 0
+    """Tokens of this output already produced elsewhere (vLLM's continue_final_message): the request
+    produces the seeded output from this position on, so a resumed stream equals an unbroken one."""
 
 
 @dataclass(slots=True)
@@ -177,13 +180,16 @@ class Engine:
             raise ValueError(f"prompt ({n_prompt}) + max_tokens ({req.max_tokens}) exceeds the "
                              f"maximum context length {self.max_model_len}")
         seed = req.seed if req.seed is not None else zlib.crc32(req.request_id.encode()) ^ self.config.seed
+        offset = req.output_offset
         stop_len, reason = req.max_tokens, "length"
         if not req.ignore_eos:
+            # The natural end is a position in the whole output, wherever it was continued from.
             eos_at = random.Random(seed ^ 0x5EED).randint(1, max(1, self.config.natural_len_max))
-            if eos_at <= req.max_tokens:
-                stop_len, reason = eos_at, "stop"
+            if eos_at - offset <= req.max_tokens:
+                stop_len, reason = max(1, eos_at - offset), "stop"
         self._order += 1
-        seq = _Seq(req, self._order, list(req.prompt_token_ids), self._tokens(seed, stop_len), stop_len, reason)
+        tokens = self._tokens(seed, offset + stop_len)[offset:]
+        seq = _Seq(req, self._order, list(req.prompt_token_ids), tokens, stop_len, reason)
         self._seqs[req.request_id] = seq
         self._push_waiting(seq, front=False)
 

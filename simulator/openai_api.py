@@ -48,6 +48,8 @@ class GenerateParams:
     cache_salt: str | None
     tool_call: ToolCallPlan | None = None
     """Set when the answer is a function call (tools with a forcing or matching tool_choice)."""
+    output_offset: int = 0
+    """With continue_final_message: the tokens of the final assistant message, which the output goes on from."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -164,7 +166,17 @@ def parse_generate(kind: str, body: dict[str, Any], served: list[str], loras: di
         kind=kind, model=model, lora=lora, prompt_token_ids=ids, max_tokens=max_tokens, stream=stream,
         include_usage=bool(options.get("include_usage")), continuous_usage=bool(options.get("continuous_usage_stats")),
         ignore_eos=ignore_eos, seed=_opt_int(body, "seed"), priority=priority, cache_salt=salt,
-        tool_call=tool_call)
+        tool_call=tool_call, output_offset=_continued_tokens(kind, body))
+
+
+def _continued_tokens(kind: str, body: dict[str, Any]) -> int:
+    """How far into its output a continued assistant message already is (0 when nothing is continued)."""
+    if kind != "chat" or not body.get("continue_final_message"):
+        return 0
+    last = body["messages"][-1]
+    if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        return 0
+    return len(tokenizer.encode(last["content"]))
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

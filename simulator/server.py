@@ -150,7 +150,8 @@ class SimServer:
             record["status"] = f"failed:{failure}"
             raise ApiError(failure, f"Injected failure (simulator fault, status {failure}).")
         sim = SimRequest(f"{rid}-{next(self._ids)}", p.prompt_token_ids, p.max_tokens, cache_salt=p.cache_salt,
-                         priority=p.priority, lora=p.lora, ignore_eos=p.ignore_eos, seed=p.seed)
+                         priority=p.priority, lora=p.lora, ignore_eos=p.ignore_eos, seed=p.seed,
+                         output_offset=p.output_offset)
         try:
             stream = self.runner.submit(sim)
         except ValueError as exc:

@@ -1,8 +1,9 @@
 """The sidecar's seam onto the gateway: the same admission, state hooks, scheduler and accounting
 the proxy runs, with Envoy making the upstream attempts instead of the proxy.
 
-`Decider` is the one protocol the stream handler needs; `GatewayDecider` implements it over a
-`Gateway`. Nothing here decides anything the proxy path does not decide the same way.
+`Decider` is the one protocol the stream handler needs; `GatewayDecider` implements it over the
+parts `build_core` makes (the pipeline, the datastore, the circuit breakers). Nothing here decides
+anything the proxy path does not decide the same way.
 """
 from __future__ import annotations
 
@@ -18,13 +19,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from gateway.config import ExtprocConfig
-from gateway.dispatch import new_exchange, schedule
+from gateway.core import Core
 from gateway.errors import GatewayError, ServiceUnavailable, to_gateway_error
 from gateway.exchange import Exchange
 from gateway.extproc.local import LocalAnswer, call_app
 from gateway.metrics import UNROUTED
 from gateway.openai_requests import ParsedBody
-from gateway.services import Gateway
 from routing.types import Candidate
 
 __all__ = ["Decider", "GatewayDecider", "Pick", "PickRequest", "endpoint_address"]
@@ -102,7 +102,7 @@ def _format(ip: str, port: int) -> str:
 class GatewayDecider:
     """The proxy's decision path, answered as an endpoint list instead of an upstream call."""
 
-    def __init__(self, gw: Gateway, cfg: ExtprocConfig) -> None:
+    def __init__(self, gw: Core, cfg: ExtprocConfig) -> None:
         self.gw = gw
         self.cfg = cfg
         self.address_of: dict[str, str] = {}
@@ -148,14 +148,15 @@ class GatewayDecider:
             raise ServiceUnavailable("The endpoint picker is starting; try again shortly.", code="not_ready",
                                      retry_after=1)
         internal_id, echo = self._request_id(req.headers)
-        ex = new_exchange(gw, req.route, req.parsed, req.raw, req.headers, internal_id, {})
+        ex = gw.pipeline.exchange(req.route, req.parsed, req.raw, req.headers, internal_id, {},
+                                  echo if echo != internal_id else None)
         if req.subset is not None:
             eligible = frozenset(self.name_of[a] for a in req.subset if a in self.name_of)
             ex.routing = dataclasses.replace(ex.routing, eligible=eligible)
         pick = Pick(exchange=ex, addresses=[], set_headers={}, remove_headers=[], body=b"",
                     echo_request_id=echo)
         try:
-            await schedule(gw, ex, req.headers)
+            await gw.pipeline.prepare(ex, req.headers)
         except Exception as exc:
             await self.reject(to_gateway_error(exc), pick)
             raise
@@ -216,10 +217,11 @@ class GatewayDecider:
             cand = pick.candidates.get(name) or Candidate(name, "", 0.0, None, ex.routing.prompt_tokens)
             if failed is not None:
                 self.gw.metrics.upstream_errors.labels(failed, "failover").inc()
-                self.gw.datastore.set_healthy(failed, False, "ext_proc: Envoy failed over from it")
+                # Passive health, as the proxy's own failures feed it: the circuit breaker decides.
+                self.gw.circuits.failure(failed)
             self._begin(pick, cand)
         if ex.backend:
-            await self.gw.picked(ex)
+            await self.gw.pipeline.picked(ex)
 
     def first_token(self, pick: Pick) -> None:
         ticket = pick.exchange.extras.get("inflight_ticket")
@@ -227,7 +229,7 @@ class GatewayDecider:
             self.gw.datastore.first_token(ticket)
 
     async def finish(self, pick: Pick) -> None:
-        await self.gw.finish(pick.exchange)
+        await self.gw.pipeline.finish(pick.exchange)
 
     async def reject(self, err: GatewayError, pick: Pick | None) -> None:
         if err.code in ("model_not_found", "no_healthy_backend"):
@@ -236,4 +238,4 @@ class GatewayDecider:
         if pick is not None:
             ex = pick.exchange
             ex.status, ex.outcome = err.status, "error"
-            await self.gw.finish(ex)
+            await self.gw.pipeline.finish(ex)

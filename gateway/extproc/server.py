@@ -1,6 +1,6 @@
 """`gravity extproc`: the ExternalProcessor and gRPC health services on one grpc.aio server.
 
-The Gateway (datastore, collector, Redis, admission, state) is built and started exactly as for
+The gateway's parts (datastore, collector, Redis, admission, state) are built and started exactly as for
 `gravity serve`; only the edge differs. Health: `liveness` serves from the start, `readiness` and
 the ext_proc service name once the first endpoint scrape has completed (the datastore synced).
 """
@@ -19,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from gateway.config import GatewayConfig
+from gateway.core import Core, build_core
 from gateway.extproc.decider import Decider, GatewayDecider
 from gateway.extproc.pb import SERVICE_NAME, ep, ep_grpc
 from gateway.extproc.stream import ExtProcStream
-from gateway.services import Gateway
 
 __all__ = ["ExtProcServicer", "TlsFiles", "serve"]
 
@@ -70,10 +70,10 @@ class TlsFiles:
             return cls(c.read(), k.read())
 
 
-async def serve(cfg: GatewayConfig, *, tls: TlsFiles | None = None, gateway: Gateway | None = None,
+async def serve(cfg: GatewayConfig, *, tls: TlsFiles | None = None, gateway: Core | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT): start the gateway parts, then serve."""
-    gw = gateway or Gateway(cfg)
+    gw = gateway or build_core(cfg)
     decider = GatewayDecider(gw, cfg.extproc)
     health = HealthServicer()
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)

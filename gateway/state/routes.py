@@ -9,7 +9,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -17,15 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, error_response
+from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, error_response, is_expected
 from gateway.openai_requests import json_object, read_body
 from gateway.state.keys import new_hex
-from gateway.state.responses import ResponsesCall, prepare_response, tenant_of
-from gateway.state.store import StateStore
+from gateway.state.responses import ResponsesCall, StateDeps, prepare_response, tenant_of
 from gateway.state.translate import check_metadata, normalise_items
-
-if TYPE_CHECKING:
-    from gateway.services import Gateway
 
 log = logging.getLogger("gravity.state")
 
@@ -90,66 +86,60 @@ def _list(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 
 class StateRoutes:
-    def __init__(self, gw: Gateway, store: StateStore) -> None:
-        self.gw, self.store = gw, store
+    def __init__(self, deps: StateDeps) -> None:
+        self.deps, self.store = deps, deps.store
 
     @property
     def _limit(self) -> tuple[int, float]:
         """Body size and time limits."""
-        server = self.gw.cfg.server
+        server = self.deps.server
         return server.max_body_bytes, server.limits.body_timeout_s
 
     # -- responses -----------------------------------------------------------------------------
     async def create_response(self, request: Request) -> Any:
-
-        ex = None
         try:
             raw = await read_body(request.scope, request.receive, *self._limit)
-            turn, ex = await prepare_response(self.gw, self.store, request, raw)
+            turn, ex = await prepare_response(self.deps, request, raw)
         except Exception as exc:
             if isinstance(exc, RedisError):
                 exc = ServiceUnavailable("The state store is unavailable.", code="state_unavailable",
                                          retry_after=1)
-            elif not isinstance(exc, GatewayError):
+            elif not is_expected(exc):
                 log.exception("responses request failed before dispatch")
-            if ex is not None:
-                ex.status, ex.outcome = getattr(exc, "status", 500), "error"
-                await self.gw.finish(ex)
-                return error_response(exc, ex.response_headers)
             return error_response(exc)
-        return ResponsesCall(self.gw, self.store, turn, ex)
+        return ResponsesCall(self.deps, turn, ex)
 
     @_api
     async def get_response(self, request: Request) -> Response:
-        stored = await self.store.get_response(await tenant_of(self.gw, request), request.path_params["response_id"])
+        stored = await self.store.get_response(await tenant_of(self.deps, request), request.path_params["response_id"])
         return _json(stored.public())
 
     @_api
     async def delete_response(self, request: Request) -> Response:
         rid = request.path_params["response_id"]
-        await self.store.delete_response(await tenant_of(self.gw, request), rid)
+        await self.store.delete_response(await tenant_of(self.deps, request), rid)
         return _json({"id": rid, "object": "response", "deleted": True})
 
     @_api
     async def input_items(self, request: Request) -> Response:
         after, limit, order = _page_params(request)
-        items = await self.store.response_input(await tenant_of(self.gw, request), request.path_params["response_id"])
+        items = await self.store.response_input(await tenant_of(self.deps, request), request.path_params["response_id"])
         return _json(_list(*page(items, after, limit, order)))
 
     # -- conversations -------------------------------------------------------------------------
     @_api
     async def create_conversation(self, request: Request) -> Response:
         body = await _body(request, self._limit)
-        cfg = self.gw.cfg.state
+        cfg = self.deps.state
         items = normalise_items(body.get("items") or [], cfg.max_item_bytes, "items", MAX_ITEMS_PER_CALL)
         conversation = {"id": f"conv_{new_hex()}", "object": "conversation", "created_at": int(time.time()),
                         "metadata": check_metadata(body.get("metadata"))}
-        await self.store.create_conversation(await tenant_of(self.gw, request), conversation, items)
+        await self.store.create_conversation(await tenant_of(self.deps, request), conversation, items)
         return _json(conversation)
 
     @_api
     async def get_conversation(self, request: Request) -> Response:
-        return _json(await self.store.get_conversation(await tenant_of(self.gw, request), request.path_params["conversation_id"]))
+        return _json(await self.store.get_conversation(await tenant_of(self.deps, request), request.path_params["conversation_id"]))
 
     @_api
     async def update_conversation(self, request: Request) -> Response:
@@ -157,19 +147,19 @@ class StateRoutes:
         if "metadata" not in body:
             raise InvalidRequest("Missing required parameter: 'metadata'.", param="metadata",
                                  code="missing_required_parameter")
-        return _json(await self.store.update_conversation(await tenant_of(self.gw, request), request.path_params["conversation_id"],
+        return _json(await self.store.update_conversation(await tenant_of(self.deps, request), request.path_params["conversation_id"],
                                                           check_metadata(body["metadata"])))
 
     @_api
     async def delete_conversation(self, request: Request) -> Response:
         cid = request.path_params["conversation_id"]
-        await self.store.delete_conversation(await tenant_of(self.gw, request), cid)
+        await self.store.delete_conversation(await tenant_of(self.deps, request), cid)
         return _json({"id": cid, "object": "conversation.deleted", "deleted": True})
 
     @_api
     async def list_items(self, request: Request) -> Response:
         after, limit, order = _page_params(request)
-        data, more = await self.store.list_items(await tenant_of(self.gw, request), request.path_params["conversation_id"],
+        data, more = await self.store.list_items(await tenant_of(self.deps, request), request.path_params["conversation_id"],
                                                  after=after, limit=limit, order=order)
         return _json(_list(data, more))
 
@@ -179,23 +169,23 @@ class StateRoutes:
         if not isinstance(body.get("items"), list) or not body["items"]:
             raise InvalidRequest("'items' must be a non-empty array.", param="items",
                                  code="missing_required_parameter" if "items" not in body else "invalid_value")
-        items = normalise_items(body["items"], self.gw.cfg.state.max_item_bytes, "items", MAX_ITEMS_PER_CALL)
-        await self.store.append_items(await tenant_of(self.gw, request), request.path_params["conversation_id"], items)
+        items = normalise_items(body["items"], self.deps.state.max_item_bytes, "items", MAX_ITEMS_PER_CALL)
+        await self.store.append_items(await tenant_of(self.deps, request), request.path_params["conversation_id"], items)
         return _json(_list(items, False))
 
     @_api
     async def get_item(self, request: Request) -> Response:
         p = request.path_params
-        return _json(await self.store.get_item(await tenant_of(self.gw, request), p["conversation_id"], p["item_id"]))
+        return _json(await self.store.get_item(await tenant_of(self.deps, request), p["conversation_id"], p["item_id"]))
 
     @_api
     async def delete_item(self, request: Request) -> Response:
         p = request.path_params
-        return _json(await self.store.delete_item(await tenant_of(self.gw, request), p["conversation_id"], p["item_id"]))
+        return _json(await self.store.delete_item(await tenant_of(self.deps, request), p["conversation_id"], p["item_id"]))
 
 
-def state_routes(gw: Gateway, store: StateStore) -> list[BaseRoute]:
-    r = StateRoutes(gw, store)
+def state_routes(deps: StateDeps) -> list[BaseRoute]:
+    r = StateRoutes(deps)
     return [
         Route("/v1/responses", r.create_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", r.get_response, methods=["GET"]),

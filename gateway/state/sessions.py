@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway.exchange import Exchange
 from gateway.state.keys import new_hex
 from gateway.state.store import StateStore
-
-if TYPE_CHECKING:
-    from gateway.services import Gateway
+from routing.datastore import Datastore
 
 log = logging.getLogger("gravity.state")
 
@@ -26,16 +23,16 @@ __all__ = ["SessionAffinity"]
 
 
 class SessionAffinity:
-    """A pre-dispatch hook that reads the session's endpoint and a picked hook that writes it."""
+    """`lookup` reads the session's endpoint before routing; `picked` writes it once a backend took it."""
 
-    def __init__(self, gw: Gateway, store: StateStore) -> None:
-        self.gw = gw
+    def __init__(self, datastore: Datastore, store: StateStore) -> None:
+        self.datastore = datastore
         self.store = store
         # Restart generations are counted per gateway process; only this process may compare them.
         self.instance = new_hex()
 
     def record(self, endpoint: str) -> bytes:
-        view = self.gw.datastore.snapshot().endpoints.get(endpoint)
+        view = self.datastore.snapshot().endpoints.get(endpoint)
         started = view.metrics.process_start_time if view is not None and view.metrics is not None else None
         return orjson.dumps({"e": endpoint, "s": started, "i": self.instance,
                              "g": view.generation if view is not None else None})
@@ -47,7 +44,7 @@ class SessionAffinity:
             name = str(rec["e"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return None
-        view = self.gw.datastore.snapshot().endpoints.get(name)
+        view = self.datastore.snapshot().endpoints.get(name)
         if view is None:
             return None
         started = view.metrics.process_start_time if view.metrics is not None else None
@@ -58,7 +55,7 @@ class SessionAffinity:
             return None
         return name
 
-    async def before_dispatch(self, ex: Exchange, headers: Mapping[str, str]) -> None:
+    async def lookup(self, ex: Exchange) -> None:
         session = ex.routing.session_id
         if not session:
             return

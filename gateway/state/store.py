@@ -23,6 +23,7 @@ from gateway.state.keys import (
     parse_response_id,
     session_key,
 )
+from policies.redis_pipe import RedisPipe
 
 __all__ = ["StateStore", "StoredResponse"]
 
@@ -30,7 +31,7 @@ Client = Redis | RedisCluster
 Item = dict[str, Any]
 
 _SCRIPTS = ("history", "conversation_begin", "save_response", "conversation_append", "conversation_list",
-            "conversation_delete_item", "release_lock")
+            "conversation_delete_item", "release_lock", "renew_lock")
 
 
 def _load(name: str) -> str:
@@ -67,8 +68,11 @@ class StoredResponse:
 class StateStore:
     """All Redis access of the state layer. `client` is read per call: Redis opens in the lifespan."""
 
-    def __init__(self, client: Callable[[], Client], cfg: StateConfig) -> None:
+    def __init__(self, client: Callable[[], Client], cfg: StateConfig,
+                 pipe: Callable[[], RedisPipe | None] = lambda: None) -> None:
         self._client = client
+        self._pipe = pipe
+        """The request path's pipelined connection: session reads and writes share its writes."""
         self.cfg = cfg
         self._sources = {name: _load(name) for name in _SCRIPTS}
         self._bound: tuple[Client, dict[str, Any]] | None = None
@@ -188,6 +192,12 @@ class StateStore:
                            retry_after=1)
         return [orjson.loads(raw) for raw in got[1:]]
 
+    async def renew_conversation(self, tenant: str, conversation_id: str, token: str) -> bool:
+        """Extend the lock this response holds by another `conversation_lock_s`; False if it lost it."""
+        got = await self._run("renew_lock", [ConversationKeys(tenant, conversation_id).lock],
+                              [token, int(self.cfg.conversation_lock_s * 1000)])
+        return bool(got)
+
     async def release_conversation(self, tenant: str, conversation_id: str, token: str) -> None:
         await self._run("release_lock", [ConversationKeys(tenant, conversation_id).lock], [token])
 
@@ -275,11 +285,18 @@ class StateStore:
         return session_key(tenant, session_id)
 
     async def get_session(self, tenant: str, session_id: str) -> bytes | None:
-        raw = await self._redis().get(self.session_key(tenant, session_id))
+        key = self.session_key(tenant, session_id)
+        pipe = self._pipe()
+        raw = await (pipe.execute("GET", key) if pipe is not None else self._redis().get(key))
         return raw if isinstance(raw, bytes) or raw is None else raw.encode()
 
     async def set_session(self, tenant: str, session_id: str, value: bytes) -> None:
-        await self._redis().set(self.session_key(tenant, session_id), value, px=self.cfg.session_ttl_s * 1000)
+        key, ttl = self.session_key(tenant, session_id), self.cfg.session_ttl_s * 1000
+        pipe = self._pipe()
+        if pipe is not None:
+            await pipe.execute("SET", key, value, "PX", ttl)
+        else:
+            await self._redis().set(key, value, px=ttl)
 
     async def drop_session(self, tenant: str, session_id: str) -> None:
         await self._redis().delete(self.session_key(tenant, session_id))

@@ -44,6 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         {"name": "batch", "sha256": hash_key("key-batch"), "tenant": "team-c", "priority": "sheddable"},
         {"name": "batch-up", "sha256": hash_key("key-batch-up"), "tenant": "team-c", "priority": "sheddable",
          "max_priority": "standard"},
+        {"name": "ops", "sha256": hash_key("key-ops"), "tenant": "ops", "admin": True},
     ]
     cfg = {
         "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
@@ -200,12 +201,42 @@ async def test_sheddable_requests_are_refused_when_every_endpoint_is_saturated(s
         assert 'gravity_admission_rejections_total{code="load_shed"} 3.0' in text
 
 
-def test_admin_backends_needs_a_key_once_auth_is_on(stack: Stack) -> None:
+def test_admin_backends_needs_an_admin_key_once_auth_is_on(stack: Stack) -> None:
     async def get(headers: dict[str, str]) -> tuple[int, Any]:
         async with aiohttp.ClientSession() as s, s.get(stack.base + "/admin/backends", headers=headers) as r:
             return r.status, orjson.loads(await r.read())
 
     status, body = asyncio.run(get({}))
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    # A tenant's valid key is not an operator's: backend URLs and load are not its business.
     status, body = asyncio.run(get({"authorization": "Bearer key-ci"}))
-    assert status == 200 and "sim" in body
+    assert status == 403 and body["error"]["code"] == "admin_required"
+    status, body = asyncio.run(get({"authorization": "Bearer key-ops"}))
+    assert status == 200 and "sim" in body and body["sim"]["circuit"] == "closed"
+    # /metrics stays open by default (server.metrics_auth: none) for a scraper on a private network.
+    async def metrics() -> int:
+        async with aiohttp.ClientSession() as s, s.get(stack.base + "/metrics") as r:
+            return r.status
+    assert asyncio.run(metrics()) == 200
+
+
+def test_metrics_can_be_kept_to_admin_keys(tmp_path: Path) -> None:
+    redis = start_redis(tmp_path)
+    cfg = {"server": {"metrics_auth": "admin"}, "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
+           "backends": [{"name": "sim", "url": "http://127.0.0.1:1", "models": [MODEL]}],
+           "policies": {"auth": {"enabled": True, "keys": [
+               {"name": "t", "sha256": hash_key("key-t"), "tenant": "t"},
+               {"name": "prometheus", "sha256": hash_key("key-prom"), "tenant": "ops", "admin": True}]}}}
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        async def get(headers: dict[str, str]) -> tuple[int, bytes]:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.port}/metrics",
+                                                           headers=headers) as r:
+                return r.status, await r.read()
+        assert asyncio.run(get({}))[0] == 401
+        assert asyncio.run(get({"authorization": "Bearer key-t"}))[0] == 403
+        status, body = asyncio.run(get({"authorization": "Bearer key-prom"}))
+        assert status == 200 and b"gravity_requests_in_flight" in body
+    finally:
+        gw.stop()
+        redis.stop()

@@ -74,3 +74,18 @@ def test_back_off_is_capped_and_a_restart_forgets_the_history() -> None:
     assert board.state("a") == HALF_OPEN
     board.forget("a")
     assert board.state("a") == CLOSED and changes[-1] == ("a", CLOSED)
+
+
+def test_an_overload_cannot_open_more_than_the_cap() -> None:
+    board, _, _ = _board(consecutive_failures=1, max_open_fraction=0.5)
+    board.population = 4
+    for e in "abcd":
+        board.failure(e)
+    assert [board.state(e) for e in "abcd"] == [OPEN, OPEN, CLOSED, CLOSED]
+    assert board.held_closed == 2
+    board.population = 3  # at least one may always open
+    other, _, _ = _board(consecutive_failures=1, max_open_fraction=0.1)
+    other.population = 3
+    for e in "abc":
+        other.failure(e)
+    assert [other.state(e) for e in "abc"] == [OPEN, CLOSED, CLOSED]

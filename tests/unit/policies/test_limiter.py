@@ -119,9 +119,28 @@ async def test_refusal_message_and_headers_follow_openai() -> None:
     assert e.headers["x-ratelimit-limit-requests"] == "10"
 
 
-async def test_settlements_are_batched_per_tenant_and_flushed_on_stop() -> None:
+TOKENS_ONLY = {"acme": TenantConfig(limits=Limits(tpm=10_000), models={"m": Limits(tpd=1000)})}
+
+
+async def test_a_settlement_that_frees_a_concurrency_slot_is_sent_at_once_even_when_batching() -> None:
+    """A client that sends its next request when the answer arrives must find its slot free."""
     redis = RecordingRedis()
     lim = Limiter(RateLimitConfig(settle_interval_ms=1000), TENANTS)
+    lim.attach(redis)
+    settler = asyncio.create_task(lim.run_settler())
+    await asyncio.sleep(0)
+    a = await lim.reserve(KEY, "m", "a", 60)
+    assert a is not None
+    await lim.settle(a, 10)
+    assert [c[0] for c in redis.calls] == ["reserve", "settle"]
+    settler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settler
+
+
+async def test_settlements_are_batched_per_tenant_and_flushed_on_stop() -> None:
+    redis = RecordingRedis()
+    lim = Limiter(RateLimitConfig(settle_interval_ms=1000), TOKENS_ONLY)
     lim.attach(redis)
     settler = asyncio.create_task(lim.run_settler())
     await asyncio.sleep(0)

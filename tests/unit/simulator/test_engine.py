@@ -266,3 +266,21 @@ def test_virtual_time_replays_2000_requests_quickly() -> None:
         cached += sum(e.num_cached_tokens for e in out.events if e.is_first)
     assert time.perf_counter() - started < 5.0
     assert done == 2000 and cached >= 2000 * 400
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_a_continued_output_goes_on_exactly_where_the_broken_one_stopped(ignore_eos: bool) -> None:
+    """continue_final_message: with the same seed, k tokens here plus the rest elsewhere equal one run."""
+    def tokens(engine: Engine, r: SimRequest) -> tuple[list[int], str | None]:
+        engine.add_request(r)
+        _, events, _ = run(engine)
+        mine = [e for e in events if e.request_id == r.request_id]
+        return [t for e in mine for t in e.token_ids], mine[-1].finish_reason
+
+    long = cfg(natural_len_max=30, max_model_len=256)
+    whole, finish = tokens(Engine(long), req("w", [1, 2, 3], 40, seed=7, ignore_eos=ignore_eos))
+    for k in (1, 5, len(whole) - 1):
+        head, _ = tokens(Engine(long), req("h", [1, 2, 3], k, seed=7, ignore_eos=ignore_eos))
+        rest, rest_finish = tokens(Engine(long), req("r", [1, 2, 3, *head], 40 - k, seed=7,
+                                                     ignore_eos=ignore_eos, output_offset=k))
+        assert head + rest == whole and rest_finish == finish

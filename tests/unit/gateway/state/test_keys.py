@@ -7,7 +7,7 @@ from gateway.state.keys import ConversationKeys, ResponseKeys, parse_response_id
 
 
 def test_public_api() -> None:
-    assert sorted(gateway.state.__all__) == ["SessionAffinity", "StateStore", "install_state"]
+    assert sorted(gateway.state.__all__) == ["Client", "SessionAffinity", "StateStore"]
 
 
 def test_a_thread_and_its_conversation_share_one_slot() -> None:

@@ -16,7 +16,7 @@ class _Gw:
 
 def _affinity() -> tuple[SessionAffinity, Any]:
     gw = _Gw()
-    return SessionAffinity(gw, store=None), gw  # type: ignore[arg-type]
+    return SessionAffinity(gw.datastore, store=None), gw  # type: ignore[arg-type]
 
 
 def test_remembered_endpoint_is_kept_while_it_runs() -> None:
@@ -41,7 +41,7 @@ def test_affinity_dropped_when_the_endpoint_restarted_or_was_removed() -> None:
 def test_another_replica_trusts_process_start_time_not_its_generation() -> None:
     aff, gw = _affinity()
     other, _ = _affinity()
-    other.gw = gw
+    other.datastore = gw.datastore
     gw.datastore.on_restart("a")
     rec = other.record("a")
     assert aff.still_valid(rec) == "a"

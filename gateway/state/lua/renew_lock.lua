@@ -1,0 +1,4 @@
+-- Extend a conversation lock while its response still runs, only if this response holds it.
+-- KEYS: lock; ARGV: token, lock ms
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
