@@ -30,6 +30,7 @@ from gateway.errors import (
     error_response,
     is_expected,
 )
+from gateway.kv_routes import kv_routes
 from gateway.proxy import ProxyRoutes
 from gateway.state.responses import StateDeps
 from gateway.state.routes import state_routes
@@ -192,6 +193,7 @@ def create_app(cfg: GatewayConfig, core: Core | None = None) -> GatewayApp:
         Route("/ready", ops.ready, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/admin/backends", ops.admin_backends, methods=["GET"]),
+        *kv_routes(core),
         *state_routes(deps),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.kv_config import BackendKVEvents, KVEventsSettings
 from policies.config import PoliciesConfig
 from policies.resilience import ResilienceConfig
 from routing.config import RoutingConfig
@@ -126,6 +127,8 @@ class BackendConfig(_Model):
     backend (a hosted API) has none by default: it is routed without load metrics."""
     api_key: str | None = None
     """Sent upstream as a bearer token; write `${ENV_VAR}` to take it from the environment."""
+    kv_events: BackendKVEvents | None = None
+    """Subscribe to this backend's vLLM KV events (docs/kv-events.md); or derive it with `kv_events.port`."""
 
     @field_validator("url")
     @classmethod
@@ -171,6 +174,7 @@ class GatewayConfig(_Model):
     policies: PoliciesConfig = PoliciesConfig()
     extproc: ExtprocConfig = ExtprocConfig()
     resilience: ResilienceConfig = ResilienceConfig()
+    kv_events: KVEventsSettings = KVEventsSettings()
 
     @model_validator(mode="after")
     def _legacy_server_timeouts(self) -> GatewayConfig:

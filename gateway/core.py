@@ -17,6 +17,7 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
 from gateway.drain import Drain
+from gateway.kv_subscriber import KVSubscriber, build_kv_events
 from gateway.logs import OutcomeLog
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
@@ -29,6 +30,7 @@ from policies.circuit import OPEN, CircuitBoard
 from policies.retry_budget import RetryBudget
 from routing.datastore import Datastore
 from routing.health import HealthProber
+from routing.kv.state import KVEventState
 from routing.scheduler import Scheduler, build_scheduler
 from routing.scraper import Collector
 from routing.types import EndpointSpec
@@ -59,6 +61,9 @@ class Core:
     trusted_proxies: TrustedProxies
     started_at: float = field(default_factory=time.time)
     redis: RedisHandle | None = None
+    kv_state: KVEventState | None = None
+    """The KV-event block index (docs/kv-events.md); None when no backend publishes events."""
+    kv_subscriber: KVSubscriber | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def redis_client(self) -> Client:
@@ -75,8 +80,13 @@ class Core:
         self._tasks.append(asyncio.create_task(self.collector.run(), name="gravity-collector"))
         self._tasks.append(asyncio.create_task(self.prober.run(), name="gravity-health"))
         await self.admission.start(self.redis.client, self.redis.pipe)
+        if self.kv_subscriber is not None:
+            await self.kv_subscriber.start()
 
     async def stop(self) -> None:
+        if self.kv_subscriber is not None:
+            with contextlib.suppress(Exception):
+                await self.kv_subscriber.stop()
         with contextlib.suppress(Exception):
             await self.admission.stop()  # queued settlements reach Redis before it closes
         for task in self._tasks:
@@ -117,7 +127,11 @@ def build_core(cfg: GatewayConfig) -> Core:
             models_url=target.models_url, metrics_url=target.metrics_url,
             scrape_metrics=target.metrics_url is not None,
         ))
-    scheduler = build_scheduler(cfg.routing, datastore)
+    # KV events (docs/kv-events.md): the block index the precise prefix scorer reads, and its feed.
+    kv_state, kv_subscriber = build_kv_events(cfg)
+    if kv_state is not None:
+        datastore.add_restart_listener(kv_state.drop)  # a restart the scraper sees clears that endpoint too
+    scheduler = build_scheduler(cfg.routing, datastore, kv_events=kv_state)
     upstream = Upstream(cfg.server, cfg.resilience)
     res = cfg.resilience
 
@@ -159,6 +173,7 @@ def build_core(cfg: GatewayConfig) -> Core:
     core = Core(cfg=cfg, metrics=metrics, outcomes=outcomes, datastore=datastore, targets=targets,
                 scheduler=scheduler, upstream=upstream, admission=admission, store=store, sessions=sessions,
                 pipeline=pipeline, dispatcher=dispatcher, circuits=circuits, collector=collector, prober=prober,
-                drain=Drain(res.drain), trusted_proxies=TrustedProxies(cfg.server.trusted_proxies))
+                drain=Drain(res.drain), trusted_proxies=TrustedProxies(cfg.server.trusted_proxies),
+                kv_state=kv_state, kv_subscriber=kv_subscriber)
     core_ref.append(core)
     return core

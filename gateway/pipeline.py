@@ -51,7 +51,7 @@ class Pipeline:
             model=parsed.model, prompt=parsed.prompt, session_id=session_id, cache_salt=parsed.cache_salt,
             # bytes/4 is the cheap estimate; admission may replace it with a measured count.
             prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
-            priority="standard", request_id=request_id,
+            priority="standard", request_id=request_id, route=route, body=parsed.body,
         )
         forward_headers["x-request-id"] = request_id
         ex = Exchange(request_id=request_id, route=route, model=parsed.model, body=parsed.body, raw=raw,

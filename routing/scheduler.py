@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from routing.config import ProfileRule, RoutingConfig, resolve
 from routing.datastore import Datastore
 from routing.errors import ModelNotServed, NoHealthyEndpoint
+from routing.kv.state import KVEventState
 from routing.plugins.base import BuildContext, CycleContext, Filter, Observer, Picker, Scorer
 from routing.plugins.registry import Registry, default_registry
 from routing.profiles import ProfileSelector
@@ -157,11 +158,12 @@ def build_scheduler(
     clock: Callable[[], float] = time.monotonic,
     registry: Registry | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    kv_events: KVEventState | None = None,
 ) -> Scheduler:
     """Instantiate every referenced plugin once (profiles share instances, hence state) and wire profiles."""
     registry = registry or default_registry()
     rng = rng or random.Random()
-    deps = BuildContext(datastore=datastore, rng=rng, clock=clock)
+    deps = BuildContext(datastore=datastore, rng=rng, clock=clock, kv_events=kv_events)
     instances: dict[str, object] = {}
 
     def instance(ref: str) -> object:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from routing.latency import PRIOR, TTFTCoefficients
 
@@ -149,6 +150,10 @@ class RoutingRequest:
     profile: str | None = None  # None selects RoutingConfig.default_profile
     eligible: frozenset[str] | None = None
     """Endpoint names this request may go to (the ext_proc subset hint); None: every endpoint."""
+    # The OpenAI route ("chat/completions", "completions") and body, for producers that must render and
+    # tokenize the prompt exactly as the engine will (precise prefix keys from KV events, routing/kv/).
+    route: str = ""
+    body: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def structs(layout: Layout) -> SimpleNamespace:
 
 def python_external(h: Hashable) -> int:
     """Wire form of the engine's default (Python ``hash``) block ids: their low 64 bits."""
-    return hash(h) & ((1 << 64) - 1)
+    return (h if isinstance(h, int) else hash(h)) & ((1 << 64) - 1)
 
 
 class KVEventRecorder:
@@ -184,6 +184,8 @@ class ZmqEventPublisher:
         self._seq = itertools.count()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=cfg.buffer_steps)
         self.published = 0
+        self.drop_next = 0
+        """Fault switch: send the next N batches nowhere (they stay in the replay buffer), as a full HWM would."""
         # PUB is a plain socket: a NOBLOCK send never waits (it drops at the high-water mark).
         self._sync_ctx = zmq.Context()
         self._pub: zmq.Socket[bytes] = self._sync_ctx.socket(zmq.PUB)
@@ -204,6 +206,9 @@ class ZmqEventPublisher:
         payload = self._encoder.encode(self._batch(ts=self._clock(), events=events, data_parallel_rank=0))
         self._buffer.append((seq, payload))
         self.published += 1
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            return
         with contextlib.suppress(zmq.Again):  # a dropped batch is a PUB's documented behaviour
             self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
 

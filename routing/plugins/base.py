@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from routing.datastore import Datastore
+from routing.kv.state import KVEventState
 from routing.types import Candidate, EndpointView, LatencyPrediction, PrefixMatch, RoutingRequest, Snapshot
 
 __all__ = [
@@ -50,6 +51,7 @@ class BuildContext:
     datastore: Datastore
     rng: random.Random
     clock: Callable[[], float]
+    kv_events: KVEventState | None = None  # the event-fed block index, when the gateway subscribes to any
 
 
 @runtime_checkable
