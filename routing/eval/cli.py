@@ -12,8 +12,9 @@ from typing import Any
 
 from routing.config import RoutingConfig, load_routing_config
 from routing.eval.cluster import simulate
+from routing.eval.kv_feed import KVFeedOptions
 from routing.eval.metrics import summarize
-from routing.eval.policies import POLICIES, policy_config
+from routing.eval.policies import KV_FEED_POLICIES, POLICIES, policy_config
 from routing.eval.trace import read_trace, write_trace
 from routing.eval.workloads import WORKLOADS, WorkloadOptions, generate
 from routing.plugins.registry import Registry
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile of --config to use (default: its default profile)")
     p.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between metric scrapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-delay", type=float, default=0.005, help="KV event delivery delay, s (precise policies)")
+    p.add_argument("--kv-loss", type=float, default=0.0, help="fraction of KV event batches lost")
+    p.add_argument("--kv-no-replay", action="store_true", help="lost batches resync instead of being replayed")
+    p.add_argument("--replicas", type=int, default=1, help="gateway replicas (own in-flight counts), round-robin")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -81,9 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append((name, lambda reg, name=name: policy_config(name, reg)))
         summaries = []
         for label, config in runs:
+            mode = KV_FEED_POLICIES.get(label)
+            feed = None if mode is None else KVFeedOptions(delay_s=args.kv_delay, loss=args.kv_loss,
+                                                            replay=not args.kv_no_replay, mode=mode,  # type: ignore[arg-type]
+                                                            seed=args.seed)
             result = simulate(records, config=config, engine=engine, backends=args.backends,
                               profile=args.profile if label != "default" and args.config else None,
-                              seed=args.seed, scrape_interval_s=args.scrape_interval, policy_name=label)
+                              seed=args.seed, scrape_interval_s=args.scrape_interval, policy_name=label,
+                              kv_feed=feed, replicas=args.replicas)
             summaries.append(summarize(result))
     except (OSError, ValueError) as exc:
         print(f"gravity eval: {exc}", file=sys.stderr)

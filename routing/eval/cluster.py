@@ -13,7 +13,9 @@ from typing import cast
 from routing.config import RoutingConfig
 from routing.datastore import Datastore, InflightTicket
 from routing.errors import RoutingError
+from routing.eval.kv_feed import KVFeed, KVFeedOptions
 from routing.eval.oracle import OracleIndex, oracle_registry
+from routing.eval.policies import KV_FEED_POLICIES
 from routing.eval.trace import PromptEncoder, TraceRecord
 from routing.plugins.registry import Registry
 from routing.scheduler import build_scheduler
@@ -22,7 +24,7 @@ from simulator.engine import Engine, EngineConfig, SimRequest, StepOutcome
 
 __all__ = ["ClusterResult", "EndpointRecord", "RequestRecord", "simulate"]
 
-_ARRIVE, _STEP_DONE, _SCRAPE = 0, 1, 2
+_ARRIVE, _STEP_DONE, _SCRAPE, _CALL = 0, 1, 2, 3
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ClusterResult:
     endpoints: list[EndpointRecord]
     makespan: float
     decision_latency_s: list[float] = field(default_factory=list)
+    kv_events: dict[str, object] | None = None  # the event feed's counters, when the engines published
 
 
 def simulate(
@@ -66,31 +69,44 @@ def simulate(
     seed: int = 0,
     scrape_interval_s: float = 0.1,
     policy_name: str = "",
+    kv_feed: KVFeedOptions | None = None,
+    replicas: int = 1,
 ) -> ClusterResult:
     """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome.
 
     ``engine`` is one config for every backend, or one per backend (a mixed fleet; ``backends`` is
     then its length).
+    ``kv_feed``: the engines publish KV events to an event-fed index (routing/eval/kv_feed.py).
+    ``replicas``: that many gateway replicas, each with its own datastore (in-flight counts of its own
+    dispatches only) and scheduler, over the same scrapes and events; arrivals go round-robin.
     """
     now = 0.0
     clock = lambda: now
     configs = [engine] * backends if isinstance(engine, EngineConfig) else list(engine)
     names = [f"sim-{i}" for i in range(len(configs))]
-    engines = {n: Engine(replace(c, seed=c.seed + i)) for i, (n, c) in enumerate(zip(names, configs, strict=True))}
+    if kv_feed is None and policy_name in KV_FEED_POLICIES:
+        kv_feed = KVFeedOptions(mode=KV_FEED_POLICIES[policy_name])  # type: ignore[arg-type]
+    feed = KVFeed(kv_feed, lambda t, fn: push(t, _CALL, fn), clock) if kv_feed is not None else None
+    engines = {n: Engine(replace(c, seed=c.seed + i), kv_events=feed.recorder(n) if feed else None)
+               for i, (n, c) in enumerate(zip(names, configs, strict=True))}
     tokens: dict[str, list[int]] = {}
     oracle = OracleIndex(engines, lambda r: tokens.get(r.request_id, []))
     registry = oracle_registry(oracle)
+    if feed is not None:
+        feed.register(registry, lambda r: tokens.get(r.request_id, []))
     cfg = config(registry) if callable(config) else config
-    ds = Datastore(clock, stale_after_s=cfg.stale_after_s)
     models = frozenset(r.model for r in records)
-    for n in names:
-        ds.upsert(EndpointSpec(n, f"sim://{n}", models))
-    scheduler = build_scheduler(cfg, ds, rng=random.Random(seed), clock=clock, registry=registry)
+    stores = [Datastore(clock, stale_after_s=cfg.stale_after_s) for _ in range(max(1, replicas))]
+    for store in stores:
+        for n in names:
+            store.upsert(EndpointSpec(n, f"sim://{n}", models))
+    schedulers = [build_scheduler(cfg, store, rng=random.Random(seed + r), clock=clock, registry=registry,
+                                  kv_events=feed.state if feed else None) for r, store in enumerate(stores)]
 
     encoder = PromptEncoder()
     out = [RequestRecord(f"r{i}", r.t) for i, r in enumerate(records)]
     per_ep = {n: EndpointRecord(n) for n in names}
-    tickets: dict[str, tuple[RequestRecord, InflightTicket]] = {}
+    tickets: dict[str, tuple[RequestRecord, InflightTicket, Datastore]] = {}
     sessions: dict[str, str] = {}  # what the gateway keeps in Redis
     busy: set[str] = set()
     latencies: list[float] = []
@@ -115,7 +131,7 @@ def simulate(
 
     def finish_step(name: str, outcome: StepOutcome) -> None:
         for ev in outcome.events:
-            rec, ticket = tickets[ev.request_id]
+            rec, ticket, ds = tickets[ev.request_id]
             rec.output_tokens += len(ev.token_ids)
             if ev.is_first:
                 rec.ttft = ev.time - rec.arrival
@@ -130,6 +146,7 @@ def simulate(
 
     def arrive(i: int) -> None:
         record, rec = records[i], out[i]
+        scheduler, ds = schedulers[i % len(schedulers)], stores[i % len(stores)]
         prompt, ids = encoder.encode(record)
         rec.prompt_tokens = len(ids)
         tokens[rec.request_id] = ids
@@ -160,21 +177,23 @@ def simulate(
         per_ep[target].requests += 1
         if record.session:
             sessions[record.session] = target
-        tickets[rec.request_id] = (rec, ds.begin(target, uncached, record.max_tokens))
+        tickets[rec.request_id] = (rec, ds.begin(target, uncached, record.max_tokens), ds)
         if target not in busy:
             start_step(target)
 
     def scrape() -> None:
         for n, eng in engines.items():
             st = eng.stats()
-            ds.update_metrics(n, EndpointMetrics(
+            metrics = EndpointMetrics(
                 waiting=st.num_waiting, running=st.num_running, kv_usage=st.kv_cache_usage,
                 prefix_queries_total=float(st.prefix_cache_queries), prefix_hits_total=float(st.prefix_cache_hits),
                 requests_total=float(st.requests_finished_total),
                 kv_capacity_tokens=eng.config.kv_blocks * eng.config.block_size,
                 loras_running=frozenset(st.running_loras), loras_waiting=frozenset(st.waiting_loras),
                 max_loras=eng.config.max_loras,
-            ))
+            )
+            for store in stores:
+                store.update_metrics(n, metrics)
         if tickets or pending_arrivals:
             push(now + scrape_interval_s, _SCRAPE, None)
 
@@ -190,8 +209,11 @@ def simulate(
         elif kind == _STEP_DONE:
             step_of, outcome = cast(tuple[str, StepOutcome], payload)
             finish_step(step_of, outcome)
+        elif kind == _CALL:
+            cast(Callable[[], None], payload)()
         else:
             scrape()
     for n, eng in engines.items():
         per_ep[n].preemptions = eng.stats().num_preemptions_total
-    return ClusterResult(policy_name, out, list(per_ep.values()), now, latencies)
+    kv = None if feed is None else {**feed.state.describe(), "published": feed.published, "lost": feed.lost}
+    return ClusterResult(policy_name, out, list(per_ep.values()), now, latencies, kv)

@@ -7,7 +7,7 @@ from typing import Any
 from routing.config import RoutingConfig
 from routing.plugins.registry import Registry
 
-__all__ = ["POLICIES", "policy_config"]
+__all__ = ["KV_FEED_POLICIES", "POLICIES", "policy_config"]
 
 
 POLICIES: dict[str, dict[str, Any]] = {
@@ -17,6 +17,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     "least-request": {"profiles": [{"name": "least-request", "plugins": [{"ref": "least-request-scorer"}]}]},
     "cache-aware": {"profiles": [{"name": "cache-aware", "picker": "cache-aware"}]},
     "oracle": {},  # built from the defaults in policy_config
+    # The default profile with the prefix scorer fed by the engines' KV events (routing/eval/kv_feed.py):
+    # keyed by the gateway's hash of token ids, or by the engines' own block hashes.
+    "precise": {},
+    "precise-engine": {},
 }
 
 # Candidate variants of the default profile, measured with the sweep (docs/routing.md): name ->
@@ -55,6 +59,10 @@ def _candidate(name: str, registry: Registry) -> RoutingConfig:
     return RoutingConfig.model_validate({"plugins": plugins, "profiles": [prof]}, context={"registry": registry})
 
 
+# Policies that need the engines to publish KV events, and the key mode of their index.
+KV_FEED_POLICIES = {"precise": "tokens", "precise-engine": "engine"}
+
+
 def policy_config(name: str, registry: Registry) -> RoutingConfig:
     try:
         data = POLICIES[name]
@@ -62,14 +70,14 @@ def policy_config(name: str, registry: Registry) -> RoutingConfig:
         raise ValueError(f"unknown policy '{name}'; choose from {', '.join(POLICIES)}") from None
     if name in CANDIDATES:
         return _candidate(name, registry)
-    if name == "oracle":
-        # The default profile with the approximate prefix index swapped for the engines' true state.
+    if name == "oracle" or name in KV_FEED_POLICIES:
+        # The default profile with the approximate prefix index swapped for the engines' true state,
+        # or for the index their KV events feed.
         defaults = RoutingConfig()
-        plugins = [
-            {"type": "oracle-prefix-scorer", "name": "prefix"} if p.type == "prefix-cache-scorer" else p.model_dump()
-            for p in defaults.plugins
-        ]
+        swap = ({"type": "oracle-prefix-scorer", "name": "prefix"} if name == "oracle" else
+                {"type": "eval-precise-prefix-scorer", "name": "prefix", "params": {"key_mode": KV_FEED_POLICIES[name]}})
+        plugins = [swap if p.type == "prefix-cache-scorer" else p.model_dump() for p in defaults.plugins]
         profile = defaults.profile(None)
         assert profile is not None
-        data = {"plugins": plugins, "profiles": [{**profile.model_dump(), "name": "oracle"}]}
+        data = {"plugins": plugins, "profiles": [{**profile.model_dump(), "name": name}]}
     return RoutingConfig.model_validate(data, context={"registry": registry})
