@@ -108,3 +108,23 @@ def test_max_score_draws_one_tie_break_per_candidate_in_order() -> None:
     expected = sorted(zip(_cands(0.5, 0.9, 0.5, 0.5), draws, strict=True), key=lambda cd: (-cd[0].score, cd[1]))
     assert [c.endpoint for c in ranked] == [c.endpoint for c, _ in expected]
     assert ctx.rng.random() == twin.random()  # exactly one draw per candidate
+
+
+def test_content_tie_break_is_the_same_on_every_replica_and_spreads_requests() -> None:
+    import random as _random
+    from collections import Counter
+
+    from routing.plugins.base import CycleContext
+    from routing.types import Snapshot
+
+    def ranked(prompt: bytes, seed: int) -> list[str]:
+        ctx = CycleContext(request=RoutingRequest(model="m", prompt=prompt), snapshot=Snapshot({}, 0.0),
+                           rng=_random.Random(seed))
+        return [c.endpoint for c in MaxScorePicker("p", "content").pick(ctx, _cands(0.5, 0.5, 0.5, 0.2))]
+
+    # Different rngs (replicas), same content: the same order; the lower score stays last.
+    for i in range(20):
+        p = f"prompt {i}".encode()
+        assert ranked(p, 1) == ranked(p, 2) and ranked(p, 1)[-1] == "d"
+    firsts = Counter(ranked(f"p{i}".encode(), 0)[0] for i in range(300))
+    assert set(firsts) == {"a", "b", "c"} and min(firsts.values()) > 60
