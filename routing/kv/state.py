@@ -131,6 +131,7 @@ class KVEventState:
         self._engine_to_key: dict[str, dict[int, int]] = {}  # "tokens" mode only
         self._listeners: list[Callable[[str, Sequence[int]], None]] = []
         self._forget_listeners: list[Callable[[str], None]] = []
+        self._removed_listeners: list[Callable[[str, Sequence[int]], None]] = []
 
     # -- readers ---------------------------------------------------------------------------
     def endpoint(self, name: str) -> EndpointKV | None:
@@ -159,6 +160,10 @@ class KVEventState:
         """Called with (endpoint, keys) after keys are stored (the scorer clears its pending marks)."""
         self._listeners.append(listener)
 
+    def on_removed(self, listener: Callable[[str, Sequence[int]], None]) -> None:
+        """Called with (endpoint, keys) after the engine reported those keys evicted."""
+        self._removed_listeners.append(listener)
+
     def on_forget(self, listener: Callable[[str], None]) -> None:
         """Called with the endpoint whenever its entries are dropped (clear, restart, resync)."""
         self._forget_listeners.append(listener)
@@ -184,7 +189,10 @@ class KVEventState:
                     for listener in self._listeners:
                         listener(name, keys)
             elif isinstance(ev, Removed):
-                self.index.remove(name, self._unkey(name, ev.block_hashes))
+                gone = self._unkey(name, ev.block_hashes)
+                self.index.remove(name, gone)
+                for removed in self._removed_listeners:
+                    removed(name, gone)
             elif isinstance(ev, Cleared):
                 ep.clears += 1
                 self._forget(name)

@@ -61,6 +61,8 @@ class PreciseIndex:
         self._max_pending = max_pending
         self._pending: dict[str, OrderedDict[int, float]] = {}
         state.on_stored(self._confirmed)
+        # An evicted block is gone whatever this gateway sent: a pick that hit it must not keep it alive.
+        state.on_removed(self._confirmed)
         state.on_forget(self._forget_pending)
 
     def match(self, req: RoutingRequest, endpoints: Sequence[str]) -> list[float]:
