@@ -79,8 +79,9 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 base = {"workload": workload, "backends": backends, "load": load, "rate": round(cap * load, 4),
                         "requests": requests, "kv_blocks": kv, "seed": args.seed}
                 out += [{**base, "policy": p} for p in POLICIES]
-                out.append({**base, "policy": "precise", "replicas": 3})
-                out.append({**base, "policy": "default", "replicas": 3})
+                if not args.no_replicas:
+                    out.append({**base, "policy": "precise", "replicas": 3})
+                    out.append({**base, "policy": "default", "replicas": 3})
         for trace in sorted(Path(args.traces).glob("*.jsonl")) if args.traces else []:
             base = {"workload": trace.stem, "backends": backends, "load": None, "rate": None, "trace": str(trace),
                     "requests": None, "kv_blocks": args.trace_kv_blocks, "seed": args.seed}
@@ -101,14 +102,18 @@ def main() -> int:
     ap.add_argument("--backends", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--loads", type=float, nargs="+", default=list(LOADS))
     ap.add_argument("--workload", action="append")
+    ap.add_argument("--no-replicas", action="store_true", help="skip the 3-replica runs")
     ap.add_argument("--traces", help="directory of JSONL traces (name-8b.jsonl for the 8-backend runs)")
     ap.add_argument("--trace-kv-blocks", type=int, default=2500)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     todo = jobs(args)
+    rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(run_one, todo))
-    Path(args.out).write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=1) + "\n")
+        for row in pool.map(run_one, todo):  # in order; the file grows as rows finish
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            Path(args.out).write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=1) + "\n")
     cols = ("workload", "backends", "load", "policy", "ttft_p50", "ttft_p90", "ttft_p99", "hit_rate", "wall_s")
     print("  ".join(f"{c:>13}" for c in cols))
     for r in rows:

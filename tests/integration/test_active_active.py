@@ -21,7 +21,7 @@ from tests.support.procs import Proc, start_gateway, start_redis
 
 MODEL = "sim-llama"
 WORDS = ["gravity", "routing", "cache", "prefix", "replica", "token", "queue", "latency", "engine", "batch"]
-GROUPS, REQUESTS, CONCURRENCY = 6, 90, 3
+GROUPS, REQUESTS, CONCURRENCY = 6, 200, 3
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,113 @@
+"""Benchmark: approximate vs precise prefix routing through the real HTTP gateway and simulators
+publishing KV events (ZMQ), on llm-d's workload (prefix working set ~6x one replica's KV).
+
+N simulators (h100-8b with a scaled-down KV, events on), a redis-server, one gateway per policy;
+simulators are reset between policies (the gateways see the restarts). Prints TTFT p50/p90 (engine
+seconds) and hit rate per policy, with the p90 ratio against the approximate default.
+
+Run: .venv/bin/python loadtests/realtime_kv.py [--backends 4] [--requests 300] [--rate 3.9] [--kv-blocks 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtests"))
+from realtime_routing import replay  # noqa: E402 - the same client as the routing real-time check
+
+from routing.eval.metrics import percentile
+from routing.eval.workloads import WorkloadOptions, generate
+from tests.support.kv import precise_routing
+from tests.support.procs import Proc, free_port, start_gateway, start_redis
+
+MODEL = "sim-llama"
+
+
+def start_simulator(tmp: Path, kv_blocks: int, time_scale: float) -> tuple[Proc, dict[str, Any]]:
+    port, pub, rep = free_port(), free_port(), free_port()
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{pub}",
+              "replay_endpoint": f"tcp://*:{rep}", "topic": "kv-events"}
+    args = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
+            "--profile", "h100-8b", "--kv-blocks", str(kv_blocks), "--time-scale", str(time_scale),
+            "--kv-events-config", json.dumps(events)]
+    entry = {"endpoint": f"tcp://127.0.0.1:{pub}", "replay_endpoint": f"tcp://127.0.0.1:{rep}", "topic": "kv-events"}
+    return Proc(args, port, tmp / f"sim-{port}.log").start(), entry
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--backends", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--rate", type=float, default=3.93, help="peak arrivals per engine second (llm-d ramps to it)")
+    ap.add_argument("--kv-blocks", type=int, default=4096)
+    ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-s", type=float, default=300.0)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    opts = WorkloadOptions(seed=1, requests=args.requests, rate=args.rate, model=MODEL,
+                           kv_tokens_per_backend=args.kv_blocks * 16)
+    records = [dataclasses.replace(r, max_tokens=args.max_tokens) for r in generate("llm-d", opts)]
+    tmp = Path(tempfile.mkdtemp(prefix="gravity-rtkv-"))
+    redis = start_redis(tmp)
+    started = [start_simulator(tmp, args.kv_blocks, args.time_scale) for _ in range(args.backends)]
+    sims = [s for s, _ in started]
+    backends = [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL], "kv_events": e}
+                for i, (s, e) in enumerate(started)]
+    policies: dict[str, dict[str, Any]] = {"approximate": {}, "precise": precise_routing()}
+    rows: list[dict[str, Any]] = []
+    try:
+        for policy in (["warmup"] if args.warmup else []) + list(policies):
+            routing = policies.get(policy, {"profiles": [{"name": "rr", "picker": "round-robin"}]})
+            cfg = {"server": {"debug_headers": True, "read_timeout_s": args.max_s},
+                   "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"}, "backends": backends,
+                   "routing": {**routing, "scrape_timeout_s": 2.0, "stale_after_s": 10.0}}
+            gw = start_gateway(tmp, cfg)
+            try:
+                base = f"http://127.0.0.1:{gw.port}"
+                if policy == "warmup":
+                    try:
+                        asyncio.run(replay(base, sims, records[:args.warmup], args.time_scale, args.max_s))
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        print(f"warm-up: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    continue
+                wall = time.perf_counter()
+                out = asyncio.run(replay(base, sims, records, args.time_scale, args.max_s))
+                wall = time.perf_counter() - wall
+            finally:
+                gw.stop()
+            ttft = [o[0] for o in out]
+            prompt, cached = sum(o[1] for o in out), sum(o[2] for o in out)
+            rows.append({"policy": policy, "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
+                         "hit_rate": cached / prompt if prompt else 0.0, "wall_s": wall})
+            print(f"{policy:12s} done in {wall:.0f}s", file=sys.stderr, flush=True)
+    finally:
+        for p in (*sims, redis):
+            p.stop()
+    base_row = next(r for r in rows if r["policy"] == "approximate")
+    print(f"{args.backends} h100-8b simulators ({args.kv_blocks} KV blocks) publishing KV events, {args.requests} "
+          f"llm-d requests ramping to {args.rate:g}/s, {args.max_tokens} output tokens")
+    print("| policy | TTFT p50 s | TTFT p90 s | hit rate | p90 vs approximate |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | {r['hit_rate']:.3f} | "
+              f"{base_row['ttft_p90'] / r['ttft_p90']:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
