@@ -164,7 +164,7 @@ def build_core(cfg: GatewayConfig) -> Core:
     store = StateStore(client, cfg.state, pipe)  # type: ignore[arg-type]
     sessions = SessionAffinity(datastore, store)
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
-                        session_from_user=cfg.routing.session_from_user)
+                        session_from_user=cfg.routing.session_from_user, circuits=circuits)
     transport = AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,

@@ -200,11 +200,13 @@ class _Run:
             return self._failed(plan, Failure.FIRST_BYTE_TIMEOUT, "no first byte in time", streamed=attempt.resume)
         except StreamBroken as exc:
             return self._failed(plan, Failure.BROKEN, f"connection lost: {exc}", streamed=attempt.resume)
-        plan.succeeded()
         ex.backend = endpoint
         await d._picked(ex)
         if ex.stream and self.resp.content_type == "text/event-stream":
+            # Judged by its end, not its first byte: a replica that stalls mid-stream must not close
+            # its circuit with a half-open probe that breaks a few tokens later.
             return await self._relay_stream(plan, attempt, chunks, first)
+        plan.succeeded()
         await self._relay_whole(whole)
         return None
 
@@ -345,6 +347,7 @@ class _Run:
                 state.resumes += 1
                 d._metrics.resumes.labels(plan.tried[-2].endpoint, failure.value).inc()
             return action
+        plan.succeeded()
         rest = splitter.rest()
         if rest.strip():
             out = self._filter([rest], state, resumed)

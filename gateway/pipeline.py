@@ -20,6 +20,7 @@ from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.openai_requests import ParsedBody
 from gateway.state.sessions import SessionAffinity
+from policies.circuit import CircuitBoard
 from policies.keys import ApiKey
 from policies.resilience import ResilienceConfig
 from routing.datastore import Datastore
@@ -34,7 +35,8 @@ __all__ = ["Pipeline"]
 
 class Pipeline:
     def __init__(self, admission: Admission, sessions: SessionAffinity, scheduler: Scheduler, datastore: Datastore,
-                 metrics: GatewayMetrics, resilience: ResilienceConfig, *, session_from_user: bool) -> None:
+                 metrics: GatewayMetrics, resilience: ResilienceConfig, *, session_from_user: bool,
+                 circuits: CircuitBoard | None = None) -> None:
         self.admission = admission
         self.datastore = datastore
         self.sessions = sessions
@@ -42,6 +44,7 @@ class Pipeline:
         self.metrics = metrics
         self._resilience = resilience
         self._session_from_user = session_from_user
+        self._circuits = circuits
 
     # -- before dispatch ----------------------------------------------------------------------------
     def exchange(self, route: str, parsed: ParsedBody, raw: bytes, headers: Mapping[str, str], request_id: str,
@@ -77,6 +80,9 @@ class Pipeline:
 
     def route(self, ex: Exchange) -> None:
         """Schedule; with no healthy endpoint for the model, its fallback models in order."""
+        if self._circuits is not None:
+            # Open circuits whose back-off is over turn half-open here, so routing offers them a probe.
+            self._circuits.refresh()
         while True:
             try:
                 ex.decision = self.scheduler.schedule(ex.routing)

@@ -141,7 +141,8 @@ class AttemptPlan:
             release(self.tried[-1].endpoint)
 
     def succeeded(self) -> None:
-        """The current attempt delivered its answer (or its first byte, for the circuit)."""
+        """The current attempt delivered its whole answer (a stream: its last event), which closes a
+        half-open circuit; a first byte alone proves little when replicas stall mid-stream."""
         if self.circuits is not None and self.tried:
             self.circuits.success(self.tried[-1].endpoint)
 

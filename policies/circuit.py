@@ -71,6 +71,18 @@ class CircuitBoard:
             self._set(endpoint, c, HALF_OPEN)
         return c.state
 
+    def refresh(self) -> None:
+        """Move every open circuit whose open period is over to half-open (the listener hears it).
+
+        Routing filters out endpoints whose circuit is open, so nothing on the request path would ask
+        an open circuit its state again: without this call before routing, no probe would ever reach
+        the endpoint and its circuit would stay open for ever.
+        """
+        now = self._clock()
+        for endpoint, c in self._circuits.items():
+            if c.state == OPEN and now >= c.open_until:
+                self._set(endpoint, c, HALF_OPEN)
+
     def allow(self, endpoint: str) -> bool:
         """May a request go to `endpoint` now? In half-open, only one probe at a time."""
         state = self.state(endpoint)

@@ -50,12 +50,14 @@ def _aclient(gw: Proc) -> openai.AsyncOpenAI:
                               timeout=60)
 
 
+async def _afaults(sim: Proc, **faults: Any) -> None:
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{sim.port}/admin/faults",
+                                                    data=json.dumps(faults)) as r:
+        assert r.status == 200, await r.text()
+
+
 def _faults(sim: Proc, **faults: Any) -> None:
-    async def go() -> None:
-        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{sim.port}/admin/faults",
-                                                        data=json.dumps(faults)) as r:
-            assert r.status == 200, await r.text()
-    asyncio.run(go())
+    asyncio.run(_afaults(sim, **faults))
 
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about gateways."}]
@@ -160,6 +162,60 @@ def test_a_stalled_replica_resumes_its_streams_and_its_circuit_opens(tmp_path: P
 
         asyncio.run(later())
         assert _sim_requests(sims[0]) == before, "requests still went to the replica whose circuit is open"
+
+
+@pytest.mark.parametrize("fault", ["error", "stall"])
+def test_an_open_circuit_is_probed_and_closes_once_the_replica_heals(tmp_path: Path, fault: str) -> None:
+    """Open circuits take no traffic, yet the time-based half-open probe must still reach them: with the
+    endpoint filtered out of routing nothing would ever ask its circuit, and it would stay open for ever."""
+    resilience = {"timeouts": {"first_byte_s": 30, "stall_s": 1.0, "total_s": 90},
+                  "circuit": {"consecutive_failures": 3, "open_s": 0.5, "max_open_s": 2.0}}
+    with fleet(tmp_path, resilience=resilience) as (gw, sims, _):
+        if fault == "error":
+            _faults(sims[0], fail_next=10_000, fail_status=500)
+        else:
+            _faults(sims[0], stall_after=3)
+
+        async def load(client: openai.AsyncOpenAI, seconds: float, seed: int) -> tuple[list[Any], set[str]]:
+            """Streams three at a time for `seconds`; the circuit states sim-0 showed between them."""
+            got: list[Any] = []
+            states: set[str] = set()
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                got += await asyncio.gather(*(_stream(client, seed + len(got) + i, 12) for i in range(3)),
+                                            return_exceptions=True)
+                states.add(await _circuit(gw, "sim-0"))
+            return got, states
+
+        async def go() -> None:
+            client = _aclient(gw)
+            try:
+                got, _ = await load(client, 0.1, 0)
+                while await _circuit(gw, "sim-0") != "open":
+                    more, _ = await load(client, 0.1, len(got))
+                    got += more
+                    assert len(got) < 120, "sim-0's circuit never opened"
+                # Still sick: only the probes of the back-off reach it, none of them closes the circuit.
+                before = await _sim_requests_async(sims[0])
+                sick, states = await load(client, 3.0, 1000)
+                got += sick
+                probes = await _sim_requests_async(sims[0]) - before
+                assert 1 <= probes <= 4, f"{probes} requests reached the sick replica in 3 s"
+                assert "closed" not in states, "a probe of the still-sick replica closed its circuit"
+                # Healed: within the longest back-off (2 s) it is probed, the probe succeeds, traffic returns.
+                await _afaults(sims[0], fail_next=0, stall_after=None)
+                before = await _sim_requests_async(sims[0])
+                healed, _ = await load(client, 4.0, 2000)
+                got += healed
+                assert await _circuit(gw, "sim-0") == "closed"
+                assert await _sim_requests_async(sims[0]) - before >= 3, "the healed replica got no traffic back"
+                errors = [g for g in got if isinstance(g, BaseException)]
+                assert not errors, errors[:3]
+                assert all(c == 12 for _, c, _ in got)
+            finally:
+                await client.close()
+
+        asyncio.run(go())
 
 
 def test_all_replicas_down_is_a_fast_503_with_retry_after(tmp_path: Path) -> None:
@@ -267,8 +323,25 @@ def _sum(metrics: str, name: str) -> float:
                if line.startswith((name + "{", name + " ")))
 
 
+async def _aget(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.text()
+
+
+async def _circuit(gw: Proc, backend: str) -> str:
+    """The circuit state the gateway published (read from /metrics: asking the admin API would move it)."""
+    for line in (await _aget(f"http://127.0.0.1:{gw.port}/metrics")).splitlines():
+        if line.startswith(f'gravity_circuit_state{{backend="{backend}"') and line.endswith(" 1.0"):
+            return line.split('state="', 1)[1].split('"', 1)[0]
+    return "closed"
+
+
 def _admin(gw: Proc) -> dict[str, Any]:
     return dict(json.loads(_get(f"http://127.0.0.1:{gw.port}/admin/backends")))
+
+
+async def _sim_requests_async(sim: Proc) -> int:
+    return len(json.loads(await _aget(f"http://127.0.0.1:{sim.port}/admin/requests"))["requests"])
 
 
 def _sim_requests(sim: Proc) -> int:

@@ -307,3 +307,15 @@ async def test_a_stream_that_fails_before_its_first_event_is_retried_invisibly()
     sink = await _run(d, _exchange(("a", "b"), stream=True))
     assert sink.status == 200 and [e for e, _ in t.sent] == ["a", "b"]
     assert "x_gravity" not in sink.events()[-2]
+
+
+async def test_a_stream_that_stalls_after_its_first_byte_is_no_success_for_the_circuit() -> None:
+    # A replica that stalls every stream mid-way must not keep resetting (or, half-open, close) its
+    # circuit with the first byte of each: the circuit judges a stream by its end.
+    d, _, ds = _build({"a": [_stream(0, 2, False, then="stall")] * 2, "b": [_stream(2, 5, False)] * 2},
+                      {"circuit": {"consecutive_failures": 2, "open_s": 30}})
+    for _ in range(2):
+        sink = await _run(d, _exchange(("a", "b"), stream=True, max_tokens=5))
+        assert sink.events()[-1] == "[DONE]"
+    assert ds.snapshot().endpoints["a"].circuit_open
+    assert d.circuits.state("b") == "closed"

@@ -89,3 +89,19 @@ def test_an_overload_cannot_open_more_than_the_cap() -> None:
     for e in "abc":
         other.failure(e)
     assert [other.state(e) for e in "abc"] == [OPEN, CLOSED, CLOSED]
+
+
+def test_refresh_turns_open_circuits_half_open_by_time_alone() -> None:
+    # Routing never offers an open endpoint, so nobody asks its circuit: refresh() must move it by time.
+    board, now, changes = _board(consecutive_failures=1)
+    board.failure("a")
+    board.failure("b")
+    now[0] = 0.99
+    board.refresh()
+    assert changes == [("a", OPEN), ("b", OPEN)]
+    now[0] = 1.0
+    board.refresh()
+    assert changes[2:] == [("a", HALF_OPEN), ("b", HALF_OPEN)]
+    board.refresh()
+    assert len(changes) == 4, "a half-open circuit is not announced twice"
+    assert board.allow("a") and not board.allow("a"), "still one probe at a time"
