@@ -8,11 +8,12 @@ import heapq
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from routing.config import RoutingConfig
 from routing.datastore import Datastore, InflightTicket
 from routing.errors import RoutingError
+from routing.eval.faults import FaultEvent, FaultInjector
 from routing.eval.kv_feed import KVFeed, KVFeedOptions
 from routing.eval.oracle import OracleIndex, oracle_registry
 from routing.eval.policies import KV_FEED_POLICIES
@@ -21,6 +22,9 @@ from routing.plugins.registry import Registry
 from routing.scheduler import build_scheduler
 from routing.types import EndpointMetrics, EndpointSpec, RoutingRequest
 from simulator.engine import Engine, EngineConfig, SimRequest, StepOutcome
+
+if TYPE_CHECKING:
+    from policies.resilience import ResilienceConfig
 
 __all__ = ["ClusterResult", "EndpointRecord", "RequestRecord", "simulate"]
 
@@ -38,6 +42,9 @@ class RequestRecord:
     ttft: float | None = None
     e2e: float | None = None
     shed: str | None = None  # why the request never ran
+    failed: str | None = None  # why it ran but did not complete (faults: routing/eval/faults.py)
+    attempts: int = 0  # counted with faults only, like resumes
+    resumes: int = 0
 
 
 @dataclass
@@ -71,6 +78,9 @@ def simulate(
     policy_name: str = "",
     kv_feed: KVFeedOptions | None = None,
     replicas: int = 1,
+    faults: Sequence[FaultEvent] | None = None,
+    resilience: ResilienceConfig | None = None,
+    resume: bool = True,
 ) -> ClusterResult:
     """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome.
 
@@ -79,6 +89,9 @@ def simulate(
     ``kv_feed``: the engines publish KV events to an event-fed index (routing/eval/kv_feed.py).
     ``replicas``: that many gateway replicas, each with its own datastore (in-flight counts of its own
     dispatches only) and scheduler, over the same scrapes and events; arrivals go round-robin.
+    ``faults``: replicas killed, restarted, stalled or failing (routing/eval/faults.py); requests are then
+    dispatched by the gateway's attempt state machine under ``resilience`` (default: the gateway's
+    defaults), resuming broken streams unless ``resume`` is False.
     """
     now = 0.0
     clock = lambda: now
@@ -87,8 +100,11 @@ def simulate(
     if kv_feed is None and policy_name in KV_FEED_POLICIES:
         kv_feed = KVFeedOptions(mode=KV_FEED_POLICIES[policy_name])  # type: ignore[arg-type]
     feed = KVFeed(kv_feed, lambda t, fn: push(t, _CALL, fn), clock) if kv_feed is not None else None
-    engines = {n: Engine(replace(c, seed=c.seed + i), kv_events=feed.recorder(n) if feed else None)
-               for i, (n, c) in enumerate(zip(names, configs, strict=True))}
+
+    def make_engine(i: int) -> Engine:
+        return Engine(replace(configs[i], seed=configs[i].seed + i), kv_events=feed.recorder(names[i]) if feed else None)
+
+    engines = {n: make_engine(i) for i, n in enumerate(names)}
     tokens: dict[str, list[int]] = {}
     oracle = OracleIndex(engines, lambda r: tokens.get(r.request_id, []))
     registry = oracle_registry(oracle)
@@ -120,7 +136,7 @@ def simulate(
 
     def start_step(name: str) -> None:
         eng = engines[name]
-        if not eng.has_work():
+        if not eng.has_work() or (inj is not None and not inj.runs(name)):
             busy.discard(name)
             return
         outcome = eng.step(now)
@@ -130,6 +146,10 @@ def simulate(
         push(now + max(outcome.duration, 1e-6), _STEP_DONE, (name, outcome))
 
     def finish_step(name: str, outcome: StepOutcome) -> None:
+        if inj is not None:
+            inj.step_done(name, outcome)
+            start_step(name)
+            return
         for ev in outcome.events:
             rec, ticket, ds = tickets[ev.request_id]
             rec.output_tokens += len(ev.token_ids)
@@ -156,6 +176,10 @@ def simulate(
             cache_salt=record.cache_salt, lora=record.lora, prompt_tokens=len(ids),
             max_tokens=record.max_tokens, request_id=rec.request_id, profile=profile,
         )
+        if inj is not None:
+            inj.arrive(i, rec, req, record, ids)
+            tokens.pop(rec.request_id, None)
+            return
         try:
             decision = scheduler.schedule(req)
         except RoutingError as exc:
@@ -183,6 +207,8 @@ def simulate(
 
     def scrape() -> None:
         for n, eng in engines.items():
+            if inj is not None and not inj.scraped(n):
+                continue
             st = eng.stats()
             metrics = EndpointMetrics(
                 waiting=st.num_waiting, running=st.num_running, kv_usage=st.kv_cache_usage,
@@ -194,8 +220,17 @@ def simulate(
             )
             for store in stores:
                 store.update_metrics(n, metrics)
-        if tickets or pending_arrivals:
+        if tickets or pending_arrivals or (inj is not None and inj.busy()):
             push(now + scrape_interval_s, _SCRAPE, None)
+
+    def kick(name: str) -> None:
+        if name not in busy:
+            start_step(name)
+
+    inj = None if faults is None else FaultInjector(
+        faults, names=names, engines=engines, stores=stores, schedulers=schedulers, clock=clock,
+        schedule=lambda t, fn: push(t, _CALL, fn), kick=kick, new_engine=lambda n: make_engine(names.index(n)),
+        per_endpoint=per_ep, sessions=sessions, latencies=latencies, resilience=resilience, resume=resume)
 
     for i, r in enumerate(records):
         push(r.t, _ARRIVE, i)
