@@ -196,6 +196,15 @@ class GatewayConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _key_profiles_exist(self) -> GatewayConfig:
+        names = {p.name for p in self.routing.profiles}
+        for i, key in enumerate(self.policies.auth.keys):
+            for j, name in enumerate(key.profiles):
+                if name not in names:
+                    raise ValueError(f"policies.auth.keys[{i}].profiles[{j}]: unknown routing profile {name!r}")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:
         seen: set[str] = set()
         for i, b in enumerate(self.backends):

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from routing.errors import ModelNotServed, NoHealthyEndpoint, RoutingError
+from routing.errors import ModelNotServed, NoHealthyEndpoint, RoutingError, UnknownProfile
 
 
 class GatewayError(Exception):
@@ -101,6 +101,9 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
     if isinstance(exc, NoHealthyEndpoint):
         return ServiceUnavailable(f"No healthy backend is available for model '{exc.model}'.",
                                   code="no_healthy_backend", retry_after=1)
+    if isinstance(exc, UnknownProfile):  # only a request can name one: config names are checked at start-up
+        return InvalidRequest(f"Unknown routing profile '{exc.profile}'.", param="x-gravity-profile",
+                              code="unknown_profile")
     if isinstance(exc, RoutingError):
         return ServiceUnavailable(str(exc), code=getattr(exc, "code", "routing_error"), retry_after=1)
     # Policy errors carry their own status and OpenAI code (policies never build responses).

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="priority of requests without an x-gravity-priority header (default: standard)")
     create.add_argument("--max-priority", choices=("critical", "standard", "sheddable"),
                         help="highest priority the header may ask for (default: --priority)")
+    create.add_argument("--profile", action="append", dest="profiles", metavar="PROFILE", default=[],
+                        help="a routing profile the x-gravity-profile header may choose (repeat); default: none")
     for flag, what in (("tpm", "tokens per minute"), ("rpm", "requests per minute"),
                        ("tpd", "tokens per day"), ("concurrency", "requests in flight")):
         create.add_argument(f"--{flag}", type=int, help=what)
@@ -65,7 +67,8 @@ def _open(args: argparse.Namespace) -> Any:
 def _describe(k: ApiKey) -> dict[str, Any]:
     return {"id": k.id, "name": k.name, "tenant": k.tenant,
             "models": sorted(k.models) if k.models is not None else None, "priority": k.priority,
-            "max_priority": k.priority_cap, "limits": k.limits.model_dump(exclude_none=True), "created_at": k.created_at}
+            "max_priority": k.priority_cap, "limits": k.limits.model_dump(exclude_none=True), "created_at": k.created_at,
+            "profiles": sorted(k.profiles)}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -77,7 +80,7 @@ async def _run(args: argparse.Namespace) -> int:
             try:
                 text, key = await store.create(name=args.name, tenant=args.tenant, models=args.models,
                                                priority=args.priority, limits=limits,
-                                               max_priority=args.max_priority)
+                                               max_priority=args.max_priority, profiles=args.profiles)
             except ValueError as exc:
                 print(f"gravity keys: {exc}", file=sys.stderr)
                 return 2

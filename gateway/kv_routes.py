@@ -42,9 +42,12 @@ def kv_routes(core: Core) -> list[BaseRoute]:
             if path not in ROUTES:
                 raise InvalidRequest(f"path must be one of {', '.join(ROUTES)}", param="path")
             parsed = parse_body(path, await request.body())
-            req = RoutingRequest(model=parsed.model, prompt=parsed.prompt, cache_salt=parsed.cache_salt,
+            model, lora = core.pipeline.routing_model(parsed.model)
+            # An admin may dry-run any profile; a rule or the default otherwise, as for a real request.
+            req = RoutingRequest(model=model, lora=lora, prompt=parsed.prompt, cache_salt=parsed.cache_salt,
                                  prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
-                                 session_id=request.headers.get("x-session-id"), route=path, body=parsed.body)
+                                 session_id=request.headers.get("x-session-id"), route=path, body=parsed.body,
+                                 profile=request.headers.get("x-gravity-profile") or None)
             decision = core.scheduler.schedule(req)
         except Exception as exc:  # noqa: BLE001 - routing and parse errors answer OpenAI-shaped
             return error_response(exc)

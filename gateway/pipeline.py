@@ -21,10 +21,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_requests import ParsedBody
 from gateway.state.sessions import SessionAffinity
 from policies.circuit import CircuitBoard
+from policies.errors import ProfileNotAllowed
 from policies.keys import ApiKey
 from policies.resilience import ResilienceConfig
 from routing.datastore import Datastore
-from routing.errors import NoHealthyEndpoint
+from routing.errors import NoHealthyEndpoint, UnknownProfile
 from routing.scheduler import Scheduler
 from routing.types import RoutingRequest
 
@@ -50,8 +51,9 @@ class Pipeline:
     def exchange(self, route: str, parsed: ParsedBody, raw: bytes, headers: Mapping[str, str], request_id: str,
                  forward_headers: dict[str, str], client_request_id: str | None = None) -> Exchange:
         session_id = headers.get("x-session-id") or (parsed.user if self._session_from_user else None)
+        model, lora = self.routing_model(parsed.model)
         routing_req = RoutingRequest(
-            model=parsed.model, prompt=parsed.prompt, session_id=session_id, cache_salt=parsed.cache_salt,
+            model=model, lora=lora, prompt=parsed.prompt, session_id=session_id, cache_salt=parsed.cache_salt,
             # bytes/4 is the cheap estimate; admission may replace it with a measured count.
             prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
             priority="standard", request_id=request_id, route=route, body=parsed.body,
@@ -68,8 +70,24 @@ class Pipeline:
                 ex.pin_seed = zlib.crc32(request_id.encode()) & 0x7FFFFFFF
         return ex
 
+    def routing_model(self, model: str) -> tuple[str, str | None]:
+        """(model, adapter) to route on: a LoRA adapter's name routes as its base model with ``lora`` set,
+        so LoRA filtering and affinity apply; the body upstream keeps the adapter's name (vLLM's way)."""
+        base = self.datastore.adapter_base(model)
+        return (model, None) if base is None else (base, model)
+
     async def authenticate(self, ex: Exchange, headers: Mapping[str, str]) -> ApiKey:
-        return await self.admission.authenticate(ex, headers)
+        key = await self.admission.authenticate(ex, headers)
+        profile = headers.get("x-gravity-profile")
+        if profile:
+            # Only keys whose `profiles:` list names it may pick a profile: the baselines can be far worse
+            # for everyone sharing the fleet, so choosing is an operator's grant, refused loudly (403).
+            if not key.may_choose_profile(profile):
+                raise ProfileNotAllowed(profile)
+            if profile not in self.scheduler.profiles:
+                raise UnknownProfile(profile)
+            ex.routing = dataclasses.replace(ex.routing, profile=profile)
+        return key
 
     async def reserve(self, ex: Exchange, key: ApiKey) -> None:
         """Budgets and the session's endpoint together: both commands leave in one write (one round trip)."""
@@ -117,7 +135,8 @@ class Pipeline:
         ex.fallback_from = first
         ex.model = model
         ex.replace_body({**ex.body, "model": model})
-        ex.routing = dataclasses.replace(ex.routing, model=model)
+        routed, lora = self.routing_model(model)
+        ex.routing = dataclasses.replace(ex.routing, model=routed, lora=lora)
         ex.response_headers["x-gravity-fallback-model"] = model
         return True
 

@@ -69,6 +69,8 @@ class KeyConfig(_Model):
     limits: Limits = Limits()
     admin: bool = False
     """May read the operator routes (`/admin/*`, and `/metrics` with `server.metrics_auth: admin`)."""
+    profiles: list[str] = Field(default_factory=list)
+    """Routing profiles the `x-gravity-profile` header may choose; none by default (the header gets a 403)."""
 
     @model_validator(mode="after")
     def _priority_within_max(self) -> KeyConfig:

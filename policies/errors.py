@@ -13,6 +13,7 @@ __all__ = [
     "LoadShed",
     "ModelNotAllowed",
     "PolicyError",
+    "ProfileNotAllowed",
     "RateLimited",
 ]
 
@@ -54,6 +55,18 @@ class ModelNotAllowed(PolicyError):
         else:
             super().__init__(f"This API key is not allowed to use the model '{model}'.")
         self.model = model
+
+
+class ProfileNotAllowed(PolicyError):
+    """`x-gravity-profile` named a routing profile outside the key's `profiles:` list."""
+
+    http_status, error_type, code = 403, "permission_error", "profile_not_allowed"
+    param = "x-gravity-profile"
+
+    def __init__(self, profile: str) -> None:
+        super().__init__(f"This API key may not choose the routing profile '{profile}' "
+                         "(x-gravity-profile); its `profiles:` list does not include it.")
+        self.profile = profile
 
 
 class InvalidPriority(PolicyError):

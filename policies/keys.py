@@ -45,6 +45,8 @@ class ApiKey:
     """Highest priority `x-gravity-priority` may ask for; None: the key's own `priority`."""
     admin: bool = False
     """May read the operator routes (`/admin/*`, `/metrics` when protected)."""
+    profiles: frozenset[str] = frozenset()
+    """Routing profiles `x-gravity-profile` may choose (none by default)."""
 
     @property
     def priority_cap(self) -> Priority | None:
@@ -61,11 +63,16 @@ class ApiKey:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def may_choose_profile(self, profile: str) -> bool:
+        """Whether `x-gravity-profile` may name ``profile``; with auth off (the anonymous key) any."""
+        return self.source == "anonymous" or profile in self.profiles
+
     @classmethod
     def from_config(cls, k: KeyConfig) -> ApiKey:
         return cls(sha256=k.sha256, name=k.name, tenant=k.tenant,
                    models=frozenset(k.models) if k.models is not None else None,
-                   priority=k.priority, limits=k.limits, max_priority=k.max_priority, admin=k.admin)
+                   priority=k.priority, limits=k.limits, max_priority=k.max_priority, admin=k.admin,
+                   profiles=frozenset(k.profiles))
 
     def to_record(self) -> bytes:
         return orjson.dumps({
@@ -75,18 +82,22 @@ class ApiKey:
             "created_at": self.created_at,
             **({"max_priority": self.max_priority} if self.max_priority is not None else {}),
             **({"admin": True} if self.admin else {}),
+            **({"profiles": sorted(self.profiles)} if self.profiles else {}),
         })
 
     @classmethod
     def from_record(cls, sha256: str, raw: bytes) -> ApiKey:
         data: dict[str, Any] = orjson.loads(raw)
         models = data.get("models")
+        profiles = data.get("profiles")
         return cls(sha256=sha256, name=str(data.get("name", "")), tenant=str(data.get("tenant", "default")),
                    models=frozenset(models) if isinstance(models, list) else None,
                    priority=data.get("priority", "standard"),
                    limits=Limits.model_validate(data.get("limits") or {}),
                    created_at=float(data.get("created_at") or 0.0), source="redis",
-                   max_priority=data.get("max_priority"), admin=data.get("admin") is True)
+                   max_priority=data.get("max_priority"), admin=data.get("admin") is True,
+                   profiles=frozenset(p for p in profiles if isinstance(p, str)) if isinstance(profiles, list)
+                   else frozenset())
 
 
 class _RedisLike(Protocol):
@@ -135,14 +146,14 @@ class RedisKeyStore:
     async def create(self, *, name: str, tenant: str, models: Iterable[str] | None = None,
                      priority: Priority = "standard", limits: Limits | None = None,
                      now: float | None = None, max_priority: Priority | None = None,
-                     admin: bool = False) -> tuple[str, ApiKey]:
+                     admin: bool = False, profiles: Iterable[str] = ()) -> tuple[str, ApiKey]:
         """Store a new key and return its text (shown once; only the hash is kept) and record."""
         check_priority_cap(priority, max_priority)
         text = generate_key()
         key = ApiKey(sha256=hash_key(text), name=name, tenant=tenant,
                      models=frozenset(models) if models is not None else None, priority=priority,
                      limits=limits or Limits(), created_at=time.time() if now is None else now,
-                     source="redis", max_priority=max_priority, admin=admin)
+                     source="redis", max_priority=max_priority, admin=admin, profiles=frozenset(profiles))
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._record(key.sha256), key.to_record())
             pipe.sadd(self._index, key.sha256)

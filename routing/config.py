@@ -94,7 +94,7 @@ class ProfileRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: str
-    model: str | None = Field(default=None, description="glob on the requested model name, e.g. 'llama-70b*'")
+    model: str | None = Field(default=None, description="glob on the requested model or LoRA adapter name, e.g. 'llama-70b*'")
     lora: bool | None = Field(default=None, description="true: requests naming a LoRA adapter; false: base model")
     priority: str | None = Field(default=None, description="the request's priority class, e.g. 'batch'")
 

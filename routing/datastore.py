@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ class _State:
     spec: EndpointSpec
     models: frozenset[str] | None
     loras: frozenset[str] = frozenset()
+    lora_bases: dict[str, str] = dataclasses.field(default_factory=dict)  # adapter -> its base model
     healthy: bool = True  # optimistic until a scrape says otherwise, so static setups work
     health_reason: str = ""
     circuit_open: bool = False
@@ -111,13 +112,16 @@ class Datastore:
         return name in self._states
 
     # -- writers -------------------------------------------------------------------------------
-    def set_models(self, name: str, models: set[str] | frozenset[str], loras: set[str] | frozenset[str] = frozenset()) -> None:
+    def set_models(self, name: str, models: set[str] | frozenset[str], loras: set[str] | frozenset[str] = frozenset(),
+                   bases: Mapping[str, str] | None = None) -> None:
+        """What ``name`` serves: base models, LoRA adapters and (``bases``) each adapter's base model."""
         state = self._states.get(name)
         if state is None:
             return
         self._dirty(state)
         state.models = frozenset(models)
         state.loras = frozenset(loras)
+        state.lora_bases = dict(bases or {})
 
     def set_healthy(self, name: str, ok: bool, reason: str = "") -> None:
         state = self._states.get(name)
@@ -276,6 +280,20 @@ class Datastore:
             ttft=s.ttft_model.coefficients,
             generation=s.generation,
         )
+
+    def adapter_base(self, model: str) -> str | None:
+        """The base model under ``model`` when ``model`` names a LoRA adapter some endpoint lists, else None.
+
+        A name that is a base model anywhere is a base model; an adapter's base is the ``parent`` its
+        endpoint's /v1/models gives, or that endpoint's only base model.
+        """
+        base: str | None = None
+        for s in self._states.values():
+            if s.models is not None and model in s.models:
+                return None
+            if base is None and model in s.loras:
+                base = s.lora_bases.get(model) or (next(iter(s.models)) if s.models and len(s.models) == 1 else None)
+        return base
 
     def served_models(self) -> set[str]:
         out: set[str] = set()

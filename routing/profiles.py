@@ -43,7 +43,9 @@ class ProfileSelector:
 
 
 def _matches(rule: ProfileRule, req: RoutingRequest) -> bool:
-    if rule.model is not None and not fnmatch.fnmatchcase(req.model, rule.model):
+    # A rule's model matches the base model or the adapter's own name (what the client asked for).
+    if rule.model is not None and not (fnmatch.fnmatchcase(req.model, rule.model)
+                                       or (req.lora is not None and fnmatch.fnmatchcase(req.lora, rule.model))):
         return False
     if rule.lora is not None and (req.lora is not None) != rule.lora:
         return False

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from routing.datastore import Datastore
 from routing.types import EndpointMetrics, EndpointSpec
 
-__all__ = ["Collector", "Fetch", "is_connection_refused", "merge_metrics", "parse_models", "parse_vllm_metrics"]
+__all__ = ["Collector", "Fetch", "is_connection_refused", "merge_metrics", "parse_model_cards", "parse_models",
+           "parse_vllm_metrics"]
 
 Fetch = Callable[[str], Awaitable[tuple[int, str]]]
 
@@ -190,14 +191,24 @@ def parse_models(text: str) -> tuple[set[str], set[str]]:
 
     vLLM lists adapters as models whose ``parent`` names the base model.
     """
+    models, bases = parse_model_cards(text)
+    return models, set(bases)
+
+
+def parse_model_cards(text: str) -> tuple[set[str], dict[str, str]]:
+    """Parse an OpenAI ``/v1/models`` body into (base models, {LoRA adapter: its base model})."""
     body = json.loads(text)
     models: set[str] = set()
-    loras: set[str] = set()
+    loras: dict[str, str] = {}
     for item in body.get("data", []):
         model_id = item.get("id")
         if not isinstance(model_id, str):
             continue
-        (loras if item.get("parent") else models).add(model_id)
+        parent = item.get("parent")
+        if parent:
+            loras[model_id] = str(parent)
+        else:
+            models.add(model_id)
     return models, loras
 
 
@@ -273,8 +284,8 @@ class Collector:
     async def _refresh(self, spec: EndpointSpec) -> None:
         try:
             if spec.models is None and self._discovery_due(spec.name):
-                models, loras = parse_models(await self._get(spec.resolved_models_url()))
-                self._ds.set_models(spec.name, models, loras)
+                models, bases = parse_model_cards(await self._get(spec.resolved_models_url()))
+                self._ds.set_models(spec.name, models, set(bases), bases)
                 self._discovered_at[spec.name] = self._clock()
             if not spec.scrape_metrics:
                 self._failures.pop(spec.name, None)

@@ -40,6 +40,8 @@ def test_api_base_by_kind(kind: str, prefix: str | None, api_base: str) -> None:
     ([1, 2], "(root): the config must be a mapping"),
     ({"routing": {"profiles": [{"name": "d", "plugins": [{"ref": "nope"}]}]}},
      "\nrouting.profiles[0].plugins[0].ref: unknown plugin 'nope'"),
+    ({"policies": {"auth": {"keys": [{"name": "k", "sha256": "0" * 64, "profiles": ["default", "rr"]}]}}},
+     "policies.auth.keys[0].profiles[1]: unknown routing profile 'rr'"),
 ])
 def test_errors_name_the_path(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -12,7 +12,7 @@ from gateway.errors import (
     to_gateway_error,
 )
 from policies.errors import RateLimited
-from routing.errors import ModelNotServed, NoHealthyEndpoint
+from routing.errors import ModelNotServed, NoHealthyEndpoint, UnknownProfile
 
 
 def _body(resp: object) -> dict[str, object]:
@@ -31,6 +31,7 @@ def test_shape_is_openai_and_retry_after_is_whole_seconds() -> None:
     (NoHealthyEndpoint("m"), 503, "no_healthy_backend"),
     (InvalidRequest("bad", param="messages"), 400, None),
     (RuntimeError("secret detail"), 500, "internal_error"),
+    (UnknownProfile("gone"), 400, "unknown_profile"),  # only a request's header can name one
 ])
 def test_domain_errors_map_once(exc: Exception, status: int, code: str | None) -> None:
     err = to_gateway_error(exc)

@@ -38,6 +38,16 @@ def test_max_priority_defaults_to_the_keys_own_and_survives_the_record() -> None
     assert ApiKey.from_config(cfg).priority_cap == "critical"
 
 
+def test_only_listed_profiles_may_be_chosen_and_the_list_survives_the_record() -> None:
+    key = ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64, profiles=["round-robin"]))
+    assert key.may_choose_profile("round-robin") and not key.may_choose_profile("default")
+    assert ApiKey.from_record(key.sha256, key.to_record()).profiles == {"round-robin"}
+    plain = ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64))
+    assert not plain.may_choose_profile("default")
+    # With auth off every request is the anonymous key: trusted like its uncapped priority.
+    assert ApiKey(sha256="", name="anonymous", tenant="t", source="anonymous").may_choose_profile("x")
+
+
 def test_config_key_may_use_only_its_models() -> None:
     key = ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64, models=["x"]))
     assert key.may_use("x") and not key.may_use("y")

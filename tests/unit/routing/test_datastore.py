@@ -58,6 +58,21 @@ def test_served_models_only_counts_healthy_endpoints() -> None:
     assert ds.models_of("b") == frozenset({"other"})
 
 
+def test_adapter_base_names_the_parent_only_for_adapters() -> None:
+    ds = make_datastore(names=("a", "b", "c"))
+    ds.upsert(EndpointSpec("d", "http://d"))
+    ds.set_models("b", {"m"}, {"sql"}, {"sql": "m"})
+    ds.set_models("c", {"other"}, {"chat-lora"})  # no parent given: the endpoint's only base model
+    ds.set_models("d", {"m", "x"}, {"odd"})  # no parent and two bases: unknown
+    assert ds.adapter_base("sql") == "m"
+    assert ds.adapter_base("chat-lora") == "other"
+    assert ds.adapter_base("odd") is None
+    assert ds.adapter_base("m") is None and ds.adapter_base("missing") is None
+    # A name some endpoint serves as a base model is a base model, whatever another lists.
+    ds.set_models("c", {"other"}, {"m"}, {"m": "other"})
+    assert ds.adapter_base("m") is None
+
+
 def test_restart_detected_from_counters_and_start_time() -> None:
     ds = make_datastore()
     restarted: list[str] = []

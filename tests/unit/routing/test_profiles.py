@@ -39,6 +39,7 @@ def _req(**kw: object) -> RoutingRequest:
     ({"model": "llama-8b"}, "default"),
     ({"lora": "sql-adapter"}, "lora"),
     ({"model": "llama-70b", "lora": "x"}, "big"),  # first matching rule wins
+    ({"model": "base", "lora": "llama-70b-sql"}, "big"),  # a model glob also matches the adapter's name
     ({"priority": "batch"}, "batch"),
     ({"priority": "batch", "model": "other"}, "default"),  # every condition of a rule must hold
     ({"profile": "rr"}, "rr"),  # a name the caller passes beats every rule

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from routing.scraper import Collector, merge_metrics, parse_models, parse_vllm_metrics
+from routing.scraper import Collector, merge_metrics, parse_model_cards, parse_models, parse_vllm_metrics
 from routing.types import EndpointSpec
 from tests.unit.routing.helpers import FakeClock, make_datastore
 
@@ -66,6 +66,7 @@ def test_label_escapes() -> None:
 def test_parse_models_splits_adapters() -> None:
     body = json.dumps({"data": [{"id": "base"}, {"id": "sql", "parent": "base"}]})
     assert parse_models(body) == ({"base"}, {"sql"})
+    assert parse_model_cards(body) == ({"base"}, {"sql": "base"})
 
 
 class FakeBackends:
