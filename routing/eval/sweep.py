@@ -273,6 +273,8 @@ def run_sweep(opts: SweepOptions, store: Store, progress: Callable[[str], None] 
     if opts.jobs <= 1:
         for job in todo:
             if over_budget():
+                progress(f"sweep: time budget reached after {(time.monotonic() - started) / 60:.1f} min; "
+                         "run again to continue")
                 break
             record(_job(job))
         return cases

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cases = run_sweep(opts, store, progress=lambda m: print(m, flush=True))
         print(f"sweep: {(time.monotonic() - started) / 60:.1f} min", flush=True)
-    report = build_report(cases, store.runs(), digests, loads, target=args.target)
+    report = build_report(cases, store.runs(), digests, loads, target=args.target, requested=len(seeds))
     text = report.text()
     print(text)
     if args.write_report:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,23 @@ class Report:
     runs: list[Run]
     policies: list[str]
     target: str
+    requested: int = 0  # cases asked for (the split), whether or not the cache has runs for them
+    unmatched: list[str] = field(default_factory=list)  # why stored runs were left out, one line each
+
+    @property
+    def cases(self) -> int:
+        """Cases with at least one run in the report."""
+        return len({r.case.key for r in self.runs})
 
     def text(self, worst: int = 10) -> str:
         out: list[str] = []
         runs, target = self.runs, self.target
         loads = sorted({r.load for r in runs})
-        cases = {r.case.key for r in runs}
-        out.append(f"{len(cases)} cases, {len(runs)} runs (case x load), policies: {', '.join(self.policies)}")
+        complete = sum(1 for key in {r.case.key for r in runs}
+                       if sum(len(r.by_policy) for r in runs if r.case.key == key) == len(loads) * len(self.policies))
+        out.append(f"{self.cases} of {self.requested} cases ({complete} with every policy at every load), "
+                   f"{len(runs)} runs (case x load), policies: {', '.join(self.policies)}")
+        out += [f"note: {line}" for line in self.unmatched]
         out.append(f"slack: p90 within {P90_SLACK - 1:.0%}, p99 within {P99_SLACK - 1:.0%}")
         out.append("")
         out.append("| policy | within slack of best: p90 | p99 | both | within slack of cache-aware (both) | "
@@ -135,8 +145,15 @@ class Report:
 
 
 def build_report(cases: Sequence[Case], runs: Mapping[tuple[str, float, str, str], dict[str, Any]],
-                 digests: Mapping[str, str], loads: Sequence[float], target: str = "default") -> Report:
-    """Join the cases with their stored runs for exactly these policy configs (label -> digest)."""
+                 digests: Mapping[str, str], loads: Sequence[float], target: str = "default",
+                 requested: int | None = None) -> Report:
+    """Join the cases with their stored runs for exactly these policy configs (label -> digest).
+
+    ``requested`` is the split's size when ``cases`` holds only those that ran (a budget stopped it).
+
+    Stored runs left out are counted by reason, so a report of "0 cases" says whether the cache holds
+    another split (or the --quick cases), an older config of a policy, or other loads.
+    """
     out: list[Run] = []
     for case in cases:
         for load in loads:
@@ -144,7 +161,28 @@ def build_report(cases: Sequence[Case], runs: Mapping[tuple[str, float, str, str
                          if (case.key, load, label, cfg) in runs}
             if by_policy:
                 out.append(Run(case, load, by_policy))
-    return Report(out, list(digests), target)
+    keys = {c.key for c in cases}
+    other_cases: set[str] = set()
+    stale: dict[str, set[str]] = {}
+    other_loads = 0
+    for key, load, label, cfg in runs:
+        if key not in keys:
+            other_cases.add(key)
+        elif label in digests and cfg != digests[label]:
+            stale.setdefault(label, set()).add(cfg)
+        elif label in digests and load not in loads:
+            other_loads += 1
+    notes = []
+    if other_cases:
+        notes.append(f"the cache also holds runs of {len(other_cases)} other cases (another --seeds split, or "
+                     "--quick's smaller cases), not reported")
+    for label, cfgs in sorted(stale.items()):
+        notes.append(f"runs of '{label}' under another config ({', '.join(sorted(cfgs))}; now {digests[label]}) "
+                     "are not reported: that policy changed since they ran")
+    if other_loads:
+        notes.append(f"{other_loads} runs at other loads than {', '.join(f'{x:g}' for x in loads)} are not reported")
+    return Report(out, list(digests), target, requested=len(cases) if requested is None else requested,
+                  unmatched=notes)
 
 
 def plot_ratios(report: Report, path: str | Path) -> None:
@@ -176,7 +214,7 @@ def plot_ratios(report: Report, path: str | Path) -> None:
             label = "per-case best" if ref == "best" else ref
             ax.set_title(f"TTFT {metric}: {report.target} / {label}")
             ax.set_xlabel("load (fraction of the case's capacity)")
-    n = len({r.case.key for r in report.runs})
+    n = report.cases
     fig.suptitle(f"Robustness sweep, {n} cases (box: quartiles, whiskers 5-95 %; dashed: slack)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

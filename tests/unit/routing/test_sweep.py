@@ -70,6 +70,36 @@ def test_a_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert "within slack of best" in text and "Goals for 'default'" in text
 
 
+def _row(case: str, load: float, policy: str, cfg: str, p90: float = 1.0) -> dict[str, object]:
+    return {"case": case, "seed": 0, "load": load, "policy": policy, "cfg": cfg, "p50": p90 / 2, "p90": p90,
+            "p99": 2 * p90, "hit": 0.5, "shed": 0}
+
+
+def test_the_report_counts_cases_and_says_why_stored_runs_were_left_out(tmp_path: Path) -> None:
+    a, b, quick = draw_case(SEED), draw_case(SEED + 1), draw_case(SEED, requests=24)
+    store = Store(tmp_path)
+    store.append(store.runs_path, [
+        _row(a.key, 0.5, "default", "d1"), _row(a.key, 0.5, "cache-aware", "c1"),
+        _row(a.key, 0.95, "default", "d1"), _row(a.key, 0.95, "cache-aware", "c1"),
+        _row(b.key, 0.5, "default", "d1"),  # b: one run of four
+        _row(b.key, 0.7, "default", "d1"),  # a load not asked for
+        _row(b.key, 0.95, "default", "d0"),  # the default before a change
+        _row(quick.key, 0.5, "default", "d1"),  # the --quick variant of case a
+    ])
+    digests = {"default": "d1", "cache-aware": "c1"}
+    report = build_report([a, b], store.runs(), digests, (0.5, 0.95), requested=100)
+    text = report.text()
+    assert report.cases == 2 and len(report.runs) == 3
+    assert text.startswith("2 of 100 cases (1 with every policy at every load), 3 runs (case x load)"), text
+    assert "runs of 1 other cases" in text
+    assert "runs of 'default' under another config (d0; now d1)" in text
+    assert "1 runs at other loads than 0.5, 0.95" in text
+    # The cache of a --quick sweep read as the full split: nothing matches, and the report says why.
+    empty = build_report([a, b], {k: v for k, v in store.runs().items() if k[0] == quick.key}, digests,
+                         (0.5, 0.95)).text()
+    assert empty.startswith("0 of 2 cases") and "other cases (another --seeds split, or --quick" in empty
+
+
 def test_a_changed_profile_is_a_new_policy(tmp_path: Path) -> None:
     cfg = tmp_path / "r.yaml"
     cfg.write_text("routing:\n  profiles:\n    - {name: rr, picker: round-robin}\n    - {name: rnd, picker: random}\n")
@@ -88,7 +118,7 @@ def test_cli_quick_runs_in_parallel_then_reports_from_its_cache(tmp_path: Path, 
     assert (out / "sweep.png").stat().st_size > 10_000
     table = tmp_path / "t.json"
     assert eval_main([*args, "--report-only", "--json", str(table)]) == 0
-    assert "1 cases, 1 runs" in capsys.readouterr().out
+    assert "1 of 1 cases (1 with every policy at every load), 1 runs" in capsys.readouterr().out
     data = json.loads(table.read_text())
     assert set(data["policies"]) == {"default", "cache-aware"} and len(data["runs"]) == 1
     assert eval_main(["--sweep", "--policy", "nope"]) == 2
