@@ -98,11 +98,14 @@ class GatewayApp:
         inflight.inc()
         try:
             route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
-            if route is None:
-                await self.inner(scope, receive, send_with_id)
-                return
-            response = await self.proxy.handle(route, scope, receive)
-            await response(scope, receive, send_with_id)
+            # The request's SERVER span (a no-op object when tracing is off), current for all it does.
+            with self.core.tracing.server(scope, scope["path"] if route is not None else None) as server:
+                out = server.wrap(send_with_id)
+                if route is None:
+                    await self.inner(scope, receive, out)
+                    return
+                response = await self.proxy.handle(route, scope, receive)
+                await response(scope, receive, out)
         finally:
             inflight.dec()
 

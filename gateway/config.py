@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.kv_config import BackendKVEvents, KVEventsSettings
+from gateway.telemetry.config import TelemetryConfig, TelemetryConfigError, resolve
 from policies.config import PoliciesConfig
 from policies.resilience import ResilienceConfig
 from routing.config import RoutingConfig
@@ -175,6 +176,8 @@ class GatewayConfig(_Model):
     extproc: ExtprocConfig = ExtprocConfig()
     resilience: ResilienceConfig = ResilienceConfig()
     kv_events: KVEventsSettings = KVEventsSettings()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    """Traces (docs/tracing.md); the OTEL_* environment variables override every field."""
 
     @model_validator(mode="after")
     def _legacy_server_timeouts(self) -> GatewayConfig:
@@ -262,9 +265,14 @@ def parse_config(data: Any) -> GatewayConfig:
     if not isinstance(data, dict):
         raise ConfigError("(root): the config must be a mapping")
     try:
-        return GatewayConfig.model_validate(_expand_env(data))
+        cfg = GatewayConfig.model_validate(_expand_env(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    try:  # the OTEL_* variables are part of the tracing config: a bad one stops start-up here too
+        resolve(cfg.telemetry, os.environ)
+    except TelemetryConfigError as exc:
+        raise ConfigError(f"telemetry: {exc}") from None
+    return cfg
 
 
 def load_config(path: str | Path) -> GatewayConfig:

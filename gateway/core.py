@@ -24,6 +24,8 @@ from gateway.pipeline import Pipeline
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import SessionAffinity, StateStore
 from gateway.state.store import Client
+from gateway.telemetry import NOOP, Tracing, build_tracing
+from gateway.telemetry.state import traced_store_class
 from gateway.transport import AiohttpTransport
 from gateway.upstream import BackendTarget, TrustedProxies, Upstream
 from policies.circuit import OPEN, CircuitBoard
@@ -64,6 +66,8 @@ class Core:
     kv_state: KVEventState | None = None
     """The KV-event block index (docs/kv-events.md); None when no backend publishes events."""
     kv_subscriber: KVSubscriber | None = None
+    tracing: Tracing = NOOP
+    """Traces (docs/tracing.md): NOOP unless an OTLP endpoint is configured."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def redis_client(self) -> Client:
@@ -72,6 +76,7 @@ class Core:
         return self.redis.client
 
     async def start(self) -> None:
+        await self.tracing.start()
         await self.upstream.open()
         self.redis = open_redis(self.cfg.state)
         # One scrape before serving, so /ready and routing start from real state.
@@ -99,6 +104,8 @@ class Core:
         if self.redis is not None:
             await self.redis.close()
             self.redis = None
+        with contextlib.suppress(Exception):
+            await self.tracing.stop()  # the last spans (bounded by OTEL_BSP_EXPORT_TIMEOUT)
 
     def configured_models(self) -> set[str]:
         return {m for b in self.cfg.backends for m in (b.models or ())}
@@ -113,6 +120,7 @@ class Core:
 
 def build_core(cfg: GatewayConfig) -> Core:
     metrics = GatewayMetrics()
+    tracing = build_tracing(cfg.telemetry, metrics.registry)
     outcomes = OutcomeLog(log)
     datastore = Datastore(stale_after_s=cfg.routing.stale_after_s)
     targets: dict[str, BackendTarget] = {}
@@ -161,19 +169,19 @@ def build_core(cfg: GatewayConfig) -> Core:
         handle = core_ref[0].redis
         return handle.pipe if handle is not None else None
 
-    store = StateStore(client, cfg.state, pipe)  # type: ignore[arg-type]
+    store = traced_store_class(tracing)(client, cfg.state, pipe)  # type: ignore[arg-type]
     sessions = SessionAffinity(datastore, store)
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
-                        session_from_user=cfg.routing.session_from_user, circuits=circuits)
+                        session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing)
     transport = AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,
                             reroute=pipeline.reroute, settle=pipeline.settle,
-                            on_refused=prober.refused)
+                            on_refused=prober.refused, tracing=tracing)
     core = Core(cfg=cfg, metrics=metrics, outcomes=outcomes, datastore=datastore, targets=targets,
                 scheduler=scheduler, upstream=upstream, admission=admission, store=store, sessions=sessions,
                 pipeline=pipeline, dispatcher=dispatcher, circuits=circuits, collector=collector, prober=prober,
                 drain=Drain(res.drain), trusted_proxies=TrustedProxies(cfg.server.trusted_proxies),
-                kv_state=kv_state, kv_subscriber=kv_subscriber)
+                kv_state=kv_state, kv_subscriber=kv_subscriber, tracing=tracing)
     core_ref.append(core)
     return core

@@ -30,6 +30,8 @@ from gateway.logs import OutcomeLog
 from gateway.metrics import GatewayMetrics
 from gateway.resume import ResumeState, resumable
 from gateway.sse import EventSplitter, usage_of
+from gateway.telemetry import NOOP, Tracing
+from gateway.telemetry.tracing import NO_ATTEMPT, AttemptSpan
 from gateway.transport import (
     ConnectFailed,
     ConnectTimedOut,
@@ -73,7 +75,7 @@ class Dispatcher:
                  picked: Callable[[Exchange], Awaitable[None]], reroute: Reroute,
                  settle: Callable[[Exchange], Awaitable[None]] | None = None,
                  on_refused: Callable[[str], None] = lambda endpoint: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tracing: Tracing = NOOP) -> None:
         self._transport = transport
         self._targets = targets
         self._ds = datastore
@@ -89,6 +91,7 @@ class Dispatcher:
         self._on_refused = on_refused
         self._settle = settle
         self._clock = clock
+        self._tracing = tracing
 
     # -- one request ----------------------------------------------------------------------------
     async def run(self, ex: Exchange, send: Send) -> None:
@@ -113,8 +116,13 @@ class _Run:
         self.plan: AttemptPlan | None = None
         self.state: ResumeState | None = None
         self.error_event = False
+        self.span: AttemptSpan | Any = NO_ATTEMPT
+        """The current attempt's CLIENT span (ended by whatever ends the attempt)."""
 
     def close(self) -> None:
+        if self.span is not NO_ATTEMPT:  # still open: the request was cancelled or the client left
+            self.span.cancelled()
+            self.span = NO_ATTEMPT
         self._release()
         self._end_ticket()
         if self.plan is not None:
@@ -164,8 +172,8 @@ class _Run:
         ex, d = self.ex, self.d
         ex.attempts += 1
         endpoint = attempt.endpoint
-        d._metrics.attempts.labels(endpoint, "resume" if attempt.resume else
-                                   ("retry" if attempt.number > 1 else "first")).inc()
+        kind = "resume" if attempt.resume else ("retry" if attempt.number > 1 else "first")
+        d._metrics.attempts.labels(endpoint, kind).inc()
         body = self._body(attempt)
         if body is None:  # a resumed stream had nothing left to produce
             await self._finish_stream()
@@ -178,6 +186,7 @@ class _Run:
         headers["content-type"] = "application/json"
         if target.auth_header:
             headers["authorization"] = target.auth_header
+        self.span = d._tracing.attempt(ex, attempt.number, kind, target, headers)
         now = d._clock()
         try:
             async with asyncio.timeout(plan.first_byte_timeout(now)):
@@ -187,6 +196,7 @@ class _Run:
                 if ex.stream and self.resp.content_type == "text/event-stream":
                     chunks = self.resp.chunks()
                     first = await anext(chunks, b"")
+                    self.span.first_chunk()
                     if first.startswith(_ERROR_EVENT):  # failed before the client saw a byte: retry
                         raise StreamBroken("the backend answered the stream with an error event")
                 else:
@@ -221,6 +231,8 @@ class _Run:
                 streamed: bool = False, status: int | None = None) -> Attempt | Stop:
         ex, d = self.ex, self.d
         endpoint = plan.tried[-1].endpoint
+        self.span.failed(failure.value, status)
+        self.span = NO_ATTEMPT
         self._release()
         self._end_ticket()
         d._metrics.upstream_errors.labels(endpoint, failure.value).inc()
@@ -299,11 +311,13 @@ class _Run:
                 usage = None
             if isinstance(usage, dict):
                 ex.usage = usage
+        self.span.body(body)
         headers = forwardable_response_headers(resp.headers)
         headers["content-length"] = str(len(body))
         await self._start(resp.status, headers)
         ex.outcome = "ok"
         await self._last(body)
+        self._attempt_done()
 
     async def _relay_stream(self, plan: AttemptPlan, attempt: Attempt, chunks: Any, first: bytes
                             ) -> Attempt | Stop | None:
@@ -325,6 +339,8 @@ class _Run:
             while chunk:
                 events = splitter.feed(chunk)
                 if events:
+                    if self.span.recording:
+                        self.span.events(events)
                     out = self._filter(events, state, resumed)
                     if out:
                         await self.send({"type": "http.response.body", "body": out, "more_body": True})
@@ -384,6 +400,12 @@ class _Run:
     async def _finish_stream(self) -> None:
         self.ex.outcome = "ok"
         await self._last(b"")
+        self._attempt_done()
+
+    def _attempt_done(self) -> None:
+        if self.span is not NO_ATTEMPT:
+            self.span.done(self.ex)
+            self.span = NO_ATTEMPT
 
     async def _last(self, body: bytes) -> None:
         """The final body message, after the budget is settled (the outcome and usage are known)."""

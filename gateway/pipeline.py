@@ -20,6 +20,8 @@ from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.openai_requests import ParsedBody
 from gateway.state.sessions import SessionAffinity
+from gateway.telemetry import NOOP, Tracing
+from gateway.telemetry import names as spans
 from policies.circuit import CircuitBoard
 from policies.errors import ProfileNotAllowed
 from policies.keys import ApiKey
@@ -37,7 +39,7 @@ __all__ = ["Pipeline"]
 class Pipeline:
     def __init__(self, admission: Admission, sessions: SessionAffinity, scheduler: Scheduler, datastore: Datastore,
                  metrics: GatewayMetrics, resilience: ResilienceConfig, *, session_from_user: bool,
-                 circuits: CircuitBoard | None = None) -> None:
+                 circuits: CircuitBoard | None = None, tracing: Tracing = NOOP) -> None:
         self.admission = admission
         self.datastore = datastore
         self.sessions = sessions
@@ -46,6 +48,7 @@ class Pipeline:
         self._resilience = resilience
         self._session_from_user = session_from_user
         self._circuits = circuits
+        self._tracing = tracing
 
     # -- before dispatch ----------------------------------------------------------------------------
     def exchange(self, route: str, parsed: ParsedBody, raw: bytes, headers: Mapping[str, str], request_id: str,
@@ -77,37 +80,47 @@ class Pipeline:
         return (model, None) if base is None else (base, model)
 
     async def authenticate(self, ex: Exchange, headers: Mapping[str, str]) -> ApiKey:
-        key = await self.admission.authenticate(ex, headers)
-        profile = headers.get("x-gravity-profile")
-        if profile:
-            # Only keys whose `profiles:` list names it may pick a profile: the baselines can be far worse
-            # for everyone sharing the fleet, so choosing is an operator's grant, refused loudly (403).
-            if not key.may_choose_profile(profile):
-                raise ProfileNotAllowed(profile)
-            if profile not in self.scheduler.profiles:
-                raise UnknownProfile(profile)
-            ex.routing = dataclasses.replace(ex.routing, profile=profile)
+        with self._tracing.span(spans.SPAN_AUTH) as span:
+            key = await self.admission.authenticate(ex, headers)
+            profile = headers.get("x-gravity-profile")
+            if profile:
+                # Only keys whose `profiles:` list names it may pick a profile: the baselines can be far worse
+                # for everyone sharing the fleet, so choosing is an operator's grant, refused loudly (403).
+                if not key.may_choose_profile(profile):
+                    raise ProfileNotAllowed(profile)
+                if profile not in self.scheduler.profiles:
+                    raise UnknownProfile(profile)
+                ex.routing = dataclasses.replace(ex.routing, profile=profile)
+            self._tracing.authenticated(span, ex, key)
         return key
 
     async def reserve(self, ex: Exchange, key: ApiKey) -> None:
         """Budgets and the session's endpoint together: both commands leave in one write (one round trip)."""
-        if ex.routing.session_id:
-            await asyncio.gather(self.admission.reserve(ex, key), self.sessions.lookup(ex))
-        else:
-            await self.admission.reserve(ex, key)
+        with self._tracing.span(spans.SPAN_RATE_LIMIT) as span:
+            try:
+                if ex.routing.session_id:
+                    await asyncio.gather(self.admission.reserve(ex, key), self.sessions.lookup(ex))
+                else:
+                    await self.admission.reserve(ex, key)
+            except Exception as exc:
+                self._tracing.refused(span, exc)
+                raise
+            self._tracing.reserved(span, ex)
 
     def route(self, ex: Exchange) -> None:
         """Schedule; with no healthy endpoint for the model, its fallback models in order."""
         if self._circuits is not None:
             # Open circuits whose back-off is over turn half-open here, so routing offers them a probe.
             self._circuits.refresh()
-        while True:
-            try:
-                ex.decision = self.scheduler.schedule(ex.routing)
-                return
-            except NoHealthyEndpoint:
-                if not self.reroute_model(ex):
-                    raise
+        with self._tracing.span(spans.SPAN_ROUTE) as span:
+            while True:
+                try:
+                    ex.decision = self.scheduler.schedule(ex.routing)
+                    break
+                except NoHealthyEndpoint:
+                    if not self.reroute_model(ex):
+                        raise
+            self._tracing.routed(span, ex)
 
     async def prepare(self, ex: Exchange, headers: Mapping[str, str]) -> None:
         """Admit and route `ex`; on any refusal it is finished (refunded) before the error propagates."""
@@ -167,6 +180,7 @@ class Pipeline:
         if ticket is not None:  # held by an edge that tracks in-flight load itself (ext_proc)
             self.datastore.end(ticket)
         self.metrics.observe(ex)
+        self._tracing.finished(ex)
         await self.settle(ex)
 
     async def settle(self, ex: Exchange) -> None:

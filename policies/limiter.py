@@ -332,4 +332,5 @@ def _refusal(v: Verdict, scopes: list[Scope], model: str, tokens: int) -> RateLi
     return RateLimited(f"Rate limit reached for {holder} on {what}.{detail} Please try again in "
                        f"{format_duration(v.retry_after_ms)}.",
                        kind="requests" if v.failed_kind in ("r", "c") else "tokens",
-                       retry_after=max(v.retry_after_ms, 1) / 1000, headers=headers)
+                       retry_after=max(v.retry_after_ms, 1) / 1000, headers=headers,
+                       scope=scope.label if scope else None)

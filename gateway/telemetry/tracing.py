@@ -1,0 +1,486 @@
+"""The span helpers the gateway's layers call: one SERVER span per request, its children, and the
+CLIENT span of each upstream attempt with the GenAI attributes.
+
+`Tracing.enabled` False (no endpoint configured) is the no-op path: every helper returns a shared
+do-nothing object, no SDK call is made and no header is touched (the client's traceparent is passed
+through as it came). Parenting uses the OpenTelemetry context of the request's task: the SERVER span is
+made current in `GatewayApp`, everything the request does runs in that task.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlsplit
+
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.sse import event_json
+from gateway.telemetry import names as N
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+    from gateway.telemetry.export import ExportCounters
+    from gateway.upstream import BackendTarget
+    from policies.keys import ApiKey
+
+__all__ = ["NOOP", "AttemptSpan", "ServerSpan", "Tracing", "error_type"]
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_PROPAGATOR = TraceContextTextMapPropagator()
+_NULL = contextlib.nullcontext()
+
+
+def error_type(exc: BaseException) -> str:
+    """A low-cardinality name for what went wrong: the OpenAI error code when there is one, else the class."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    return type(exc).__qualname__
+
+
+def _mark_error(span: trace.Span, kind: str, message: str | None = None) -> None:
+    span.set_attribute(N.ERROR_TYPE, kind)
+    span.set_status(Status(StatusCode.ERROR, message))
+
+
+class _NoServer:
+    """The SERVER span when tracing is off: nothing at all."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def wrap(self, send: Send) -> Send:
+        return send
+
+
+_NO_SERVER = _NoServer()
+
+
+class ServerSpan:
+    """The request's SERVER span, current for the duration of the `with` block."""
+
+    __slots__ = ("_scope", "_token", "span", "status")
+
+    def __init__(self, span: trace.Span, scope: MutableMapping[str, Any]) -> None:
+        self.span = span
+        self.status = 0
+        self._scope = scope
+        self._token: object = None
+
+    def __enter__(self) -> Self:
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self
+
+    def wrap(self, send: Send) -> Send:
+        async def traced_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = int(message["status"])
+            await send(message)
+        return traced_send
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        span = self.span
+        try:
+            route = self._scope.get("route")
+            template = getattr(route, "path", None)
+            if isinstance(template, str) and span.is_recording():
+                span.update_name(f"{self._scope['method']} {template}")
+                span.set_attribute(N.HTTP_ROUTE, template)
+            if self.status:
+                span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, self.status)
+            if exc is not None and not isinstance(exc, GeneratorExit):
+                _mark_error(span, error_type(exc))
+            elif self.status >= 500:  # a 4xx is the client's error, not the server span's (HTTP conventions)
+                _mark_error(span, str(self.status))
+            span.end()
+        finally:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class _NoAttempt:
+    __slots__ = ()
+    recording = False
+
+    def first_chunk(self) -> None:
+        pass
+
+    def events(self, events: list[bytes]) -> None:
+        pass
+
+    def body(self, body: bytes) -> None:
+        pass
+
+    def failed(self, failure: str, status: int | None = None) -> None:
+        pass
+
+    def done(self, ex: Exchange) -> None:
+        pass
+
+    def cancelled(self) -> None:
+        pass
+
+
+NO_ATTEMPT = _NoAttempt()
+
+
+class AttemptSpan:
+    """One upstream attempt as a CLIENT span `{gen_ai.operation.name} {gen_ai.request.model}`.
+
+    Ends exactly once: `failed`, `done`, or `cancelled` (the dispatcher calls that for whatever is still
+    open when it stops, so a client disconnect or a cancelled stream ends the span too)."""
+
+    __slots__ = ("_capture", "_finish", "_identity", "_started", "_text", "recording", "span")
+
+    def __init__(self, span: trace.Span, capture: bool) -> None:
+        self.span = span
+        self.recording = span.is_recording()
+        self._started = time.perf_counter()
+        self._identity = False
+        self._finish: list[str] = []
+        self._capture = capture
+        self._text: list[str] | None = [] if capture else None
+
+    def first_chunk(self) -> None:
+        if self.recording:
+            self.span.set_attribute(N.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, time.perf_counter() - self._started)
+
+    def events(self, events: list[bytes]) -> None:
+        """Streamed events as relayed: the response's id and model from the first, finish reasons as they come."""
+        if not self.recording:
+            return
+        for event in events:
+            if not self._identity or self._capture or b'"finish_reason":"' in event \
+                    or b'"finish_reason": "' in event:
+                payload = event_json(event)
+                if not isinstance(payload, dict):
+                    continue
+                if not self._identity:
+                    self._identify(payload)
+                for choice in payload.get("choices") or ():
+                    if not isinstance(choice, dict):
+                        continue
+                    reason = choice.get("finish_reason")
+                    if isinstance(reason, str):
+                        self._finish.append(reason)
+                    if self._text is not None:
+                        delta = choice.get("delta")
+                        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                        if isinstance(piece, str):
+                            self._text.append(piece)
+
+    def body(self, body: bytes) -> None:
+        """A whole (non-streamed) answer."""
+        if not self.recording:
+            return
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(payload, dict):
+            return
+        self._identify(payload)
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, dict):
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str):
+                    self._finish.append(reason)
+                if self._text is not None:
+                    message = choice.get("message")
+                    piece = message.get("content") if isinstance(message, dict) else choice.get("text")
+                    if isinstance(piece, str):
+                        self._text.append(piece)
+
+    def _identify(self, payload: dict[str, Any]) -> None:
+        self._identity = True
+        rid, model = payload.get("id"), payload.get("model")
+        if isinstance(rid, str):
+            self.span.set_attribute(N.GEN_AI_RESPONSE_ID, rid)
+        if isinstance(model, str):
+            self.span.set_attribute(N.GEN_AI_RESPONSE_MODEL, model)
+
+    def failed(self, failure: str, status: int | None = None) -> None:
+        span = self.span
+        span.set_attribute(N.ATTEMPT_FAILURE, failure)
+        if status is not None:
+            span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, status)
+        _mark_error(span, str(status) if status is not None else failure)
+        self._end()
+
+    def done(self, ex: Exchange) -> None:
+        span = self.span
+        if self.recording:
+            if self._finish:
+                span.set_attribute(N.GEN_AI_RESPONSE_FINISH_REASONS, self._finish)
+            usage = ex.usage
+            if usage:
+                _usage(span, usage)
+            if ex.status:
+                span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, ex.status)
+            if self._text is not None:
+                span.set_attribute(N.GEN_AI_OUTPUT_MESSAGES, orjson.dumps([
+                    {"role": "assistant", "parts": [{"type": "text", "content": "".join(self._text)}],
+                     "finish_reason": self._finish[0] if self._finish else "error"}]).decode())
+        if ex.status >= 400:
+            _mark_error(span, str(ex.status))
+        self._end()
+
+    def cancelled(self) -> None:
+        if self.recording and not self._finish:
+            self.span.set_attribute(N.GEN_AI_RESPONSE_FINISH_REASONS, ["error"])
+        _mark_error(self.span, "cancelled", "the request ended before this attempt did")
+        self._end()
+
+    def _end(self) -> None:
+        self.span.end()
+
+
+def _usage(span: trace.Span, usage: Mapping[str, Any]) -> None:
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int):
+        span.set_attribute(N.GEN_AI_USAGE_INPUT_TOKENS, prompt)
+    if isinstance(completion, int):
+        span.set_attribute(N.GEN_AI_USAGE_OUTPUT_TOKENS, completion)
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        span.set_attribute(N.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, details["cached_tokens"])
+
+
+def _input_messages(body: Mapping[str, Any]) -> str:
+    """The request's messages in the conventions' shape (opt-in only)."""
+    out = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                content = m.get("content")
+                text = content if isinstance(content, str) else orjson.dumps(content).decode()
+                out.append({"role": m.get("role"), "parts": [{"type": "text", "content": text}]})
+    else:
+        prompt = body.get("prompt") if "prompt" in body else body.get("input")
+        out.append({"role": "user", "parts": [{"type": "text", "content": prompt if isinstance(prompt, str)
+                                               else orjson.dumps(prompt).decode()}]})
+    return orjson.dumps(out).decode()
+
+
+class Tracing:
+    """Span helpers over one TracerProvider (or none: the no-op path)."""
+
+    def __init__(self, tracer: trace.Tracer | None = None, *, capture_content: bool = False,
+                 processor: Any = None, provider: Any = None, counters: ExportCounters | None = None) -> None:
+        self.enabled = tracer is not None
+        self._tracer = tracer
+        self.capture_content = capture_content
+        self.processor = processor
+        self.counters = counters
+        self._provider = provider
+        self._servers: dict[str, tuple[str, int]] = {}
+
+    # -- lifecycle (the lifespan calls these) ----------------------------------------------------------
+    async def start(self) -> None:
+        if self.processor is not None:
+            await self.processor.start()
+
+    async def stop(self) -> None:
+        if self.processor is not None:
+            await self.processor.stop()
+
+    async def flush(self) -> None:
+        if self.processor is not None:
+            await self.processor.flush()
+
+    # -- the SERVER span --------------------------------------------------------------------------------
+    def server(self, scope: MutableMapping[str, Any], route: str | None = None) -> ServerSpan | _NoServer:
+        """The SERVER span of one HTTP request, joined to the client's trace when it sent a traceparent."""
+        tracer = self._tracer
+        if tracer is None:
+            return _NO_SERVER
+        carrier: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            if k == b"traceparent" or k == b"tracestate":
+                carrier[k.decode()] = v.decode("latin-1")
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        method = scope["method"]
+        path = scope["path"]
+        attributes: dict[str, Any] = {N.HTTP_REQUEST_METHOD: method, N.URL_PATH: path,
+                                      N.URL_SCHEME: scope.get("scheme", "http")}
+        client = scope.get("client")
+        if client:
+            attributes[N.CLIENT_ADDRESS] = client[0]
+        if route is not None:
+            attributes[N.HTTP_ROUTE] = route
+        request_id = scope.get("state", {}).get("request_id")
+        if request_id:
+            attributes[N.REQUEST_ID] = request_id
+        span = tracer.start_span(f"{method} {route}" if route else method, context=parent, kind=SpanKind.SERVER,
+                                 attributes=attributes)
+        return ServerSpan(span, scope)
+
+    # -- internal children ----------------------------------------------------------------------------
+    def span(self, name: str, attributes: Mapping[str, Any] | None = None,
+             kind: SpanKind = SpanKind.INTERNAL) -> contextlib.AbstractContextManager[trace.Span | None]:
+        """A child of the current span (None inside the block when tracing is off); an exception marks it."""
+        if self._tracer is None:
+            return _NULL
+        return self._child(name, attributes, kind)
+
+    @contextlib.contextmanager
+    def _child(self, name: str, attributes: Mapping[str, Any] | None, kind: SpanKind) -> Iterator[trace.Span]:
+        assert self._tracer is not None
+        span = self._tracer.start_span(name, kind=kind, attributes=attributes)
+        try:
+            yield span
+        except BaseException as exc:
+            _mark_error(span, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+            raise
+        finally:
+            span.end()
+
+    def annotate_current(self, attributes: Mapping[str, Any]) -> None:
+        if self._tracer is not None:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attributes(attributes)
+
+    # -- what the layers record --------------------------------------------------------------------------
+    @staticmethod
+    def authenticated(span: trace.Span | None, ex: Exchange, key: ApiKey) -> None:
+        if span is None or not span.is_recording():
+            return
+        span.set_attributes({N.TENANT: ex.tenant, N.PRIORITY: ex.routing.priority, N.AUTH_RESULT: "ok"})
+
+    @staticmethod
+    def reserved(span: trace.Span | None, ex: Exchange) -> None:
+        if span is None or not span.is_recording():
+            return
+        held = ex.extras.get("admission")
+        if held is None:
+            span.set_attribute(N.RATELIMIT_DECISION, "unlimited")
+            return
+        reservation = held[0]
+        v = reservation.verdict
+        labels = [s.label for s in reservation.scopes]
+        attrs: dict[str, Any] = {N.RATELIMIT_DECISION: "allowed", N.RATELIMIT_SCOPES: labels,
+                                 N.RATELIMIT_RESERVED_TOKENS: reservation.reserved,
+                                 N.RATELIMIT_WHERE: reservation.where}
+        if v.remaining_tokens >= 0:
+            attrs[N.RATELIMIT_REMAINING_TOKENS] = v.remaining_tokens
+        if v.remaining_requests >= 0:
+            attrs[N.RATELIMIT_REMAINING_REQUESTS] = v.remaining_requests
+        span.set_attributes(attrs)
+
+    @staticmethod
+    def refused(span: trace.Span | None, exc: BaseException) -> None:
+        """A rate-limit refusal: which scope bound and on what."""
+        if span is None or not span.is_recording():
+            return
+        if getattr(exc, "code", None) != "rate_limit_exceeded":
+            span.set_attribute(N.RATELIMIT_DECISION, "error")
+            return
+        scope = getattr(exc, "scope", None)
+        attrs: dict[str, Any] = {N.RATELIMIT_DECISION: "rejected"}
+        if isinstance(scope, str):
+            attrs[N.RATELIMIT_BOUND_SCOPE] = scope
+        kind = getattr(exc, "error_type", None)
+        if isinstance(kind, str):
+            attrs[N.RATELIMIT_KIND] = kind
+        span.set_attributes(attrs)
+
+    @staticmethod
+    def routed(span: trace.Span | None, ex: Exchange) -> None:
+        if span is None or not span.is_recording() or ex.decision is None:
+            return
+        d = ex.decision
+        best = d.ranked[0]
+        attrs: dict[str, Any] = {
+            N.ROUTE_PROFILE: d.profile, N.ROUTE_ENDPOINT: best.endpoint,
+            N.ROUTE_CANDIDATES: [c.endpoint for c in d.ranked],
+            N.ROUTE_CANDIDATE_SCORES: [float(c.score) for c in d.ranked],
+            N.ROUTE_LATENCY: d.latency_s, N.GEN_AI_REQUEST_MODEL: ex.model,
+        }
+        scores = best.scores
+        for scorer, value in scores.items():
+            attrs[N.ROUTE_SCORE_PREFIX + scorer] = float(value)
+        prompt = ex.routing.prompt_tokens
+        if scores and prompt > 0:
+            attrs[N.ROUTE_PREFIX_MATCH_RATIO] = max(0.0, 1.0 - best.uncached_tokens / prompt)
+        if ex.routing.session_id:
+            attrs[N.ROUTE_SESSION_HIT] = ex.routing.session_endpoint is not None
+        if ex.fallback_from:
+            attrs[N.ROUTE_FALLBACK_MODEL] = ex.model
+        span.set_attributes(attrs)
+
+    def finished(self, ex: Exchange) -> None:
+        """The request's outcome on the current (SERVER) span."""
+        if self._tracer is None:
+            return
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        attrs: dict[str, Any] = {N.OUTCOME: ex.outcome, N.ATTEMPTS: ex.attempts, N.TENANT: ex.tenant,
+                                 N.GEN_AI_REQUEST_MODEL: ex.model}
+        if ex.backend:
+            attrs[N.ROUTE_ENDPOINT] = ex.backend
+        span.set_attributes(attrs)
+
+    # -- upstream attempts ----------------------------------------------------------------------------
+    def attempt(self, ex: Exchange, number: int, kind: str, target: BackendTarget,
+                headers: dict[str, str]) -> AttemptSpan | _NoAttempt:
+        """Start an attempt's CLIENT span and put its traceparent in `headers` (the upstream request's)."""
+        tracer = self._tracer
+        if tracer is None:
+            return NO_ATTEMPT
+        op = N.OPERATION.get(ex.route, ex.route)
+        body = ex.body
+        server = self._servers.get(target.api_base)
+        if server is None:
+            parts = urlsplit(target.api_base)
+            server = self._servers[target.api_base] = (parts.hostname or "",
+                                                       parts.port or (443 if parts.scheme == "https" else 80))
+        attrs: dict[str, Any] = {
+            N.GEN_AI_OPERATION_NAME: op, N.GEN_AI_PROVIDER_NAME: N.PROVIDER.get(target.kind, target.kind),
+            N.GEN_AI_REQUEST_MODEL: ex.model, N.GEN_AI_REQUEST_STREAM: ex.stream,
+            N.SERVER_ADDRESS: server[0], N.SERVER_PORT: server[1],
+            N.ATTEMPT_NUMBER: number, N.ATTEMPT_KIND: kind, N.ATTEMPT_ENDPOINT: target.name,
+        }
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+            attrs[N.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        for field_name, attr in (("temperature", N.GEN_AI_REQUEST_TEMPERATURE), ("top_p", N.GEN_AI_REQUEST_TOP_P)):
+            v = body.get(field_name)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                attrs[attr] = float(v)
+        seed = ex.pin_seed if ex.pin_seed is not None else body.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            attrs[N.GEN_AI_REQUEST_SEED] = seed
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n != 1:
+            attrs[N.GEN_AI_REQUEST_CHOICE_COUNT] = n
+        turn = ex.extras.get("state.turn")
+        conversation = getattr(getattr(turn, "req", None), "conversation_id", None)
+        previous = getattr(getattr(turn, "req", None), "previous_response_id", None)
+        if isinstance(conversation, str):
+            attrs[N.GEN_AI_CONVERSATION_ID] = conversation
+        elif ex.routing.session_id and not ex.routing.session_id.startswith("thread:"):
+            attrs[N.GEN_AI_CONVERSATION_ID] = ex.routing.session_id
+        if isinstance(previous, str):
+            attrs[N.GEN_AI_REQUEST_PREVIOUS_RESPONSE_ID] = previous
+        if self.capture_content:
+            attrs[N.GEN_AI_INPUT_MESSAGES] = _input_messages(body)
+        span = tracer.start_span(f"{op} {ex.model}", kind=SpanKind.CLIENT, attributes=attrs)
+        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+        return AttemptSpan(span, self.capture_content)
+
+
+NOOP = Tracing()
+"""Tracing off: every helper is a no-op."""
