@@ -209,3 +209,184 @@ def test_a_request_without_traceparent_starts_a_trace_the_backend_joins(stack: S
     _version, trace_id, parent, flags = next(iter(received.values())).split("-")
     # The gateway made the trace id, so it says it is random (W3C trace-context level 2 flag 0x02).
     assert (trace_id, parent) == (server.trace_id, client.span_id) and int(flags, 16) & 0x01
+
+
+def test_a_retried_request_has_one_client_span_per_attempt(stack: Stack) -> None:
+    sim0 = stack.sims[0]
+    stack.faults(sim0, fail_next=1, fail_status=503)
+    failed_trace = None
+    try:
+        for i in range(12):  # distinct prompts until one is routed to sim-0 first and fails there
+            header, trace_id, _ = new_traceparent()
+            stack.client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"retry me {i} {os.urandom(4).hex()}"}],
+                max_tokens=3, extra_headers={"traceparent": header})
+            if any(r.get("status") == "failed:503" and (r.get("traceparent") or "").split("-")[1:2] == [trace_id]
+                   for r in stack.records(sim0)):
+                failed_trace = trace_id
+                break
+    finally:
+        stack.faults(sim0, fail_next=0)
+    assert failed_trace is not None, "no request was routed to sim-0 first"
+    spans = stack.receiver.wait_for(_complete, failed_trace)
+    server = _one(spans, kind="SERVER")
+    assert server.attributes["http.response.status_code"] == 200 and server.status != "ERROR"
+    assert server.attributes["gravity.attempts"] == 2
+    attempts = sorted((s for s in spans if s.kind == "CLIENT" and s.name == f"chat {MODEL}"),
+                      key=lambda s: s.attributes["gravity.attempt.number"])
+    assert [a.parent_span_id for a in attempts] == [server.span_id] * 2
+    first, second = attempts
+    assert first.attributes["gravity.attempt.endpoint"] == "sim-0"
+    assert first.status == "ERROR" and first.attributes["error.type"] == "503"
+    assert first.attributes["gravity.attempt.failure"] == "status"
+    assert first.attributes["gravity.attempt.kind"] == "first"
+    assert second.attributes["gravity.attempt.endpoint"] == "sim-1"
+    assert second.attributes["gravity.attempt.kind"] == "retry" and second.status != "ERROR"
+    assert second.attributes["gen_ai.usage.output_tokens"] == 3
+    assert first.end_ns <= second.start_ns
+    # Each backend saw the traceparent of the attempt that reached it.
+    assert _upstream_traceparents(stack, failed_trace) == {
+        "sim-0": f"00-{failed_trace}-{first.span_id}-01", "sim-1": f"00-{failed_trace}-{second.span_id}-01"}
+
+
+def test_a_rate_limited_request(stack: Stack) -> None:
+    c = stack.client("tiny")
+    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one"}], max_tokens=2)
+    header, trace_id, _ = new_traceparent()
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECRET}], max_tokens=2,
+                                  extra_headers={"traceparent": header})
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    server = _one(spans, kind="SERVER")
+    assert server.attributes["http.response.status_code"] == 429
+    assert server.status != "ERROR", "a 4xx is the client's error, not the server's"
+    assert server.attributes["gravity.outcome"] == "error"
+    limit = _one(spans, name="gravity.rate_limit")
+    assert limit.parent_span_id == server.span_id
+    assert limit.status == "ERROR" and limit.attributes["error.type"] == "rate_limit_exceeded"
+    assert limit.attributes["gravity.ratelimit.decision"] == "rejected"
+    assert limit.attributes["gravity.ratelimit.bound_scope"] == "key"
+    assert limit.attributes["gravity.ratelimit.kind"] == "requests"
+    assert not [s for s in spans if s.kind == "CLIENT" or s.name == "gravity.route"], "nothing was routed"
+    assert _upstream_traceparents(stack, trace_id) == {}
+    _no_prompt(spans)
+
+
+def test_responses_api_spans_show_state_reads_and_writes(stack: Stack) -> None:
+    c = stack.client()
+    header, trace_id, _ = new_traceparent()
+    first = c.responses.create(model=MODEL, input=SECRET, max_output_tokens=4, extra_headers={"traceparent": header})
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    server = _one(spans, kind="SERVER")
+    assert server.name == "POST /v1/responses" and server.attributes["http.response.status_code"] == 200
+    save = _one(spans, name="gravity.state save_response")
+    assert save.parent_span_id == server.span_id and save.kind == "CLIENT"
+    assert save.attributes["db.system.name"] == "redis"
+    client = _one(spans, name=f"chat {MODEL}")
+    assert client.parent_span_id == server.span_id
+    assert client.end_ns <= save.start_ns, "the response is stored after the backend answered"
+    _no_prompt(spans)
+
+    header, trace_id, _ = new_traceparent()
+    c.responses.create(model=MODEL, input="And then?", previous_response_id=first.id, max_output_tokens=4,
+                       extra_headers={"traceparent": header})
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    history = _one(spans, name="gravity.state history")
+    client = _one(spans, name=f"chat {MODEL}")
+    assert history.end_ns <= client.start_ns, "the history is read before the backend is called"
+    assert client.attributes["gen_ai.request.previous_response.id"] == first.id
+    _one(spans, name="gravity.state save_response")
+
+    conv = c.conversations.create(items=[{"type": "message", "role": "user", "content": "Hi."}])
+    header, trace_id, _ = new_traceparent()
+    c.responses.create(model=MODEL, input="Hello!", conversation=conv.id, max_output_tokens=4,
+                       extra_headers={"traceparent": header})
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    names = {s.name for s in spans}
+    assert {"gravity.state begin_conversation", "gravity.state save_response"} <= names
+    assert _one(spans, name=f"chat {MODEL}").attributes["gen_ai.conversation.id"] == conv.id
+    header, trace_id, _ = new_traceparent()
+    got = c.conversations.retrieve(conv.id, extra_headers={"traceparent": header})
+    assert got.id == conv.id
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    assert _one(spans, kind="SERVER").name == "GET /v1/conversations/{conversation_id}"
+    _one(spans, name="gravity.state get_conversation")
+
+
+def test_a_client_that_leaves_mid_stream_ends_every_span(stack: Stack) -> None:
+    header, trace_id, _ = new_traceparent()
+    stream = stack.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a long one"}], max_tokens=2000, stream=True,
+        extra_body={"ignore_eos": True}, extra_headers={"traceparent": header})
+    next(iter(stream))
+    stream.close()
+    spans = stack.receiver.wait_for(_complete, trace_id)
+    server = _one(spans, kind="SERVER")
+    client = _one(spans, kind="CLIENT", name=f"chat {MODEL}")
+    assert server.attributes["gravity.outcome"] == "client_disconnect"
+    assert client.status == "ERROR" and client.attributes["error.type"] == "cancelled"
+    assert client.attributes["gen_ai.response.finish_reasons"] == ["error"]
+    # Ended when the client left, not when 2000 tokens would have been generated (~10 s on this profile).
+    assert client.duration_s < 5 and server.duration_s < 5
+
+
+def _metric(port: int, name: str) -> dict[str, float]:
+    text = asyncio.run(_text(f"http://127.0.0.1:{port}/metrics"))
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def _text(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.text()
+
+
+@pytest.mark.slow
+def test_a_dead_collector_costs_only_dropped_spans(tmp_path: Path) -> None:
+    """A collector that accepts connections and never answers: requests are as fast as without tracing,
+    the spans the full queue cannot hold are dropped and counted, and so are the batches that time out."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1)  # never accepted: the kernel completes a handshake or two, then nothing answers
+    sim = start_sim(tmp_path, MODEL, ["--profile", "tiny", "--time-scale", "20"])
+    cfg = {"backends": [{"name": "sim-0", "url": f"http://127.0.0.1:{sim.port}", "models": [MODEL]}],
+           "state": {"embedded_dir": str(tmp_path / "redis")}}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hole.getsockname()[1]}",
+           "OTEL_BSP_SCHEDULE_DELAY": "20", "OTEL_BSP_MAX_QUEUE_SIZE": "16", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8",
+           "OTEL_EXPORTER_OTLP_TIMEOUT": "400"}
+    traced = start_gateway(tmp_path, cfg, env=env)
+    plain = start_gateway(tmp_path, cfg)
+    try:
+        def timed(port: int, n: int) -> list[float]:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=10)
+            out = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"m{i}"}], max_tokens=2)
+                out.append(time.perf_counter() - t0)
+            return out
+        timed(plain.port, 3)
+        timed(traced.port, 3)
+        with_dead = sorted(timed(traced.port, 30))
+        without = sorted(timed(plain.port, 30))
+        # Medians within 25 ms of each other: the event loop never waited on the collector.
+        assert with_dead[15] - without[15] < 0.025, (with_dead[15], without[15])
+        deadline = time.monotonic() + 10
+        while True:
+            dropped = _metric(traced.port, "gravity_trace_spans_dropped_total")
+            reasons = {k.split('reason="')[1].split('"')[0]: v for k, v in dropped.items()}
+            if reasons.get("queue_full", 0) > 0 and reasons.get("timeout", 0) > 0:
+                break
+            assert time.monotonic() < deadline, reasons
+            time.sleep(0.2)
+        assert sum(_metric(traced.port, "gravity_trace_spans_exported_total").values()) == 0
+    finally:
+        for p in (traced, plain, sim):
+            p.stop()
+        hole.close()
