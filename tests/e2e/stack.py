@@ -183,8 +183,8 @@ def stack(tmp: Path, *, sims: int = 2, sidecars: int = 1, template: str = "envoy
 def _subset(subset: list[int] | str | None, sims: list[Proc]) -> list[str] | str | None:
     if subset is None:
         return None
-    if isinstance(subset, str):
-        return ",".join(f"127.0.0.1:{sims[int(i)].port}" for i in subset.split(",") if i)
+    if isinstance(subset, str):  # indexes, or addresses given as they are
+        return ",".join(i if ":" in i else f"127.0.0.1:{sims[int(i)].port}" for i in subset.split(",") if i)
     return [f"127.0.0.1:{sims[i].port}" for i in subset]
 
 

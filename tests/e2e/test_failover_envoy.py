@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -69,6 +71,43 @@ def test_failover_walks_the_list_after_a_replica_dies(tmp_path: Path) -> None:
         assert seen == {"sim-1"}  # the response names the endpoint that really served
 
 
+def test_the_endpoint_that_served_is_the_one_accounted(tmp_path: Path) -> None:
+    """A replica that answers its scrapes but fails requests (503): Envoy retries the next address
+    of the list, and the sidecar learns from `upstream.address` which one served. The session
+    remembers that server, not the first pick (read back from Redis and from the next turn)."""
+    with stack(tmp_path, sims=2, template="envoy-failover.yaml", extproc=FAILOVER) as st:
+        _post_json(st.sims[0].port, "/admin/faults", {"fail_next": 1000, "fail_status": 503})
+        moved = []
+        for i in range(12):
+            r = post(st.base + "/completions", {"model": MODEL, "prompt": f"session {i} " * (i + 1), "max_tokens": 2},
+                     {"x-request-id": f"moved-{i}", "x-session-id": f"moved-s{i}"})
+            assert r.status_code == 200, r.text
+            first_pick = r.headers["x-gravity-route"].split()[1].split(";")[0]
+            assert r.headers["x-gravity-backend"] == "sim-1"  # the one that answered
+            if first_pick == "sim-0":
+                moved.append(i)
+        assert moved, "no request was first sent to the failing replica"
+        for i in moved:
+            raw = subprocess.run(["redis-cli", "-p", str(st.redis.port), "--scan", "--pattern",
+                                  f"*/s:moved-s{i}}}:session"], capture_output=True, text=True, check=True)
+            key = raw.stdout.split()[0]
+            value = subprocess.run(["redis-cli", "-p", str(st.redis.port), "get", key],
+                                   capture_output=True, text=True, check=True).stdout
+            assert json.loads(value)["e"] == "sim-1", value
+        _post_json(st.sims[0].port, "/admin/faults", {"fail_next": 0})
+        for i in moved:
+            r = post(st.base + "/completions", {"model": MODEL, "prompt": "next turn", "max_tokens": 2},
+                     {"x-request-id": f"moved-next-{i}", "x-session-id": f"moved-s{i}"})
+            assert r.status_code == 200 and st.served_by(f"moved-next-{i}") == [1]
+
+
+def _post_json(port: int, path: str, body: dict[str, object]) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200
+
+
 def _chat(st: Stack, headers: dict[str, str] | None = None) -> Reply:
     return post(st.base + "/chat/completions",
                 {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}, headers)
@@ -101,7 +140,7 @@ def test_sidecar_down_fails_closed_with_a_clear_error_then_recovers(tmp_path: Pa
 @pytest.mark.parametrize("mode", ["BUFFERED", "FULL_DUPLEX_STREAMED"])
 @pytest.mark.parametrize("template", ["envoy.yaml", "envoy-failover.yaml"])
 def test_fail_open_never_lets_a_client_steer(tmp_path: Path, template: str, mode: str) -> None:
-    """failure_mode_allow: true and the sidecar down. ORIGINAL_DST has no safe default, so the
+    """failure_mode_allow: true, the sidecar up and then down. ORIGINAL_DST has no safe default, so the
     simple config answers 503; the failover config falls back to round robin over its pool. In
     neither may a client's destination header reach an address of its choosing.
 
@@ -112,8 +151,14 @@ def test_fail_open_never_lets_a_client_steer(tmp_path: Path, template: str, mode
                request_body_mode=mode) as st:
         outsider = start_sim(st.tmp, MODEL, ["--profile", "tiny"])
         try:
-            st.sidecars[0].stop()
             target = f"127.0.0.1:{outsider.port}"
+            # The sidecar up (fail-open only matters once it is gone): it decides, never the client.
+            for name in ("x-gateway-destination-endpoint", "x-gateway-destination-endpoint-subset"):
+                for _ in range(2):
+                    r = _chat(st, {name: target})
+                    assert r.status_code == 200, r.text
+            assert sim_requests(outsider.port) == []
+            st.sidecars[0].stop()
             statuses = []
             for name in ("x-gateway-destination-endpoint", "x-gateway-destination-endpoint-subset"):
                 for _ in range(4):

@@ -20,7 +20,8 @@ TPM = 900
 def st(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policies = {"auth": {"enabled": True, "redis_keys": False, "keys": [
         {"name": "shared", "sha256": hash_key("key-shared"), "tenant": "t-shared", "limits": {"tpm": TPM}},
-        {"name": "other", "sha256": hash_key("key-other"), "tenant": "t-other"}]}}
+        {"name": "other", "sha256": hash_key("key-other"), "tenant": "t-other"},
+        {"name": "narrow", "sha256": hash_key("key-narrow"), "tenant": "t-other", "models": ["another-model"]}]}}
     with stack(tmp_path_factory.mktemp("limits"), sims=1, sidecars=2, policies=policies) as s:
         yield s
 
@@ -44,12 +45,19 @@ def _extproc_requests(st: Stack) -> list[int]:
             and "::rq_total::" in line]
 
 
-def test_unknown_and_missing_keys_are_401(st: Stack) -> None:
+def test_unknown_and_missing_keys_are_401_and_a_model_outside_the_key_403(st: Stack) -> None:
     client = openai.OpenAI(base_url=st.base, api_key="key-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert _stream(st, "", "nokey").status_code == 401
     client.close()
+    narrow = openai.OpenAI(base_url=st.base, api_key="key-narrow", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        narrow.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"x-request-id": "denied-1"})
+    assert denied.value.code == "model_not_allowed"
+    assert all(not r["request_id"].endswith("-denied-1") for r in sim_requests(st.sims[0].port))
+    narrow.close()
 
 
 def test_settled_from_the_streamed_usage_the_sidecar_read(st: Stack) -> None:

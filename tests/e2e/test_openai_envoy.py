@@ -2,10 +2,13 @@
 simulator's own apart from the documented mutations, and errors equal the proxy's."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +27,10 @@ BODY_MODES = ["FULL_DUPLEX_STREAMED", "BUFFERED"]
 def st(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     mode = request.param
     extproc = {"body_mode": mode.lower()}
-    with stack(tmp_path_factory.mktemp(f"openai-{mode}"), request_body_mode=mode, extproc=extproc) as s:
+    # Shedding: an endpoint with one request of this sidecar in flight counts as saturated.
+    policies = {"priority": {"shed_inflight_threshold": 1}}
+    with stack(tmp_path_factory.mktemp(f"openai-{mode}"), request_body_mode=mode, extproc=extproc,
+               policies=policies) as s:
         s.mode = mode
         yield s
 
@@ -195,3 +201,50 @@ def test_a_client_cannot_steer_the_request(st: Stack) -> None:
         assert sim_requests(outsider.port) == []
     finally:
         outsider.stop()
+
+
+def _stream_timed(port: int, body: dict[str, Any], headers: dict[str, str] | None = None,
+                  started: threading.Event | None = None) -> tuple[dict[str, str], list[float], float]:
+    """(headers, arrival time of each data event, total) for one streamed request, times from its start."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    t0 = time.monotonic()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                 {"content-type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    arrivals = []
+    while line := resp.readline():
+        if line.startswith(b"data: "):
+            arrivals.append(time.monotonic() - t0)
+            if started is not None:
+                started.set()
+    conn.close()
+    return {k.lower(): v for k, v in resp.getheaders()}, arrivals, time.monotonic() - t0
+
+
+LONG = {"model": MODEL, "max_tokens": 150, "stream": True, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "a long answer, please"}]}
+
+
+def test_a_stream_arrives_as_it_is_generated(st: Stack) -> None:
+    _, arrivals, total = _stream_timed(_port(st), LONG)
+    assert len(arrivals) >= 150 and total > 0.5  # ~5.5 ms a token on the tiny profile
+    # Chunks are passed on as they come, not held to the end: the first within a small part of the
+    # whole, and the arrivals spread over the stream.
+    assert arrivals[0] < total * 0.25, (arrivals[0], total)
+    assert arrivals[len(arrivals) // 2] < total * 0.75, (arrivals[len(arrivals) // 2], total)
+
+
+def test_sheddable_work_is_shed_when_every_endpoint_is_busy(st: Stack) -> None:
+    events = [threading.Event(), threading.Event()]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(_stream_timed, _port(st), {**LONG, "max_tokens": 400}, None, e) for e in events]
+        assert all(e.wait(30) for e in events)
+        status, headers, body = _post(_port(st), "/v1/completions", {"model": MODEL, "prompt": "later", "max_tokens": 2},
+                                      {"x-gravity-priority": "sheddable"})
+        standard = _post(_port(st), "/v1/completions", {"model": MODEL, "prompt": "now", "max_tokens": 2})
+        backends = {f.result()[0]["x-gravity-backend"] for f in busy}
+    assert backends == {"sim-0", "sim-1"}  # both replicas were busy
+    assert status == 429, body
+    assert json.loads(body)["error"]["code"] == "load_shed" and int(headers["retry-after"]) >= 1
+    assert standard[0] == 200  # only sheddable work is refused

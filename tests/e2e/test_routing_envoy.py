@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.e2e.stack import MODEL, Stack, stack
+from tests.e2e.stack import MODEL, Stack, sim_requests, stack
 
 WORDS = ["gravity", "routing", "cache", "prefix", "replica", "token", "queue", "latency", "engine", "batch"]
 
@@ -68,20 +68,25 @@ def test_the_remembered_session_outlives_the_sidecar_process(st: Stack) -> None:
     client.close()
 
 
-@pytest.mark.parametrize("subset", [[1], "1", []])
+@pytest.mark.parametrize("subset", [[1], "0,2", [], "127.0.0.1:1,127.0.0.2:9"])
 def test_the_subset_hint_bounds_every_pick(tmp_path_factory: pytest.TempPathFactory, subset: list[int] | str) -> None:
     """The data plane's `envoy.lb.subset_hint` (set here by Envoy's set_metadata filter, as a
-    list or a comma string): picks stay inside it; an empty one is a 503."""
+    list or a comma string): picks stay inside it; an empty one, or one naming no endpoint of the
+    pool, is a 503."""
     with stack(tmp_path_factory.mktemp("subset"), sims=3, subset=subset) as st:
         client = openai.OpenAI(base_url=st.base, api_key="unused", max_retries=0)
-        if subset == []:
+        allowed = {int(i) for i in (subset if isinstance(subset, list) else subset.split(",")) if str(i).isdigit()}
+        if not allowed:
             with pytest.raises(openai.APIStatusError) as refused:
                 client.completions.create(model=MODEL, prompt="anyone?", max_tokens=2)
             assert refused.value.status_code == 503
             assert refused.value.code == "no_healthy_backend"
             assert refused.value.response.headers["retry-after"] == "1"
+            assert all(sim_requests(s.port) == [] for s in st.sims)
         else:
-            where = {_chat(st, client, [{"role": "user", "content": f"subset {i}"}], f"subset-{i}")
-                     for i in range(8)}
-            assert where == {1}
+            where = {_chat(st, client, [{"role": "user", "content": f"subset {i} " + "w " * (i * 40)}],
+                           f"subset-{i}") for i in range(8)}
+            assert where <= allowed, (where, allowed)
+            if len(allowed) > 1:
+                assert where == allowed  # both eligible replicas take work: the hint narrows, not pins
         client.close()

@@ -287,3 +287,16 @@ async def test_a_stream_cut_before_the_response_ended_is_still_finished_once() -
     await s.close(cancelled=True)
     await s.close(cancelled=True)
     assert [ex.outcome for ex in d.finished] == ["client_disconnect"]
+
+
+@pytest.mark.parametrize(("served", "attribute", "want"), [
+    ("10.0.0.2:8000", "10.0.0.1:8000", "10.0.0.2:8000"),  # the proxy's own report wins
+    (["10.0.0.2:8000", "10.0.0.1:8000"], None, "10.0.0.2:8000"),  # a list: its first
+    ("10.0.0.2:8000,10.0.0.1:8000", None, "10.0.0.2:8000"),
+    ("", "10.0.0.1:8000", "10.0.0.1:8000"),  # an empty report: the upstream address
+    (None, "10.0.0.1:8000", "10.0.0.1:8000"),
+    (None, None, None),
+])
+def test_the_served_endpoint_from_metadata_else_the_upstream_address(served: Any, attribute: str | None,
+                                                                     want: str | None) -> None:
+    assert wire.served_endpoint(_resp_headers(served=served, attribute=attribute)) == want
