@@ -79,14 +79,14 @@ class _Clock:
         return time.monotonic() + self.offset
 
 
-async def test_step_compute_comes_out_of_the_sleep_so_model_time_keeps_pace() -> None:
-    # A step that costs 3 ms to compute (the Python engine, SSE writes) used to be added on top of
-    # every sleep: at 5x that made model time run ~2x slow. With deadlines it is absorbed.
+async def _excess(compute_s: float) -> tuple[float, EngineRunner]:
+    """Wall time one 80-token request takes beyond the model time it was busy, with each step 'costing'
+    ``compute_s`` of (fake) wall time."""
     clock = _Clock()
 
     class SlowEngine(Engine):
         def step(self, now: float):  # type: ignore[no-untyped-def]
-            clock.offset += 0.003
+            clock.offset += compute_s
             return super().step(now)
 
     r = EngineRunner(lambda: SlowEngine(get_profile("tiny")), 1.0, clock=clock)
@@ -98,7 +98,20 @@ async def test_step_compute_comes_out_of_the_sleep_so_model_time_keeps_pace() ->
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    e2e = r.engine.stats().e2e.total
-    # 80 steps of ~5.5 ms model time each: the request must not take 80 x 3 ms longer than that.
-    assert e2e < r.engine_busy_s * 1.25, (e2e, r.engine_busy_s)
-    assert r.keep_up() > 0.8 and r.slipped_s < 0.05
+    return r.engine.stats().e2e.total - r.engine_busy_s, r
+
+
+async def test_step_compute_comes_out_of_the_sleep_so_model_time_keeps_pace() -> None:
+    # A step that costs 3 ms to compute (the Python engine, SSE writes) used to be added on top of
+    # every sleep: at 5x that made model time run ~2x slow. With deadlines it is absorbed.
+    # A loaded host oversleeps too, so the slow engine is compared with one that costs nothing, run
+    # alternately in the same test (the best of three each): the bug would add 80 x 3 ms = 0.24 s.
+    slow, plain = [], []
+    for _ in range(3):
+        excess, r = await _excess(0.003)
+        slow.append(excess)
+        plain.append((await _excess(0.0))[0])
+        if min(slow) < min(plain) + 0.08:
+            break
+    assert min(slow) < min(plain) + 0.08, (slow, plain)
+    assert r.keep_up() > 0.8
