@@ -26,7 +26,7 @@ from gateway.state import SessionAffinity, StateStore
 from gateway.state.store import Client
 from gateway.telemetry import NOOP, Tracing, build_tracing
 from gateway.telemetry.state import traced_store_class
-from gateway.transport import AiohttpTransport
+from gateway.transport import AiohttpTransport, Transport
 from gateway.upstream import BackendTarget, TrustedProxies, Upstream
 from policies.circuit import OPEN, CircuitBoard
 from policies.retry_budget import RetryBudget
@@ -118,7 +118,9 @@ class Core:
         return (bool(served) and not missing and not self.drain.draining), missing
 
 
-def build_core(cfg: GatewayConfig) -> Core:
+def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
+    """`transport` replaces the aiohttp one (unit tests script the backends through it, as httpx's
+    `Client(transport=...)`)."""
     metrics = GatewayMetrics()
     tracing = build_tracing(cfg.telemetry, metrics.registry)
     outcomes = OutcomeLog(log)
@@ -173,7 +175,7 @@ def build_core(cfg: GatewayConfig) -> Core:
     sessions = SessionAffinity(datastore, store)
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
                         session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing)
-    transport = AiohttpTransport(upstream)
+    transport = transport or AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,
                             reroute=pipeline.reroute, settle=pipeline.settle,

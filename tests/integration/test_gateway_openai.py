@@ -189,7 +189,12 @@ def test_backend_error_is_normalised(stack: Stack) -> None:
     try:
         with pytest.raises(openai.BadRequestError) as info:
             stack.client().chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
-        assert info.value.body is not None
+        # The simulator answers vLLM's shape ({"type": "BadRequestError", "code": 400}); the client
+        # gets OpenAI's, with the backend's message and the gateway's request id.
+        assert info.value.body == {"message": "Injected failure (simulator fault, status 400).",
+                                   "type": "invalid_request_error", "param": None, "code": None}
+        assert info.value.response.headers["content-type"] == "application/json"
+        assert info.value.response.headers.get("x-request-id")
     finally:
         for sim in stack.sims:
             _post(f"http://127.0.0.1:{sim.port}/admin/faults", json.dumps({"fail_next": 0}).encode())

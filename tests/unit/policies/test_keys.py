@@ -2,11 +2,8 @@ from __future__ import annotations
 
 import hashlib
 
-import redis.asyncio as aioredis
-
 from policies.config import KeyConfig, Limits
-from policies.keys import KEY_PREFIX, ApiKey, RedisKeyStore, generate_key, hash_key
-from tests.support.procs import Proc
+from policies.keys import KEY_PREFIX, ApiKey, generate_key, hash_key
 
 
 def test_keys_are_random_prefixed_and_hashed_with_sha256() -> None:
@@ -52,24 +49,3 @@ def test_config_key_may_use_only_its_models() -> None:
     key = ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64, models=["x"]))
     assert key.may_use("x") and not key.may_use("y")
     assert ApiKey.from_config(KeyConfig(name="a", sha256="0" * 64)).may_use("anything")
-
-
-async def test_redis_store_creates_lists_and_revokes(redis_server: Proc) -> None:
-    client = aioredis.Redis(port=redis_server.port)
-    try:
-        store = RedisKeyStore(client)
-        text, key = await store.create(name="ci", tenant="t", models=["m"], limits=Limits(rpm=3))
-        other_text, _ = await store.create(name="bot", tenant="u")
-        assert await store.get(hash_key(text)) == key
-        assert {k.name for k in await store.all()} == {"ci", "bot"}
-        # Only hashes are stored anywhere.
-        for k in await client.keys("*"):
-            assert text.encode() not in (await client.dump(k) or b"")
-        assert await store.revoke(key.id[:6]) == []  # too short to be an id
-        assert [k.name for k in await store.revoke(key.id)] == ["ci"]
-        assert await store.get(key.sha256) is None
-        assert [k.name for k in await store.revoke("bot")] == ["bot"]
-        assert await store.all() == []
-        assert other_text
-    finally:
-        await client.aclose()
