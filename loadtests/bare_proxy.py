@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -39,12 +41,29 @@ def create_app(upstream: str) -> Starlette:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
 
 
+def app_from_env() -> Starlette:
+    """For servers that import the app by name (granian): the upstream comes from the environment."""
+    return create_app(os.environ["BARE_PROXY_UPSTREAM"].rstrip("/"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="granian: the Rust HTTP server (ASGI, one worker, one runtime thread, uvloop)")
     args = parser.parse_args()
+    if args.server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces, Loops
+
+        os.environ["BARE_PROXY_UPSTREAM"] = args.upstream
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        Granian("bare_proxy:app_from_env", address=args.host, port=args.port, interface=Interfaces.ASGI,
+                factory=True, workers=1, runtime_threads=1, loop=Loops.uvloop, http="1",
+                log_enabled=False).serve()
+        return
     uvicorn.run(create_app(args.upstream.rstrip("/")), host=args.host, port=args.port, loop="uvloop",
                 http="httptools", access_log=False, log_level="warning")
 

@@ -52,7 +52,19 @@ _TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.M)
 
 
 def _callgrind(argv: list[str], out: Path) -> list[str]:
-    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+    # %p: a server that serves from a worker process (granian) writes the worker's counts apart.
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
+            f"--callgrind-out-file={out}.%p", *argv]
+
+
+def _serving_pid(pid: int) -> int:
+    """The process that serves: `pid` itself, or its one worker child when it forks one."""
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except OSError:
+        children = []
+    return children[0] if len(children) == 1 else pid
 
 
 def _control(flag: str, pid: int) -> None:
@@ -76,7 +88,7 @@ def _send(port: int, n: int) -> None:
 def _totals(out: Path) -> int:
     """Instructions in the dump(s) callgrind wrote for this process since counting was switched on."""
     total = 0
-    for part in out.parent.glob(out.name + "*"):
+    for part in out.parent.glob(out.name + ".*"):
         # A dump has `summary:` (events in the header's scope, 0 here) and `totals:`: take the larger.
         total += max((int(x) for x in _TOTALS.findall(part.read_bytes())), default=0)
     return total
@@ -87,10 +99,9 @@ def count(s: Stack, name: str, argv: list[str], env: dict[str, str], port: int, 
     out = s.tmp / f"callgrind.{name}.out"
     start_proc(s, name, _callgrind(argv, out), port, env, cwd=cwd)
     wait_answers(port, REQUEST, timeout=600)
-    pid = s.pids[name]
+    pid = _serving_pid(s.pids[name])
+    out = out.with_name(f"{out.name}.{pid}")
     _send(port, warmup)
-    for stale in out.parent.glob(out.name + "*"):
-        stale.unlink()
     _control("--zero", pid)  # nothing was counted yet (instrumentation is off), but be sure
     _control("--instr=on", pid)
     t0 = time.monotonic()
@@ -109,7 +120,7 @@ def count(s: Stack, name: str, argv: list[str], env: dict[str, str], port: int, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="bare,gravity,vllm-router-rr,vllm-router-ca,smg-ca",
-                    help=f"comma list of bare, {', '.join(SYSTEMS)}")
+                    help=f"comma list of bare, bare-granian (needs granian installed), {', '.join(SYSTEMS)}")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
@@ -134,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs: list[tuple[str, list[str], dict[str, str], int, Path]] = []
         for name in names:
             port = free_port()
-            if name == "bare":
+            if name in ("bare", "bare-granian"):
                 argv_ = [sys.executable, str(REPO / "loadtests" / "bare_proxy.py"), "--port", str(port),
-                         "--upstream", workers[0]]
+                         "--upstream", workers[0], "--server", "granian" if name == "bare-granian" else "uvicorn"]
                 jobs.append((name, argv_, dict(os.environ), port, REPO))
                 continue
             system = SYSTEMS[name]
