@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.exchange import Exchange
 from policies.auth import Authenticator
 from policies.config import PoliciesConfig, Priority
-from policies.errors import AdminRequired, LoadShed, PolicyError
+from policies.errors import AdminRequired, LoadShed, PolicyError, RateLimited
 from policies.estimate import TokenEstimator
 from policies.keys import ApiKey, RedisKeyStore
 from policies.limiter import Limiter, Reservation, ratelimit_headers
@@ -33,8 +33,11 @@ _EXTRAS = "admission"
 
 class Admission:
     def __init__(self, cfg: PoliciesConfig, registry: CollectorRegistry,
-                 endpoints: Callable[[], Iterable[EndpointLoad]], *, debug_headers: bool = False) -> None:
+                 endpoints: Callable[[], Iterable[EndpointLoad]], *, debug_headers: bool = False,
+                 on_rate_limited: Callable[[str | None, str], None] = lambda scope, limit: None) -> None:
         self.cfg = cfg
+        self._on_rate_limited = on_rate_limited
+        """Told the scope and limit of every rate-limit refusal (gravity_ratelimit_rejections_total)."""
         self._endpoints = endpoints
         """The endpoints' current load, for shedding (the datastore's snapshot)."""
         self._debug = debug_headers
@@ -131,6 +134,8 @@ class Admission:
             # else: no budget applies, so no token counting; routing keeps its bytes-based estimate.
         except PolicyError as exc:
             self.rejections.labels(exc.code or "policy").inc()
+            if isinstance(exc, RateLimited):
+                self._on_rate_limited(exc.scope, exc.limit)
             raise
         if self.cfg.priority.upstream and ex.route != "embeddings":
             priority: Priority = ex.routing.priority  # type: ignore[assignment]  # resolve_priority set it

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -79,22 +80,28 @@ class GatewayApp:
             self.connection_guard.response_done(scope.get("client"))
 
     async def _http(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
         internal = os.urandom(16).hex()
         client_id = _client_request_id(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = internal
         state["client_request_id"] = client_id.decode() if client_id is not None else None
         rid = client_id if client_id is not None else internal.encode()
+        status = 0
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
-        if not scope["raw_path"].startswith(b"/v1/"):
+        raw_path = scope["raw_path"]
+        if not raw_path.startswith(b"/v1/"):
             await self.inner(scope, receive, send_with_id)
             return
-        inflight = self.core.metrics.inflight
+        core = self.core
+        inflight = core.metrics.inflight
         inflight.inc()
         try:
             route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
@@ -108,6 +115,25 @@ class GatewayApp:
                 await response(scope, receive, out)
         finally:
             inflight.dec()
+            if "exchange" not in state:
+                # Answered before the pipeline had an exchange (a bad body, an unknown route, state CRUD):
+                # the pipeline's metrics and access line never saw it.
+                status = status or 499
+                core.metrics.unexchanged(_route_label(raw_path), status, time.perf_counter() - started)
+                core.access.refused(internal, state["client_request_id"], scope["method"], scope["path"], status,
+                                    started)
+
+
+_ROUTE_LABELS = ("chat/completions", "completions", "embeddings", "models", "responses", "conversations")
+
+
+def _route_label(raw_path: bytes) -> str:
+    """A bounded route label for a /v1/ path (ids in the path never become label values)."""
+    path = raw_path[4:].decode("latin-1")
+    for label in _ROUTE_LABELS:
+        if path == label or path.startswith(label + "/"):
+            return label
+    return "other"
 
 
 class OpsRoutes:

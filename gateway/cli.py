@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     server = cfg.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
                                            if v is not None})
-    serve(cfg.model_copy(update={"server": server}), args.log_level)
+    serve(cfg.model_copy(update={"server": server}), args.log_level or cfg.logging.level)
     return 0
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--log-level", default=None, help="overrides the config's logging.level")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     for name, help_ in (("sim", "run a simulated vLLM backend"), ("demo", "run a local stack"),
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("extproc", "run as an Envoy ext_proc endpoint picker (docs/extproc.md)")):
         sub.add_parser(name, help=help_, add_help=False)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", None) or "info").upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "serve":
         return _serve(args)

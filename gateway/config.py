@@ -100,6 +100,16 @@ class StateConfig(_Model):
     """How long a response holds its conversation; a crashed holder frees it after this."""
 
 
+class LoggingConfig(_Model):
+    """The process's logs (docs/metrics.md, "Logs"); `gravity serve --log-level` overrides `level`."""
+
+    level: Literal["debug", "info", "warning", "error"] = "warning"
+    format: Literal["json", "text"] = "json"
+    """`json`: one object per line (ts, level, logger, msg and the access log's fields); `text` for a terminal."""
+    access_log: bool = True
+    """One line per API request on the `gravity.access` logger, at INFO whatever `level` is."""
+
+
 class ExtprocConfig(_Model):
     """`gravity extproc`: Gravity as an Envoy ext_proc endpoint picker (docs/extproc.md)."""
 
@@ -178,6 +188,7 @@ class GatewayConfig(_Model):
     kv_events: KVEventsSettings = KVEventsSettings()
     telemetry: TelemetryConfig = TelemetryConfig()
     """Traces (docs/tracing.md); the OTEL_* environment variables override every field."""
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _legacy_server_timeouts(self) -> GatewayConfig:

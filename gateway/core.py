@@ -18,7 +18,7 @@ from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher
 from gateway.drain import Drain
 from gateway.kv_subscriber import KVSubscriber, build_kv_events
-from gateway.logs import OutcomeLog
+from gateway.logs import AccessLog, OutcomeLog
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.redis_conn import RedisHandle, open_redis
@@ -28,7 +28,7 @@ from gateway.telemetry import NOOP, Tracing, build_tracing
 from gateway.telemetry.state import traced_store_class
 from gateway.transport import AiohttpTransport, Transport
 from gateway.upstream import BackendTarget, TrustedProxies, Upstream
-from policies.circuit import OPEN, CircuitBoard
+from policies.circuit import CLOSED, OPEN, CircuitBoard
 from policies.retry_budget import RetryBudget
 from routing.datastore import Datastore
 from routing.health import HealthProber
@@ -47,6 +47,7 @@ class Core:
     cfg: GatewayConfig
     metrics: GatewayMetrics
     outcomes: OutcomeLog
+    access: AccessLog
     datastore: Datastore
     targets: dict[str, BackendTarget]
     scheduler: Scheduler
@@ -78,7 +79,7 @@ class Core:
     async def start(self) -> None:
         await self.tracing.start()
         await self.upstream.open()
-        self.redis = open_redis(self.cfg.state)
+        self.redis = open_redis(self.cfg.state, self.metrics.redis_op)
         # One scrape before serving, so /ready and routing start from real state.
         with contextlib.suppress(Exception):
             await self.collector.refresh_once()
@@ -124,10 +125,12 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     metrics = GatewayMetrics()
     tracing = build_tracing(cfg.telemetry, metrics.registry)
     outcomes = OutcomeLog(log)
+    access = AccessLog(cfg.logging.access_log)
     datastore = Datastore(stale_after_s=cfg.routing.stale_after_s)
     targets: dict[str, BackendTarget] = {}
     health_urls: dict[str, str] = {}
     for b in cfg.backends:
+        metrics.circuit_state(b.name, CLOSED)  # every endpoint has a circuit series from the start
         target = BackendTarget.from_config(b)
         targets[b.name] = target
         if target.health_url:
@@ -154,14 +157,15 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
 
     def circuit_changed(endpoint: str, state: str) -> None:
         datastore.set_circuit_open(endpoint, state == OPEN)
-        metrics.circuit_state(endpoint, state)
+        metrics.circuit_changed(endpoint, state)
         if state == OPEN:
             outcomes.note(f"circuit:{endpoint}", "circuit of backend %s opened: it takes no traffic for now", endpoint)
 
     circuits = CircuitBoard(res.circuit_policy(), time.monotonic, circuit_changed, population=len(cfg.backends))
     datastore.add_restart_listener(circuits.forget)
     budget = RetryBudget(res.budget_policy())
-    admission = Admission(cfg.policies, metrics.registry, datastore.snapshot, debug_headers=cfg.server.debug_headers)
+    admission = Admission(cfg.policies, metrics.registry, datastore.snapshot, debug_headers=cfg.server.debug_headers,
+                          on_rate_limited=metrics.rate_limited)
     core_ref: list[Core] = []
 
     def client() -> Client:
@@ -174,13 +178,14 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     store = traced_store_class(tracing)(client, cfg.state, pipe)  # type: ignore[arg-type]
     sessions = SessionAffinity(datastore, store)
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
-                        session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing)
+                        session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing,
+                        access=access)
     transport = transport or AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,
                             reroute=pipeline.reroute, settle=pipeline.settle,
                             on_refused=prober.refused, tracing=tracing)
-    core = Core(cfg=cfg, metrics=metrics, outcomes=outcomes, datastore=datastore, targets=targets,
+    core = Core(cfg=cfg, metrics=metrics, outcomes=outcomes, access=access, datastore=datastore, targets=targets,
                 scheduler=scheduler, upstream=upstream, admission=admission, store=store, sessions=sessions,
                 pipeline=pipeline, dispatcher=dispatcher, circuits=circuits, collector=collector, prober=prober,
                 drain=Drain(res.drain), trusted_proxies=TrustedProxies(cfg.server.trusted_proxies),

@@ -1,15 +1,26 @@
-"""Log lines for expected outcomes: one WARNING per kind per interval, with how many were folded in.
+"""The gateway's logs: one access-log line per request, and one WARNING per kind of expected outcome.
 
 An outage makes every request fail the same way; the operator needs to know it happened and how
-often, not a traceback per request (tracebacks are for bugs).
+often, not a traceback per request (tracebacks are for bugs). Access lines carry ids, counts and
+timings, never headers, keys, prompts or completions (docs/metrics.md, "Logs").
 """
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["OutcomeLog"]
+import orjson
+from opentelemetry import trace as otel_trace
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+
+__all__ = ["ACCESS_LOGGER", "AccessLog", "JsonFormatter", "OutcomeLog", "TextFormatter", "client_trace_id",
+           "configure_logging", "trace_id_of"]
 
 
 class OutcomeLog:
@@ -36,3 +47,152 @@ class OutcomeLog:
         suffix = f" ({folded} more like it in the last {self._interval:g}s)" if folded else ""
         self._log.warning(message + suffix, *args)
         return True
+
+
+# -- the access log and the process's log format ---------------------------------------------------------
+
+ACCESS_LOGGER = "gravity.access"
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_FIELD = 128
+"""Client-chosen strings (the model name) are cut to this: a log line is not a place to store a body."""
+
+
+def client_trace_id(ex: Exchange) -> str | None:
+    """The trace id of the W3C `traceparent` the request came with (the gateway forwards it)."""
+    header = ex.forward_headers.get("traceparent")
+    if not header:
+        return None
+    m = _TRACEPARENT.match(header.strip().lower())
+    if m is None or m.group(1) == "0" * 32:
+        return None
+    return m.group(1)
+
+
+def trace_id_of(ex: Exchange) -> str | None:
+    """The request's trace id for its log line: the current span's when tracing records one, else the
+    client's `traceparent` (so a line still joins the client's trace with tracing off)."""
+    ctx = otel_trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return format(ctx.trace_id, "032x")
+    return client_trace_id(ex)
+
+
+def _cut(value: str | None) -> str | None:
+    return value if value is None or len(value) <= _MAX_FIELD else value[:_MAX_FIELD] + "…"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class AccessLog:
+    """One line per API request on the `gravity.access` logger, at INFO, whatever the process's level.
+
+    The fields are the gateway's own (ids, tenant, model, endpoint, counts, timings, outcome): never a
+    header, a key, a prompt or a completion."""
+
+    def __init__(self, enabled: bool = True, logger: logging.Logger | None = None,
+                 trace_id: Callable[[Exchange], str | None] = trace_id_of) -> None:
+        self.enabled = enabled
+        self._log = logger or logging.getLogger(ACCESS_LOGGER)
+        self._trace_id = trace_id
+
+    def exchange(self, ex: Exchange) -> None:
+        """The line of a request the pipeline admitted or refused (an Exchange exists)."""
+        if not self.enabled:
+            return
+        usage = ex.usage or {}
+        details = usage.get("prompt_tokens_details")
+        end = ex.finished_at or time.perf_counter()
+        fields: dict[str, object] = {
+            "request_id": ex.request_id,
+            "client_request_id": ex.client_request_id,
+            "trace_id": self._trace_id(ex),
+            "tenant": ex.tenant,
+            "route": ex.route,
+            "model": _cut(ex.model),
+            "fallback_from": _cut(ex.fallback_from),
+            "stream": ex.stream,
+            "endpoint": ex.backend,
+            "attempts": ex.attempts,
+            "status": ex.status,
+            "outcome": ex.outcome,
+            "tokens_in": _int(usage.get("prompt_tokens")),
+            "tokens_out": _int(usage.get("completion_tokens")),
+            "tokens_cached": _int(details.get("cached_tokens")) if isinstance(details, dict) else None,
+            "ttft_ms": _ms(ex.first_chunk_at - ex.started) if ex.first_chunk_at is not None else None,
+            "duration_ms": _ms(end - ex.started),
+        }
+        self._emit(f"{ex.route} {ex.status} {ex.outcome}", fields)
+
+    def refused(self, request_id: str, client_request_id: str | None, method: str, path: str, status: int,
+                started: float) -> None:
+        """The line of a request answered before any exchange existed (bad body, unknown route, state CRUD)."""
+        if not self.enabled:
+            return
+        fields: dict[str, object] = {
+            "request_id": request_id, "client_request_id": client_request_id, "method": method,
+            "path": _cut(path), "status": status,
+            "outcome": "ok" if status < 400 else "error",
+            "duration_ms": _ms(time.perf_counter() - started),
+        }
+        self._emit(f"{method} {_cut(path)} {status}", fields)
+
+    def _emit(self, message: str, fields: dict[str, object]) -> None:
+        if self._log.isEnabledFor(logging.INFO):
+            self._log.info(message, extra={"fields": fields})
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the record's `fields` (the access log's), exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": _iso(record.created), "level": record.levelname, "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`ts LEVEL logger message key=value ...`, for people reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_iso(record.created)} {record.levelname} {record.name} {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line += "".join(f" {k}={_text(v)}" for k, v in fields.items() if v is not None)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text(v: object) -> str:
+    s = str(v)
+    return orjson.dumps(s).decode() if (not s or any(c in s for c in ' "=\n\r\t')) else s
+
+
+def _iso(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def configure_logging(level: str, fmt: str, access_log: bool) -> None:
+    """The process's logging: one handler on stderr in `fmt` (json or text) at `level`; the access log at
+    INFO on its own logger when on (so `level: warning` keeps it), off otherwise."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.WARNING))
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO if access_log else logging.CRITICAL + 1)

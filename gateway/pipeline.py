@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from gateway.admission import Admission
 from gateway.errors import to_gateway_error
 from gateway.exchange import Exchange
+from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.openai_requests import ParsedBody
 from gateway.state.sessions import SessionAffinity
@@ -39,8 +40,10 @@ __all__ = ["Pipeline"]
 class Pipeline:
     def __init__(self, admission: Admission, sessions: SessionAffinity, scheduler: Scheduler, datastore: Datastore,
                  metrics: GatewayMetrics, resilience: ResilienceConfig, *, session_from_user: bool,
-                 circuits: CircuitBoard | None = None, tracing: Tracing = NOOP) -> None:
+                 circuits: CircuitBoard | None = None, tracing: Tracing = NOOP,
+                 access: AccessLog | None = None) -> None:
         self.admission = admission
+        self.access = access
         self.datastore = datastore
         self.sessions = sessions
         self.scheduler = scheduler
@@ -181,6 +184,8 @@ class Pipeline:
             self.datastore.end(ticket)
         self.metrics.observe(ex)
         self._tracing.finished(ex)
+        if self.access is not None:
+            self.access.exchange(ex)
         await self.settle(ex)
 
     async def settle(self, ex: Exchange) -> None:

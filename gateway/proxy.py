@@ -94,6 +94,7 @@ class ProxyRoutes:
             headers = Headers(scope=scope)
             ex = self.pipeline.exchange(route, parsed, raw, headers, state["request_id"],
                                         scope_headers(scope, self.trusted), state.get("client_request_id"))
+            state["exchange"] = ex  # its access-log line comes from the pipeline (GatewayApp writes none)
             await self.pipeline.prepare(ex, headers)
         except Exception as exc:
             err = to_gateway_error(exc)

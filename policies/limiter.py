@@ -321,6 +321,9 @@ def _settle_call(by_scope: dict[str, tuple[Scope, list[tuple[str, int, int]]]]) 
     return keys, args
 
 
+_LIMIT_LABELS = {"t": "tpm", "r": "rpm", "d": "tpd", "c": "concurrency"}
+
+
 def _refusal(v: Verdict, scopes: list[Scope], model: str, tokens: int) -> RateLimited:
     scope = scopes[v.failed_scope] if 0 <= v.failed_scope < len(scopes) else None
     what = KIND_NAMES.get(v.failed_kind, "limit")
@@ -333,4 +336,5 @@ def _refusal(v: Verdict, scopes: list[Scope], model: str, tokens: int) -> RateLi
                        f"{format_duration(v.retry_after_ms)}.",
                        kind="requests" if v.failed_kind in ("r", "c") else "tokens",
                        retry_after=max(v.retry_after_ms, 1) / 1000, headers=headers,
-                       scope=scope.label if scope else None)
+                       scope=scope.label if scope else None,
+                       limit=_LIMIT_LABELS.get(v.failed_kind, ""))

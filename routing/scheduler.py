@@ -49,6 +49,7 @@ class Scheduler:
         self._selector = ProfileSelector(profiles, default_profile, rules)
         self._rng = rng
         self._timer = timer
+        self._weights = {name: tuple((s.name, w) for s, w in p.scorers) for name, p in profiles.items()}
 
     @property
     def profiles(self) -> list[str]:
@@ -125,6 +126,8 @@ class Scheduler:
             ranked=ranked,
             latency_s=now - started,
             timings=timings,
+            prefix=ctx.prefix,
+            weights=self._weights[profile.name],
         )
 
     def observe(self, req: RoutingRequest, endpoint: str) -> None:

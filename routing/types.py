@@ -268,6 +268,10 @@ class Decision:
     ranked: list[Candidate]
     latency_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # plugin name -> seconds
+    prefix: PrefixMatch | None = field(default=None, compare=False, repr=False)
+    """The prefix producer's output for this decision (None when no producer ran), for metrics and traces."""
+    weights: tuple[tuple[str, float], ...] = field(default=(), compare=False, repr=False)
+    """The profile's (scorer, weight) pairs, so a reader can tell which scorer decided the pick."""
 
     @property
     def best(self) -> Candidate:

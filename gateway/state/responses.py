@@ -108,6 +108,7 @@ async def prepare_response(deps: StateDeps, request: Request, raw: bytes) -> tup
     ex = deps.pipeline.exchange("chat/completions", parse_body("chat/completions", provisional), provisional,
                                 request.headers, state["request_id"], scope_headers(request.scope, deps.trusted),
                                 state.get("client_request_id"))
+    state["exchange"] = ex  # its access-log line comes from the pipeline (GatewayApp writes none)
     scoped = scoped_tenant(request)
     if ex.routing.session_id is None:
         # The thread is the natural session: its continuation wants the backend holding its cache.

@@ -20,3 +20,61 @@ def test_one_line_per_kind_per_interval_with_the_folded_count(caplog: pytest.Log
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["outage a", "other kind", "outage b (99 more like it in the last 10s)"]
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in caplog.records)
+
+
+# -- the access log's pieces -------------------------------------------------------------------------------
+def _exchange(**kw: object) -> object:
+    from gateway.exchange import Exchange
+    from routing.types import RoutingRequest
+
+    ex = Exchange(request_id="rid", route="chat/completions", model="m", body={}, raw=b"", stream=False,
+                  client_wants_usage=False, routing=RoutingRequest(model="m", prompt=b""), forward_headers={})
+    for k, v in kw.items():
+        setattr(ex, k, v)
+    return ex
+
+
+@pytest.mark.parametrize(("header", "want"), [
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # the invalid all-zero id
+    ("00-4bf92f3577b34da6-00f067aa0ba902b7-01", None),
+    ("garbage", None),
+    (None, None),
+])
+def test_trace_id_comes_from_a_valid_traceparent_only(header: str | None, want: str | None) -> None:
+    from gateway.logs import client_trace_id, trace_id_of
+
+    ex = _exchange(forward_headers={"traceparent": header} if header else {})
+    assert client_trace_id(ex) == want  # type: ignore[arg-type]
+    assert trace_id_of(ex) == want  # type: ignore[arg-type]  # no span is current here
+
+
+def test_json_and_text_lines_of_one_access_record(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from gateway.logs import AccessLog, JsonFormatter, TextFormatter
+
+    logger = logging.getLogger("t.access")
+    ex = _exchange(model="m" * 500, status=200, outcome="ok", backend="sim-0", attempts=2, tenant="t a",
+                   usage={"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 8}})
+    with caplog.at_level(logging.INFO, "t.access"):
+        AccessLog(logger=logger).exchange(ex)  # type: ignore[arg-type]
+    (record,) = caplog.records
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["level"], line["logger"], line["request_id"], line["endpoint"], line["attempts"]) == \
+        ("INFO", "t.access", "rid", "sim-0", 2)
+    assert (line["tokens_in"], line["tokens_out"], line["tokens_cached"]) == (10, 3, 8)
+    assert len(line["model"]) <= 130  # a client-chosen string is cut
+    text = TextFormatter().format(record)
+    assert " INFO t.access chat/completions 200 ok " in text and ' tenant="t a" ' in text
+    assert " tokens_cached=8 " in text and "ttft_ms" not in text  # None fields are left out
+
+
+def test_an_access_log_turned_off_writes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.logs import AccessLog
+
+    with caplog.at_level(logging.INFO, "t.off"):
+        AccessLog(enabled=False, logger=logging.getLogger("t.off")).exchange(_exchange())  # type: ignore[arg-type]
+        AccessLog(enabled=False, logger=logging.getLogger("t.off")).refused("r", None, "GET", "/v1/x", 404, 0.0)
+    assert caplog.records == []
