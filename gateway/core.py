@@ -28,7 +28,7 @@ from gateway.telemetry import NOOP, Tracing, build_tracing
 from gateway.telemetry.state import traced_store_class
 from gateway.transport import AiohttpTransport, Transport
 from gateway.upstream import BackendTarget, TrustedProxies, Upstream
-from policies.circuit import CLOSED, OPEN, CircuitBoard
+from policies.circuit import OPEN, CircuitBoard
 from policies.retry_budget import RetryBudget
 from routing.datastore import Datastore
 from routing.health import HealthProber
@@ -130,7 +130,7 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     targets: dict[str, BackendTarget] = {}
     health_urls: dict[str, str] = {}
     for b in cfg.backends:
-        metrics.circuit_state(b.name, CLOSED)  # every endpoint has a circuit series from the start
+        metrics.backend_configured(b.name)  # its circuit series exist from the start
         target = BackendTarget.from_config(b)
         targets[b.name] = target
         if target.health_url:

@@ -294,6 +294,12 @@ class GatewayMetrics:
         self.requests.labels(route, UNROUTED, "", str(status)).inc()
         self.latency.labels(route, UNROUTED, str(status)).observe(seconds)
 
+    def backend_configured(self, backend: str) -> None:
+        """Series that exist from start-up for each backend, so rates and dashboards start from 0."""
+        self.circuit_state(backend, "closed")
+        for s in CIRCUIT_STATES:
+            self.circuit_changes.labels(backend, s)
+
     def circuit_state(self, backend: str, state: str) -> None:
         for s in CIRCUIT_STATES:
             self.circuit.labels(backend, s).set(1 if s == state else 0)

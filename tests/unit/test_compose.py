@@ -427,6 +427,57 @@ def dashboard_problems(dashboard: dict[str, Any], datasource_uid: str, known: se
     return problems
 
 
+_COLLECTOR_SECTIONS = ("receivers", "processors", "exporters", "connectors", "extensions")
+_COMPONENT_ID = re.compile(r"^[a-zA-Z][0-9a-zA-Z_]*(/[^/\s]+)?$")
+_PIPELINE_ID = re.compile(r"^(traces|metrics|logs|profiles)(/[^/\s]+)?$")
+
+
+def collector_problems(cfg: Any) -> list[str]:
+    """The Collector's documented configuration format (opentelemetry.io/docs/collector/configuration):
+    component sections keyed by `type[/name]`, a `service` whose pipelines (`traces|metrics|logs[/name]`)
+    each take at least one receiver and one exporter, all defined; plus what this stack needs of it."""
+    if not isinstance(cfg, dict):
+        return ["otel-collector: the config is not a mapping"]
+    problems = [f"otel-collector: unknown top-level key {k!r}" for k in cfg
+                if k not in (*_COLLECTOR_SECTIONS, "service")]
+    for section in _COLLECTOR_SECTIONS:
+        for cid in cfg.get(section) or {}:
+            if not _COMPONENT_ID.match(str(cid)):
+                problems.append(f"otel-collector: {section}.{cid}: not a component id (type[/name])")
+    service = cfg.get("service") or {}
+    for ext in service.get("extensions") or []:
+        if ext not in (cfg.get("extensions") or {}):
+            problems.append(f"otel-collector: service.extensions names undefined {ext!r}")
+    pipelines = service.get("pipelines") or {}
+    if not pipelines:
+        problems.append("otel-collector: service.pipelines is empty")
+    for pname, pipe in pipelines.items():
+        if not _PIPELINE_ID.match(str(pname)):
+            problems.append(f"otel-collector: pipelines.{pname}: not traces, metrics or logs[/name]")
+        pipe = pipe or {}
+        for kind in ("receivers", "exporters"):
+            if not pipe.get(kind):
+                problems.append(f"otel-collector: pipelines.{pname} has no {kind}")
+        for kind in ("receivers", "processors", "exporters"):
+            for ref in pipe.get(kind) or []:
+                if ref not in (cfg.get(kind) or {}) and ref not in (cfg.get("connectors") or {}):
+                    problems.append(f"otel-collector: pipelines.{pname}.{kind} names undefined {ref!r}")
+    traces = [p or {} for n, p in pipelines.items() if str(n).split("/")[0] == "traces"]
+    exporters = cfg.get("exporters") or {}
+    to_jaeger = [e for t in traces for e in t.get("exporters") or []
+                 if str((exporters.get(e) or {}).get("endpoint", "")) == "jaeger:4317"]
+    if not to_jaeger:
+        problems.append("otel-collector: no traces pipeline exports to jaeger:4317")
+    otlp_in = [r for t in traces for r in t.get("receivers") or [] if str(r).split("/")[0] == "otlp"]
+    http = ((((cfg.get("receivers") or {}).get(otlp_in[0]) if otlp_in else None) or {}).get("protocols") or {}).get(
+        "http")
+    endpoint = str((http or {}).get("endpoint", "")) if isinstance(http, dict) else ""
+    # The receiver's own default is localhost:4318 (since v0.104): inside a container that refuses the gateways.
+    if not endpoint.endswith(":4318") or endpoint.rsplit(":", 1)[0] not in ("0.0.0.0", "", "[::]"):
+        problems.append(f"otel-collector: OTLP/HTTP must listen on 0.0.0.0:4318 for the gateways (got {endpoint!r})")
+    return problems
+
+
 def observability_problems(compose: dict[str, Any]) -> list[str]:
     """The observability services' mounted configs agree with the services they point at."""
     problems: list[str] = []
@@ -459,21 +510,15 @@ def observability_problems(compose: dict[str, Any]) -> list[str]:
         if got != want:
             problems.append(f"prometheus.yml scrapes {sorted(got)}, the stack serves metrics at {sorted(want)}")
 
-    # The Collector: every pipeline component defined, traces exported to Jaeger's OTLP port.
+    # The Collector: its documented config format, traces in over OTLP/HTTP and on to Jaeger.
     path = mounted("otel-collector", "/etc/otelcol/config.yaml")
     if path is not None:
-        cfg = yaml.safe_load(path.read_text())
-        for pname, pipe in ((cfg.get("service") or {}).get("pipelines") or {}).items():
-            for kind in ("receivers", "processors", "exporters"):
-                for ref in pipe.get(kind) or []:
-                    if ref not in (cfg.get(kind) or {}):
-                        problems.append(f"otel-collector: pipelines.{pname}.{kind} names undefined {ref!r}")
-        endpoints = [str(e.get("endpoint", "")) for e in (cfg.get("exporters") or {}).values()]
-        if "jaeger:4317" not in endpoints:
-            problems.append(f"otel-collector: no exporter to jaeger:4317 (got {endpoints})")
-        http = (((cfg.get("receivers") or {}).get("otlp") or {}).get("protocols") or {}).get("http") or {}
-        if not str(http.get("endpoint", "")).endswith(":4318"):
-            problems.append("otel-collector: OTLP/HTTP not on 4318, where the gateways export")
+        problems += collector_problems(yaml.safe_load(path.read_text()))
+    # The gateways export with the standard variable (tracing stays off while it is empty).
+    for name in ("gateway", "gateway-b"):
+        env = (services.get(name) or {}).get("environment") or {}
+        if "OTEL_EXPORTER_OTLP_ENDPOINT" not in env:
+            problems.append(f"services.{name}: no OTEL_EXPORTER_OTLP_ENDPOINT to point at the collector")
 
     # Grafana: the provisioned datasource is the compose Prometheus, and the dashboard reads it.
     prov = mounted("grafana", "/etc/grafana/provisioning")
@@ -626,6 +671,7 @@ OBS_MUTATIONS = {
     "dashboards mounted elsewhere": _set("services.grafana.volumes", [
         "./config/observability/grafana/provisioning:/etc/grafana/provisioning:ro",
         "./config/observability/grafana/dashboards:/dashboards:ro"]),
+    "gateway without the OTLP endpoint variable": _set("services.gateway.environment", {"OTEL_SERVICE_NAME": "g"}),
     "a sim prometheus does not scrape": lambda c: c["services"].__setitem__("vllm-3", {
         **c["services"]["vllm-2"], "command": ["sim", "--host", "0.0.0.0", "--port", "9004", "--model", "sim-llama"]}),
 }
@@ -643,6 +689,38 @@ def test_each_observability_disagreement_is_caught(compose: dict[str, Any], muta
     broken = copy.deepcopy(compose)
     OBS_MUTATIONS[mutation](broken)
     assert observability_problems(broken) != []
+
+
+def _collector() -> dict[str, Any]:
+    data = yaml.safe_load((OBS / "otel-collector.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+COLLECTOR_MUTATIONS = {
+    "http on localhost": _set("receivers.otlp.protocols.http.endpoint", "localhost:4318"),
+    "http on another port": _set("receivers.otlp.protocols.http.endpoint", "0.0.0.0:4319"),
+    "no http protocol": _delete("receivers.otlp.protocols.http"),
+    "unknown section": _set("exportrs", {}),
+    "bad component id": _set("processors", {"batch/": {}}),
+    "pipeline without exporters": _set("service.pipelines.traces.exporters", []),
+    "pipeline names an undefined processor": _set("service.pipelines.traces.processors", ["memory_limiter"]),
+    "not a pipeline type": lambda c: c["service"]["pipelines"].__setitem__(
+        "spans", c["service"]["pipelines"].pop("traces")),
+    "undefined extension": _set("service.extensions", ["health_check"]),
+    "jaeger not the exporter": _set("exporters.otlp/jaeger.endpoint", "tempo:4317"),
+}
+
+
+def test_collector_config_follows_the_documented_format() -> None:
+    assert collector_problems(_collector()) == []
+
+
+@pytest.mark.parametrize("mutation", list(COLLECTOR_MUTATIONS), ids=list(COLLECTOR_MUTATIONS))
+def test_each_collector_problem_is_caught(mutation: str) -> None:
+    cfg = _collector()
+    COLLECTOR_MUTATIONS[mutation](cfg)
+    assert collector_problems(cfg) != []
 
 
 def _dashboard() -> dict[str, Any]:
@@ -670,7 +748,9 @@ def test_dashboard_covers_what_the_issue_asks_for() -> None:
     exprs = " ".join(t["expr"] for p in _dashboard()["panels"] for t in p["targets"])
     for metric in ("gravity_requests_total", "gravity_time_to_first_token_seconds_bucket",
                    "vllm:prefix_cache_hits_total", "gravity_admission_rejections_total",
-                   "gravity_upstream_errors_total"):
+                   "gravity_upstream_errors_total", "gravity_backend_tokens_total",
+                   "gravity_ratelimit_rejections_total", "gravity_circuit_state",
+                   "gravity_time_per_output_token_seconds_bucket", "gravity_routing_decisions_total"):
         assert metric in exprs, metric
 
 
