@@ -64,3 +64,18 @@ def test_nesting_up_to_the_limit_is_accepted() -> None:
     assert parse_body("chat/completions", raw).model == "m"
     wide = b'{"model": "m", "prompt": [' + b",".join([b"[1]"] * 5000) + b"]}"
     assert parse_body("completions", wide).model == "m"
+
+
+@pytest.mark.parametrize("dimensions", [1_000_000_000, 65_537, 0, -1, 1.5, "8", True])
+def test_embedding_dimensions_are_capped_before_any_backend_sees_them(dimensions: object) -> None:
+    # A simulator asked for 10^9 dimensions spun at full CPU and grew past 2 GB: the gateway
+    # refuses such a request itself, whatever the backend would do with it.
+    import orjson
+    raw = orjson.dumps({"model": "m", "input": "hi", "dimensions": dimensions})
+    with pytest.raises(InvalidRequest) as err:
+        parse_body("embeddings", raw)
+    assert err.value.param == "dimensions"
+
+
+def test_embedding_dimensions_within_the_cap_pass() -> None:
+    assert parse_body("embeddings", b'{"model": "m", "input": "hi", "dimensions": 3072}').body["dimensions"] == 3072
