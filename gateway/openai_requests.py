@@ -36,7 +36,12 @@ class ParsedBody:
         self.user = user
 
 
-def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
+MAX_EMBEDDING_DIMENSIONS = 65_536
+"""Far above any embedding model's width (OpenAI's largest: 3,072); a backend asked for 10^9 may
+try to build it."""
+
+
+def _int(body: dict[str, Any], name: str, minimum: int, maximum: int | None = None) -> int | None:
     v = body.get(name)
     if v is None:
         return None
@@ -45,6 +50,9 @@ def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
                              code="invalid_type")
     if v < minimum:
         raise InvalidRequest(f"Invalid '{name}': must be at least {minimum}.", param=name,
+                             code="invalid_value")
+    if maximum is not None and v > maximum:
+        raise InvalidRequest(f"Invalid '{name}': must be at most {maximum}.", param=name,
                              code="invalid_value")
     return v
 
@@ -169,6 +177,7 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
             raise InvalidRequest("'input' must be a non-empty string or array.", param="input",
                                  code="invalid_type")
         prompt = inp.encode() if isinstance(inp, str) else orjson.dumps(inp)
+        _int(body, "dimensions", 1, MAX_EMBEDDING_DIMENSIONS)
         stream = False
     return ParsedBody(body, model, stream, wants_usage, max_tokens, prompt, cache_salt, user)
 
