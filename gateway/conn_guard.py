@@ -3,7 +3,7 @@
 A protocol wrapper sits between the event loop's transport and whatever HTTP protocol the server
 uses (uvicorn's httptools one today), so a slow or silent client is closed whatever the server's
 own settings do (uvicorn's h11_* limits do nothing under httptools). The body deadline lives in
-`read_body`, where the ASGI side knows when a body is complete. docs/policies.md, "Connection limits".
+`read_body`, where the ASGI side knows when a body is complete. docs/edges.md, "Connection limits".
 """
 from __future__ import annotations
 
