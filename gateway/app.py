@@ -108,20 +108,23 @@ class GatewayApp:
             # The request's SERVER span (a no-op object when tracing is off), current for all it does.
             with self.core.tracing.server(scope, scope["path"] if route is not None else None) as server:
                 out = server.wrap(send_with_id)
-                if route is None:
-                    await self.inner(scope, receive, out)
-                    return
-                response = await self.proxy.handle(route, scope, receive)
-                await response(scope, receive, out)
+                try:
+                    if route is None:
+                        await self.inner(scope, receive, out)
+                        return
+                    response = await self.proxy.handle(route, scope, receive)
+                    await response(scope, receive, out)
+                finally:
+                    if "exchange" not in state:
+                        # Answered before the pipeline had an exchange (a bad body, an unknown route, state
+                        # CRUD): the pipeline's metrics and access line never saw it. Inside the span, so
+                        # the line carries its trace id.
+                        status = status or 499
+                        core.metrics.unexchanged(_route_label(raw_path), status, time.perf_counter() - started)
+                        core.access.refused(internal, state["client_request_id"], scope["method"], scope["path"],
+                                            status, started, scope["headers"])
         finally:
             inflight.dec()
-            if "exchange" not in state:
-                # Answered before the pipeline had an exchange (a bad body, an unknown route, state CRUD):
-                # the pipeline's metrics and access line never saw it.
-                status = status or 499
-                core.metrics.unexchanged(_route_label(raw_path), status, time.perf_counter() - started)
-                core.access.refused(internal, state["client_request_id"], scope["method"], scope["path"], status,
-                                    started)
 
 
 _ROUTE_LABELS = ("chat/completions", "completions", "embeddings", "models", "responses", "conversations")

@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -57,9 +57,7 @@ _MAX_FIELD = 128
 """Client-chosen strings (the model name) are cut to this: a log line is not a place to store a body."""
 
 
-def client_trace_id(ex: Exchange) -> str | None:
-    """The trace id of the W3C `traceparent` the request came with (the gateway forwards it)."""
-    header = ex.forward_headers.get("traceparent")
+def _traceparent_id(header: str | None) -> str | None:
     if not header:
         return None
     m = _TRACEPARENT.match(header.strip().lower())
@@ -68,13 +66,20 @@ def client_trace_id(ex: Exchange) -> str | None:
     return m.group(1)
 
 
+def _current_trace_id() -> str | None:
+    ctx = otel_trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def client_trace_id(ex: Exchange) -> str | None:
+    """The trace id of the W3C `traceparent` the request came with (the gateway forwards it)."""
+    return _traceparent_id(ex.forward_headers.get("traceparent"))
+
+
 def trace_id_of(ex: Exchange) -> str | None:
     """The request's trace id for its log line: the current span's when tracing records one, else the
     client's `traceparent` (so a line still joins the client's trace with tracing off)."""
-    ctx = otel_trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        return format(ctx.trace_id, "032x")
-    return client_trace_id(ex)
+    return _current_trace_id() or client_trace_id(ex)
 
 
 def _cut(value: str | None) -> str | None:
@@ -126,12 +131,15 @@ class AccessLog:
         self._emit(f"{ex.route} {ex.status} {ex.outcome}", fields)
 
     def refused(self, request_id: str, client_request_id: str | None, method: str, path: str, status: int,
-                started: float) -> None:
+                started: float, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """The line of a request answered before any exchange existed (bad body, unknown route, state CRUD)."""
         if not self.enabled:
             return
         fields: dict[str, object] = {
-            "request_id": request_id, "client_request_id": client_request_id, "method": method,
+            "request_id": request_id, "client_request_id": client_request_id,
+            "trace_id": _current_trace_id() or _traceparent_id(
+                next((v.decode("latin-1") for k, v in headers if k == b"traceparent"), None)),
+            "method": method,
             "path": _cut(path), "status": status,
             "outcome": "ok" if status < 400 else "error",
             "duration_ms": _ms(time.perf_counter() - started),

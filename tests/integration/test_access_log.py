@@ -54,7 +54,8 @@ def _traffic(gw: Proc) -> dict[str, Any]:
     with pytest.raises(openai.AuthenticationError) as refused:
         _client(gw, WRONG).chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError) as bad:
-        c.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)  # type: ignore[arg-type]
+        c.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2,  # type: ignore[arg-type]
+                                  extra_headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"})
     responses = c.responses.with_raw_response.create(model=MODEL, input=PROMPT, max_output_tokens=4)
     time.sleep(0.3)
     return {"plain": (plain.headers["x-request-id"], plain.parse().usage),
@@ -105,6 +106,7 @@ def test_json_access_lines_carry_the_fields_and_no_secrets_at_debug_level(tmp_pa
 
     line = access[ids["bad"]]  # no exchange was ever made of it: the edge's own line
     assert line["status"] == 400 and line["path"] == "/v1/chat/completions" and line["method"] == "POST"
+    assert line["trace_id"] == TRACE
 
     rid, usage = ids["responses"]
     line = access[rid]
@@ -143,3 +145,37 @@ def test_access_log_can_be_turned_off(tmp_path: Path) -> None:
     log = gw.log_path.read_text(errors="replace")
     assert "gravity.access" not in log
     assert any(json.loads(ln)["level"] == "INFO" for ln in log.splitlines() if ln.startswith("{"))
+
+
+def test_with_tracing_on_the_line_carries_the_requests_own_trace_id(tmp_path: Path) -> None:
+    from tests.support.otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    redis = start_redis(tmp_path)
+    sim = start_sim(tmp_path, MODEL, ["--profile", "tiny"])
+    cfg = {"state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
+           "backends": [{"name": "sim-0", "url": f"http://127.0.0.1:{sim.port}", "models": [MODEL]}],
+           "resilience": {"drain": {"grace_s": 0}}}
+    gw = start_gateway(tmp_path, cfg, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                           "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    try:
+        c = _client(gw, "unused")
+        plain = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "traced"}], max_tokens=2)
+        joined = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "traced"}], max_tokens=2,
+            extra_headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"})
+        servers = receiver.wait_for(lambda spans: sum(s.kind == "SERVER" for s in spans) >= 2)
+        time.sleep(0.2)
+    finally:
+        gw.stop()
+        for p in (sim, redis):
+            p.stop()
+        receiver.close()
+    records = [json.loads(ln) for ln in gw.log_path.read_text().splitlines() if ln.startswith("{")]
+    access = {r["request_id"]: r for r in records if r["logger"] == "gravity.access"}
+    traces = {s.trace_id for s in servers if s.kind == "SERVER"}
+    mine = access[plain.headers["x-request-id"]]["trace_id"]
+    # No traceparent came in: the id is the one the gateway's own trace got, not null.
+    assert mine is not None and mine in traces and mine != TRACE
+    assert access[joined.headers["x-request-id"]]["trace_id"] == TRACE and TRACE in traces
