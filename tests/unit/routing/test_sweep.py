@@ -76,7 +76,7 @@ def _row(case: str, load: float, policy: str, cfg: str, p90: float = 1.0) -> dic
 
 
 def test_the_report_counts_cases_and_says_why_stored_runs_were_left_out(tmp_path: Path) -> None:
-    a, b, quick = draw_case(SEED), draw_case(SEED + 1), draw_case(SEED, requests=24)
+    a, b, c, quick = draw_case(SEED), draw_case(SEED + 1), draw_case(SEED + 2), draw_case(SEED, requests=24)
     store = Store(tmp_path)
     store.append(store.runs_path, [
         _row(a.key, 0.5, "default", "d1"), _row(a.key, 0.5, "cache-aware", "c1"),
@@ -85,15 +85,19 @@ def test_the_report_counts_cases_and_says_why_stored_runs_were_left_out(tmp_path
         _row(b.key, 0.7, "default", "d1"),  # a load not asked for
         _row(b.key, 0.95, "default", "d0"),  # the default before a change
         _row(quick.key, 0.5, "default", "d1"),  # the --quick variant of case a
+        _row(c.key, 0.5, "default", "d1"), _row(c.key, 0.5, "cache-aware", "c1"),
+        _row(c.key, 0.95, "default", "d1", p90=1.2), _row(c.key, 0.95, "cache-aware", "c1"),  # 20 % worse
     ])
     digests = {"default": "d1", "cache-aware": "c1"}
-    report = build_report([a, b], store.runs(), digests, (0.5, 0.95), requested=100)
+    report = build_report([a, b, c], store.runs(), digests, (0.5, 0.95), requested=100)
     text = report.text()
-    assert report.cases == 2 and len(report.runs) == 3
-    assert text.startswith("2 of 100 cases (1 with every policy at every load), 3 runs (case x load)"), text
+    assert report.cases == 3 and len(report.runs) == 5
+    assert text.startswith("3 of 100 cases (2 with every policy at every load), 5 runs (case x load)"), text
     assert "runs of 1 other cases" in text
     assert "runs of 'default' under another config (d0; now d1)" in text
     assert "1 runs at other loads than 0.5, 0.95" in text
+    # a: the default equals cache-aware at both loads; c: 20 % worse at one; b: nothing to compare with.
+    assert "cases within slack of cache-aware at every load run: 50.0 % (1/2)" in text
     # The cache of a --quick sweep read as the full split: nothing matches, and the report says why.
     empty = build_report([a, b], {k: v for k, v in store.runs().items() if k[0] == quick.key}, digests,
                          (0.5, 0.95)).text()
