@@ -152,6 +152,10 @@ class Admission:
         choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
         return (ex.routing.max_tokens or self.cfg.rate_limits.default_max_tokens) * choices
 
+    def holds(self, ex: Exchange) -> bool:
+        """True while `ex` holds a reservation that `finish` will settle from its usage."""
+        return _EXTRAS in ex.extras
+
     async def finish(self, ex: Exchange) -> None:
         """Settle the reservation with the tokens really used (nothing for a failed request)."""
         held = ex.extras.pop(_EXTRAS, None)

@@ -120,6 +120,11 @@ class ExtprocConfig(_Model):
     """The request body mode Envoy is configured with, used when Envoy does not say (it does from 1.35)."""
     emit_scores: bool = False
     """Add each scored endpoint's total to `envoy.lb` `x-gateway-destination-endpoint-scores`."""
+    read_response: Literal["always", "when_settling"] = "always"
+    """`when_settling`: a non-streamed answer (status < 400) with no token budget to settle is not
+    read: the response-headers answer tells Envoy to skip its body (`mode_override`; needs
+    `allow_mode_override` in Envoy). Saves one message each way; its token counts are then missing
+    from the metrics. `always`: every answer's usage is read."""
     max_fallbacks: int = Field(0, ge=0, le=16)
     """Endpoints listed after the first in `x-gateway-destination-endpoint`, for Envoy to retry along
     (config/envoy-failover.yaml). 0 for an ORIGINAL_DST cluster: Envoy 1.40 cannot parse a list there."""

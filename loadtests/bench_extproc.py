@@ -53,7 +53,25 @@ def _envoy_bin() -> str:
     return found
 
 
-def _envoy_config(listen: int, admin: int, upstream: int, extproc: int | None, body_mode: str) -> dict[str, Any]:
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    # label: (request body mode, response body mode, extproc.read_response)
+    "full-duplex": ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "always"),
+    "buffered": ("BUFFERED", "FULL_DUPLEX_STREAMED", "always"),
+    "fd-streamed": ("FULL_DUPLEX_STREAMED", "STREAMED", "always"),
+    "fd-streamed-skip": ("FULL_DUPLEX_STREAMED", "STREAMED", "when_settling"),
+    "buffered-streamed": ("BUFFERED", "STREAMED", "always"),
+    "buffered-streamed-skip": ("BUFFERED", "STREAMED", "when_settling"),
+    # loadtests/null_extproc.py instead of the sidecar: the floor of grpc.aio + Envoy's filter
+    "null-full-duplex": ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "null"),
+    "null-buffered-streamed": ("BUFFERED", "STREAMED", "null"),
+    "null-buffered-no-response": ("BUFFERED", "STREAMED", "null-skip"),
+}
+"""Sidecar setups measured (`--variants`): body modes as Envoy is configured, and whether the
+sidecar skips reading answers it has nothing to settle from (`mode_override`)."""
+
+
+def _envoy_config(listen: int, admin: int, upstream: int, extproc: int | None, body_mode: str,
+                  response_mode: str = "FULL_DUPLEX_STREAMED", allow_override: bool = False) -> dict[str, Any]:
     """config/envoy.yaml with ports changed; without ext_proc ("direct"), the same listener routes to a
     STATIC cluster of the upstream."""
     cfg: dict[str, Any] = yaml.safe_load((REPO / "config" / "envoy.yaml").read_text())
@@ -72,28 +90,36 @@ def _envoy_config(listen: int, admin: int, upstream: int, extproc: int | None, b
         return cfg
     ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
     ext["processing_mode"]["request_body_mode"] = body_mode
+    ext["processing_mode"]["response_body_mode"] = response_mode
+    ext["allow_mode_override"] = allow_override
     if body_mode != "FULL_DUPLEX_STREAMED":
         ext["processing_mode"].pop("request_trailer_mode", None)
+    if response_mode == "FULL_DUPLEX_STREAMED":
+        ext["processing_mode"]["response_trailer_mode"] = "SEND"  # Envoy requires it with full duplex
+    else:
+        ext["processing_mode"].pop("response_trailer_mode", None)
     side = next(c for c in clusters if c["name"] == "gravity_extproc")
     side["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
         "port_value"] = extproc
     return cfg
 
 
-def _start_envoy(s: Stack, name: str, upstream: int, extproc: int | None, body_mode: str = "") -> int:
+def _start_envoy(s: Stack, name: str, upstream: int, extproc: int | None, body_mode: str = "",
+                 response_mode: str = "FULL_DUPLEX_STREAMED", allow_override: bool = False) -> int:
     listen = free_port()
     path = s.tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(_envoy_config(listen, free_port(), upstream, extproc, body_mode)))
+    path.write_text(yaml.safe_dump(_envoy_config(listen, free_port(), upstream, extproc, body_mode,
+                                                 response_mode, allow_override)))
     s.start(name, [_envoy_bin(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
                    "--log-level", "error"], listen)
     return listen
 
 
-def _gravity_config(s: Stack, name: str, upstream: int, port: int, mode: str) -> Path:
+def _gravity_config(s: Stack, name: str, upstream: int, port: int, mode: str, read_response: str = "always") -> Path:
     path = s.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port},
-        "extproc": {"host": "127.0.0.1", "port": port, "body_mode": mode},
+        "extproc": {"host": "127.0.0.1", "port": port, "body_mode": mode, "read_response": read_response},
         "state": {"embedded_dir": str(s.tmp / f"redis-{name}")},
         "backends": [{"name": "nginx-0", "url": f"http://127.0.0.1:{upstream}", "kind": "vllm",
                       "models": [MODEL]}]}))
@@ -200,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--variants", default="full-duplex,buffered",
+                    help=f"sidecar setups, comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--no-proxy", action="store_true", help="leave out `gravity serve`")
     args = ap.parse_args(argv)
     nginx, wrk = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("wrk")
     if not Path(nginx).exists():
@@ -214,18 +243,26 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start_nginx(s, nginx)
         targets: dict[str, int] = {"envoy-direct": _start_envoy(s, "envoy-direct", upstream, None)}
         sidecars: dict[str, str] = {}
-        for mode, label in (("FULL_DUPLEX_STREAMED", "full-duplex"), ("BUFFERED", "buffered")):
+        for label in args.variants.split(","):
+            mode, response_mode, read_response = VARIANTS[label]
             port = free_port()
-            cfg = _gravity_config(s, f"extproc-{label}", upstream, port, mode.lower())
-            s.start(f"extproc-{label}", [py, "-m", "gateway", "extproc", "--config", str(cfg)], port)
+            if read_response.startswith("null"):
+                s.start(f"extproc-{label}", [py, str(Path(__file__).parent / "null_extproc.py"), "--port", str(port),
+                                             "--destination", f"127.0.0.1:{upstream}"]
+                        + (["--skip-response"] if read_response == "null-skip" else []), port)
+            else:
+                cfg = _gravity_config(s, f"extproc-{label}", upstream, port, mode.lower(), read_response)
+                s.start(f"extproc-{label}", [py, "-m", "gateway", "extproc", "--config", str(cfg)], port)
             name = f"envoy+extproc-{label}"
-            targets[name] = _start_envoy(s, name, upstream, port, mode)
+            targets[name] = _start_envoy(s, name, upstream, port, mode, response_mode,
+                                         read_response in ("when_settling", "null-skip"))
             sidecars[name] = f"extproc-{label}"
-        proxy_port = free_port()
-        s.start("gravity-proxy", [py, "-m", "gateway", "serve", "--config",
-                                  str(_gravity_config(s, "proxy", upstream, proxy_port, "full_duplex_streamed"))],
-                proxy_port)
-        targets["gravity-proxy"] = proxy_port
+        if not args.no_proxy:
+            proxy_port = free_port()
+            s.start("gravity-proxy", [py, "-m", "gateway", "serve", "--config",
+                                      str(_gravity_config(s, "proxy", upstream, proxy_port, "full_duplex_streamed"))],
+                    proxy_port)
+            targets["gravity-proxy"] = proxy_port
         for port in targets.values():
             wait_routable(port)
         # CPU is counted for the process doing the extra work: the sidecar where there is one.

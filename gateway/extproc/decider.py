@@ -58,6 +58,8 @@ class Pick:
     body: bytes
     """The body to send upstream (the client's own unless a documented mutation applies)."""
     scores: dict[str, float] | None = None
+    settles: bool = True
+    """A token budget waits for this answer's usage (a reservation is held)."""
     echo_request_id: str = ""
     candidates: dict[str, Candidate] = field(default_factory=dict)
 
@@ -180,6 +182,7 @@ class GatewayDecider:
         if path != req.headers.get(":path", "").split("?")[0]:
             pick.set_headers[":path"] = path
         pick.body = ex.upstream_body()
+        pick.settles = gw.admission.holds(ex)
         self._begin(pick, first)
         return pick
 

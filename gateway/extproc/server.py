@@ -41,7 +41,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                       context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[ep.ProcessingResponse]:
         stream = ExtProcStream(self.decider, max_body_bytes=self.cfg.server.max_body_bytes,
                                body_mode=self.cfg.extproc.body_mode,
-                               debug_headers=self.cfg.server.debug_headers)
+                               debug_headers=self.cfg.server.debug_headers,
+                               read_response=self.cfg.extproc.read_response)
         cancelled = False
         try:
             async for msg in request_iterator:

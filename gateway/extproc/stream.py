@@ -17,7 +17,7 @@ import orjson
 from gateway.errors import BodyTooLarge, GatewayError, normalise_upstream_error, to_gateway_error
 from gateway.extproc import wire
 from gateway.extproc.decider import Decider, Pick, PickRequest
-from gateway.extproc.pb import ep
+from gateway.extproc.pb import ep, modes
 from gateway.openai_requests import parse_body
 from gateway.sse import EventSplitter, usage_of
 
@@ -32,6 +32,9 @@ _FULL_DUPLEX = ep.ProtocolConfiguration.DESCRIPTOR.fields_by_name["request_body_
 _BUFFERED = ep.ProtocolConfiguration.DESCRIPTOR.fields_by_name["request_body_mode"].enum_type \
     .values_by_name["BUFFERED"].number
 _MODES = {"full_duplex_streamed": _FULL_DUPLEX, "buffered": _BUFFERED}
+# Told to Envoy in the response-headers answer when the body needs no reading (`read_response`).
+_SKIP_BODY = modes.ProcessingMode(response_body_mode=modes.ProcessingMode.NONE,
+                                  response_trailer_mode=modes.ProcessingMode.SKIP)
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_USAGE_LIMIT = 4 * 1024 * 1024
 
@@ -40,8 +43,10 @@ class ExtProcStream:
     """Feed each ProcessingRequest to `handle`; send what it returns in order; call `close` once."""
 
     def __init__(self, decider: Decider, *, max_body_bytes: int, body_mode: str = "full_duplex_streamed",
-                 debug_headers: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
+                 debug_headers: bool = False, read_response: str = "always",
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.decider = decider
+        self.read_always = read_response == "always"
         self.max_body = max_body_bytes
         self.request_mode = _MODES[body_mode]
         self.response_mode = _FULL_DUPLEX
@@ -179,6 +184,7 @@ class ExtProcStream:
         self.status = int(status) if status.isdigit() else 0
         set_headers: dict[str, str] = {}
         remove: list[str] = []
+        skip = False
         if pick is not None:
             ex = pick.exchange
             ex.status = self.status
@@ -200,12 +206,20 @@ class ExtProcStream:
                 self.splitter = EventSplitter()
                 if not ex.client_wants_usage:
                     remove.append("content-length")
-            else:
+            elif self.read_always or pick.settles or ex.stream or self.response_mode == _FULL_DUPLEX:
+                # (In full duplex Envoy streams the body on regardless of an override, and the
+                # processor must send it back.)
                 self.json_body = []
-        if msg.response_headers.end_of_stream:
+            else:
+                # Nothing waits for this answer's usage: Envoy passes the body on by itself.
+                skip = True
+        if skip or msg.response_headers.end_of_stream:
             await self._end_response()
-        return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
-            header_mutation=wire.header_mutation(set_headers, remove))))]
+        answer = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
+            header_mutation=wire.header_mutation(set_headers, remove))))
+        if skip:
+            answer.mode_override.CopyFrom(_SKIP_BODY)
+        return [answer]
 
     async def _response_body(self, chunk: bytes, end: bool) -> list[ep.ProcessingResponse]:
         out = self._relay(chunk, end)

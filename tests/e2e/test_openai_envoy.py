@@ -26,7 +26,8 @@ BODY_MODES = ["FULL_DUPLEX_STREAMED", "BUFFERED"]
 @pytest.fixture(scope="module", params=BODY_MODES)
 def st(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     mode = request.param
-    extproc = {"body_mode": mode.lower()}
+    # Buffered also runs with `read_response: when_settling`: answers nothing settles from are not read.
+    extproc = {"body_mode": mode.lower(), **({"read_response": "when_settling"} if mode == "BUFFERED" else {})}
     # Shedding: an endpoint with one request of this sidecar in flight counts as saturated.
     policies = {"priority": {"shed_inflight_threshold": 1}}
     with stack(tmp_path_factory.mktemp(f"openai-{mode}"), request_body_mode=mode, extproc=extproc,
@@ -248,3 +249,26 @@ def test_sheddable_work_is_shed_when_every_endpoint_is_busy(st: Stack) -> None:
     assert status == 429, body
     assert json.loads(body)["error"]["code"] == "load_shed" and int(headers["retry-after"]) >= 1
     assert standard[0] == 200  # only sheddable work is refused
+
+
+def _msgs_sent(st: Stack) -> int:
+    """Messages Envoy sent to the sidecar so far (its admin stats)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{st.admin}/stats?filter=ext_proc.stream_msgs_sent", timeout=5) as r:
+        return int(r.read().decode().split(":")[-1])
+
+
+def test_an_answer_nothing_settles_from_is_passed_on_unread(st: Stack) -> None:
+    """`read_response: when_settling` (the buffered fixture): Envoy is told at the response headers
+    to skip the body; the client still gets all of it. By default (`always`) the body is read."""
+    before = _msgs_sent(st)
+    status, _, body = _post(_port(st), "/v1/completions", {"model": MODEL, "prompt": "unread", "max_tokens": 5})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 5
+    sent = _msgs_sent(st) - before
+    # request headers, request body, response headers; and when read, the response body (full
+    # duplex also sends empty request trailers and may split the body)
+    if st.mode == "BUFFERED":
+        assert sent == 3, sent
+    else:
+        assert sent >= 5, sent

@@ -300,3 +300,57 @@ async def test_a_stream_cut_before_the_response_ended_is_still_finished_once() -
 def test_the_served_endpoint_from_metadata_else_the_upstream_address(served: Any, attribute: str | None,
                                                                      want: str | None) -> None:
     assert wire.served_endpoint(_resp_headers(served=served, attribute=attribute)) == want
+
+
+STREAMED_RESPONSES = ep.ProtocolConfiguration(request_body_mode=2, response_body_mode=1)  # BUFFERED, STREAMED
+
+
+class UnsettledDecider(ScriptedDecider):
+    """No token budget holds this request: nothing waits for its usage."""
+
+    async def decide(self, req: PickRequest) -> Pick:
+        pick = await super().decide(req)
+        pick.settles = False
+        return pick
+
+
+async def _answer_headers(d: ScriptedDecider, read_response: str, protocol: ep.ProtocolConfiguration,
+                          body: bytes, status: int = 200, content_type: str = "application/json"
+                          ) -> tuple[ExtProcStream, ep.ProcessingResponse]:
+    s = ExtProcStream(d, max_body_bytes=1 << 20, read_response=read_response)
+    await s.handle(_headers(path="/v1/completions", protocol=protocol))
+    await s.handle(_body(body, True))
+    out = await s.handle(_resp_headers(status=status, content_type=content_type))
+    return s, out[0]
+
+
+PLAIN = json.dumps({"model": "m", "prompt": "x"}).encode()
+STREAM = json.dumps({"model": "m", "prompt": "x", "stream": True}).encode()
+
+
+async def test_an_answer_nothing_settles_from_is_not_read_when_so_configured() -> None:
+    d = UnsettledDecider()
+    s, answer = await _answer_headers(d, "when_settling", STREAMED_RESPONSES, PLAIN)
+    mode = answer.mode_override
+    assert answer.HasField("mode_override") and mode.response_body_mode == 0  # NONE: Envoy passes it on
+    assert _set(answer.response_headers.response.header_mutation)["x-request-id"] == "client-id"
+    assert s.done and [ex.outcome for ex in d.finished] == ["ok"]  # finished with the headers
+    await s.close(cancelled=False)
+    assert len(d.finished) == 1
+
+
+@pytest.mark.parametrize(("decider", "read_response", "protocol", "body", "status"), [
+    (UnsettledDecider, "always", STREAMED_RESPONSES, PLAIN, 200),  # the default reads every answer
+    (ScriptedDecider, "when_settling", STREAMED_RESPONSES, PLAIN, 200),  # a budget waits for the usage
+    (UnsettledDecider, "when_settling", STREAMED_RESPONSES, STREAM, 200),  # streams: first token, end
+    (UnsettledDecider, "when_settling", STREAMED_RESPONSES, PLAIN, 503),  # errors are rewritten
+    (UnsettledDecider, "when_settling", FD, PLAIN, 200),  # full duplex: Envoy ignores overrides
+])
+async def test_answers_are_read_whenever_something_needs_them(decider: type[ScriptedDecider], read_response: str,
+                                                              protocol: ep.ProtocolConfiguration, body: bytes,
+                                                              status: int) -> None:
+    d = decider()
+    s, answer = await _answer_headers(d, read_response, protocol, body, status,
+                                      "text/event-stream" if body is STREAM else "application/json")
+    assert not answer.HasField("mode_override")
+    assert not s.done and d.finished == []
