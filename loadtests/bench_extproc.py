@@ -65,6 +65,9 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
     "null-full-duplex": ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "null"),
     "null-buffered-streamed": ("BUFFERED", "STREAMED", "null"),
     "null-buffered-no-response": ("BUFFERED", "STREAMED", "null-skip"),
+    "null-buffered-streamed-asyncio": ("BUFFERED", "STREAMED", "null --server aio-asyncio"),
+    "null-buffered-streamed-sync": ("BUFFERED", "STREAMED", "null --server sync"),
+    "null-buffered-streamed-latency": ("BUFFERED", "STREAMED", "null --option grpc.optimization_target=latency"),
 }
 """Sidecar setups measured (`--variants`): body modes as Envoy is configured, and whether the
 sidecar skips reading answers it has nothing to settle from (`mode_override`)."""
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="full-duplex,buffered",
                     help=f"sidecar setups, comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--no-proxy", action="store_true", help="leave out `gravity serve`")
+    ap.add_argument("--profile", type=Path, help="run each sidecar under cProfile, writing DIR/<variant>.prof "
+                                                 "(slows it: for where the time goes, not for the figures)")
     args = ap.parse_args(argv)
     nginx, wrk = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("wrk")
     if not Path(nginx).exists():
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(INSTALL_HINT.format(what="wrk"))
     py = sys.executable
     machine = {**_machine(), "busy_at_start": _busy_processes()}
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with stack() as s:
         lua = s.tmp / "post.lua"
         lua.write_text(WRK_LUA.format(body=REQUEST.decode()))
@@ -249,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             if read_response.startswith("null"):
                 s.start(f"extproc-{label}", [py, str(Path(__file__).parent / "null_extproc.py"), "--port", str(port),
                                              "--destination", f"127.0.0.1:{upstream}"]
-                        + (["--skip-response"] if read_response == "null-skip" else []), port)
+                        + (["--skip-response"] if read_response == "null-skip" else [])
+                        + read_response.split()[1:], port)
             else:
                 cfg = _gravity_config(s, f"extproc-{label}", upstream, port, mode.lower(), read_response)
-                s.start(f"extproc-{label}", [py, "-m", "gateway", "extproc", "--config", str(cfg)], port)
+                prof = ["-m", "cProfile", "-o", str(args.profile / f"{label}.prof")] if args.profile else []
+                s.start(f"extproc-{label}", [py, *prof, "-m", "gateway", "extproc", "--config", str(cfg)], port)
             name = f"envoy+extproc-{label}"
             targets[name] = _start_envoy(s, name, upstream, port, mode, response_mode,
                                          read_response in ("when_settling", "null-skip"))
