@@ -14,11 +14,18 @@ ARG GRAVITY_WHEELS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/gravity
 COPY . /src
+# xds-protos ships an older copy of opentelemetry-proto's modules at the same paths: put
+# opentelemetry-proto's back (the OTLP exporter needs them), then check that the exporter imports.
 RUN if [ -n "$GRAVITY_WHEELS" ]; then \
-      /opt/gravity/bin/pip install --no-index --find-links "/src/$GRAVITY_WHEELS" gravity-gateway; \
+      pip_src="--no-index --find-links /src/$GRAVITY_WHEELS"; \
+      /opt/gravity/bin/pip install $pip_src gravity-gateway; \
     else \
+      pip_src=""; \
       /opt/gravity/bin/pip install /src; \
     fi \
+ && otel_proto=$(/opt/gravity/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))') \
+ && /opt/gravity/bin/pip install $pip_src --no-deps --force-reinstall "opentelemetry-proto==$otel_proto" \
+ && /opt/gravity/bin/python -c 'import opentelemetry.exporter.otlp.proto.http.trace_exporter' \
  && /opt/gravity/bin/gravity check-config /src/config/compose.yaml
 
 FROM ${BASE_IMAGE}

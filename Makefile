@@ -7,10 +7,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install redis-server run test test-fast bench lint clean envoy test-e2e compose-tools compose-build compose-up compose-test compose-down
 
+# xds-protos (the ext_proc messages) ships its own, older copy of opentelemetry-proto's modules at
+# the same paths; whichever package pip installs last wins, and with xds-protos' copy the OTLP
+# exporter cannot import (InstrumentationScope is missing). Put opentelemetry-proto's files back.
+OTEL_PROTO_FIX = $(BIN)/pip install -q --no-deps --force-reinstall \
+	"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(OTEL_PROTO_FIX)
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
