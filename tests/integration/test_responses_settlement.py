@@ -1,4 +1,5 @@
-"""Every admitted Responses call settles or refunds exactly once, reserves what it really sends, and a
+"""Every admitted Responses call settles or refunds exactly once (a 404, a 409, no healthy backend, a
+backend error, a client leaving mid-stream), reserves what it really sends, and a
 long streamed turn keeps its conversation (issue 9 items 3, 4, 14). Real processes, the openai SDK.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -21,7 +23,7 @@ TPM = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Proc]]:
     tmp = tmp_path_factory.mktemp("settle")
     redis = start_redis(tmp)
     sim = start_sim(tmp, MODEL, ["--profile", "tiny", "--time-scale", "0.2"])
@@ -34,10 +36,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
            "policies": {"auth": {"enabled": True, "keys": keys}}}
     proc = start_gateway(tmp, cfg)
     try:
-        yield proc
+        yield proc, sim
     finally:
         for p in (proc, sim, redis):
             p.stop()
+
+
+@pytest.fixture
+def gw(stack: tuple[Proc, Proc]) -> Proc:
+    return stack[0]
 
 
 def _client(gw: Proc, key: str) -> openai.OpenAI:
@@ -67,6 +74,55 @@ def test_a_failure_after_admission_gives_back_the_slot_and_the_tokens(gw: Proc, 
     # The settled warm-up used a few tokens; nothing else is held (a leak would be the failed call's
     # whole reservation, hundreds of tokens).
     assert base - _remaining(raw) < 200, (base, _remaining(raw))
+
+
+def _faults(sim: Proc, faults: dict[str, Any]) -> None:
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{sim.port}/admin/faults",
+                                                        json=faults) as r:
+            assert r.status == 200
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_error_after_dispatch_gives_back_the_slot_and_the_tokens(stack: tuple[Proc, Proc],
+                                                                           stream: bool) -> None:
+    gw, sim = stack
+    c = _client(gw, "key-one")
+    base = _remaining(c.responses.with_raw_response.create(model=MODEL, input="warm up", max_output_tokens=2))
+    _faults(sim, {"fail_next": 1, "fail_status": 500})
+    try:
+        if stream:
+            events = list(c.responses.create(model=MODEL, input="hi", max_output_tokens=50, stream=True))
+            assert events[-1].type in ("response.failed", "error"), events[-1]
+        else:
+            with pytest.raises(openai.APIStatusError) as info:
+                c.responses.create(model=MODEL, input="hi", max_output_tokens=50)
+            assert info.value.status_code == 500
+    except openai.APIStatusError as exc:  # a stream refused before its first event
+        assert exc.status_code == 500
+    finally:
+        _faults(sim, {"fail_next": 0})
+    raw = c.responses.with_raw_response.create(model=MODEL, input="after", max_output_tokens=2)
+    assert raw.parse().status in ("completed", "incomplete")
+    assert base - _remaining(raw) < 200, (base, _remaining(raw))
+
+
+def test_a_client_leaving_a_streamed_turn_gives_back_the_slot(gw: Proc) -> None:
+    c = _client(gw, "key-one")
+    stream = c.responses.create(model=MODEL, input="a long story", max_output_tokens=400, stream=True,
+                                extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # the client hangs up mid-turn
+    deadline = time.monotonic() + 5
+    while True:  # the gateway notices the disconnect and refunds; until then the slot is taken
+        try:
+            raw = c.responses.with_raw_response.create(model=MODEL, input="after", max_output_tokens=2)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot of the abandoned turn was never given back"
+            time.sleep(0.2)
+    assert raw.parse().status in ("completed", "incomplete")
 
 
 def test_a_409_on_a_busy_conversation_holds_nothing(gw: Proc) -> None:
