@@ -230,10 +230,10 @@ LONG = {"model": MODEL, "max_tokens": 150, "stream": True, "ignore_eos": True,
 def test_a_stream_arrives_as_it_is_generated(st: Stack) -> None:
     _, arrivals, total = _stream_timed(_port(st), LONG)
     assert len(arrivals) >= 150 and total > 0.5  # ~5.5 ms a token on the tiny profile
-    # Chunks are passed on as they come, not held to the end: the first within a small part of the
-    # whole, and the arrivals spread over the stream.
-    assert arrivals[0] < total * 0.25, (arrivals[0], total)
-    assert arrivals[len(arrivals) // 2] < total * 0.75, (arrivals[len(arrivals) // 2], total)
+    # Chunks are passed on as they come, not held to the end (held, every arrival would be at the
+    # very end): the first well before the end, and the middle one before the last stretch.
+    assert arrivals[0] < total * 0.4, (arrivals[0], total)
+    assert arrivals[len(arrivals) // 2] < total * 0.8, (arrivals[len(arrivals) // 2], total)
 
 
 def test_sheddable_work_is_shed_when_every_endpoint_is_busy(st: Stack) -> None:
