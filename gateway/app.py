@@ -94,6 +94,7 @@ class GatewayApp:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                state["response_status"] = message["status"]  # for the SERVER span
             await send(message)
 
         raw_path = scope["raw_path"]
@@ -106,14 +107,13 @@ class GatewayApp:
         try:
             route = _PROXIED.get(scope["raw_path"]) if scope["method"] == "POST" else None
             # The request's SERVER span (a no-op object when tracing is off), current for all it does.
-            with self.core.tracing.server(scope, scope["path"] if route is not None else None) as server:
-                out = server.wrap(send_with_id)
+            with self.core.tracing.server(scope, scope["path"] if route is not None else None):
                 try:
                     if route is None:
-                        await self.inner(scope, receive, out)
+                        await self.inner(scope, receive, send_with_id)
                         return
                     response = await self.proxy.handle(route, scope, receive)
-                    await response(scope, receive, out)
+                    await response(scope, receive, send_with_id)
                 finally:
                     if "exchange" not in state:
                         # Answered before the pipeline had an exchange (a bad body, an unknown route, state

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import orjson
-from opentelemetry import trace as otel_trace
+
+from gateway.telemetry.tracing import current_trace_id
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -67,8 +68,7 @@ def _traceparent_id(header: str | None) -> str | None:
 
 
 def _current_trace_id() -> str | None:
-    ctx = otel_trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+    return current_trace_id()
 
 
 def client_trace_id(ex: Exchange) -> str | None:

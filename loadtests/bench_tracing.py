@@ -62,7 +62,7 @@ TARGET_COST = 0.15
 
 def start_upstream_and_collector(s: Stack, nginx: str) -> int:
     port = free_port()
-    conf = NGINX_CONF.replace("location = /health", "location = /v1/traces { return 200 ''; }\n"
+    conf = NGINX_CONF.replace("location = /health", "location = /v1/traces {{ return 200 ''; }}\n"
                               "        location = /health")
     (s.tmp / "nginx.conf").write_text(conf.format(tmp=s.tmp, port=port, completion=COMPLETION, models=MODELS,
                                                   metrics=METRICS))

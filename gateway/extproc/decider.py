@@ -157,11 +157,13 @@ class GatewayDecider:
             ex.routing = dataclasses.replace(ex.routing, eligible=eligible)
         pick = Pick(exchange=ex, addresses=[], set_headers={}, remove_headers=[], body=b"",
                     echo_request_id=echo)
-        try:
-            await gw.pipeline.prepare(ex, req.headers)
-        except Exception as exc:
-            await self.reject(to_gateway_error(exc), pick)
-            raise
+        # A SERVER span for the decision (docs/tracing.md): admission and routing spans are its children.
+        with gw.tracing.pick(req.headers, "POST", f"/v1/{req.route}"):
+            try:
+                await gw.pipeline.prepare(ex, req.headers)
+            except Exception as exc:
+                await self.reject(to_gateway_error(exc), pick)
+                raise
         assert ex.decision is not None
         ranked = self._fallbacks(ex.decision.ranked)
         first = ranked[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from gateway.telemetry.config import TelemetryConfig, TelemetryConfigError, TraceSettings, resolve
 from gateway.telemetry.setup import build_tracing, tracing_from
-from gateway.telemetry.tracing import NOOP, AttemptSpan, ServerSpan, Tracing
+from gateway.telemetry.tracing import NOOP, AttemptSpan, ServerSpan, Tracing, current_trace_id
 
 __all__ = [
     "NOOP",
@@ -17,6 +17,7 @@ __all__ = [
     "TraceSettings",
     "Tracing",
     "build_tracing",
+    "current_trace_id",
     "resolve",
     "tracing_from",
 ]

@@ -1,10 +1,9 @@
 """Getting finished spans to the collector without ever making a request wait for it.
 
-`LoopSpanProcessor` (the default) batches on the event loop and posts OTLP/HTTP protobuf with aiohttp:
-no thread, no blocking client, encoding in slices between which the loop serves requests. The SDK's
-BatchSpanProcessor (`processor: thread`, and always for grpc) is wrapped so its drops are counted too.
-A dead or slow collector costs dropped spans, counted in `gravity_trace_spans_dropped_total`, nothing else
-(docs/decisions/0003-span-export.md).
+`LoopSpanProcessor` (the default) batches LiteSpans on the event loop, encodes them (otlp.py) in
+slices between which the loop serves requests, and posts OTLP/HTTP protobuf with aiohttp: no thread,
+no blocking client. A dead or slow collector costs dropped spans, counted in
+`gravity_trace_spans_dropped_total`, nothing else (docs/decisions/0003-span-export.md).
 """
 from __future__ import annotations
 
@@ -15,20 +14,17 @@ import gzip
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import aiohttp
-from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.telemetry.config import BatchConfig
+from gateway.telemetry.otlp import encode_request
+from gateway.telemetry.spans import LiteSpan
 
 log = logging.getLogger("gravity.telemetry")
 
-__all__ = ["CountingExporter", "CountingThreadProcessor", "ExportCounters", "LoopSpanProcessor"]
+__all__ = ["ExportCounters", "LoopSpanProcessor"]
 
 _ENCODE_SLICE = 64
 """Spans encoded between two yields to the loop: ~1 ms of protobuf work at most per slice."""
@@ -61,7 +57,7 @@ class ExportCounters:
             return self._exported, self._dropped
 
 
-class LoopSpanProcessor(SpanProcessor):
+class LoopSpanProcessor:
     """Batches ended spans in a bounded queue and exports them from a task on the event loop.
 
     `on_end` only appends (a full queue drops the span and counts it); the task wakes every
@@ -69,7 +65,9 @@ class LoopSpanProcessor(SpanProcessor):
     collector fills the queue instead of piling up requests."""
 
     def __init__(self, url: str, headers: Mapping[str, str], timeout_s: float, compression: str,
-                 batch: BatchConfig, counters: ExportCounters) -> None:
+                 batch: BatchConfig, counters: ExportCounters, prefix: tuple[bytes, bytes]) -> None:
+        self._prefix = prefix
+        """The encoded Resource and InstrumentationScope, the same in every export."""
         self._url = url
         self._headers = {**headers, "content-type": "application/x-protobuf"}
         if compression == "gzip":
@@ -80,17 +78,14 @@ class LoopSpanProcessor(SpanProcessor):
         self._batch = batch.max_export_batch_size
         self._max = batch.max_queue_size
         self._shutdown_s = batch.export_timeout_ms / 1000
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._queue: collections.deque[LiteSpan] = collections.deque()
         self.counters = counters
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    # -- SpanProcessor ------------------------------------------------------------------------------
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
+    # -- the recorder's sink --------------------------------------------------------------------------
+    def on_end(self, span: LiteSpan) -> None:
         queue = self._queue
         if len(queue) >= self._max:
             self.counters.drop(1, "queue_full")
@@ -99,12 +94,6 @@ class LoopSpanProcessor(SpanProcessor):
         wake = self._wake
         if wake is not None and len(queue) >= self._batch and not wake.is_set():
             wake.set()
-
-    def shutdown(self) -> None:
-        pass  # `stop` (async, from the lifespan) flushes; the provider's shutdown must not block the loop
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
     # -- the export task ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,14 +138,14 @@ class LoopSpanProcessor(SpanProcessor):
             batch = [queue.popleft() for _ in range(n)]
             await self._export(batch)
 
-    async def _export(self, batch: Sequence[ReadableSpan]) -> None:
+    async def _export(self, batch: Sequence[LiteSpan]) -> None:
         # Serialized ExportTraceServiceRequests concatenate into one (protobuf merges repeated fields),
         # so a big batch is encoded slice by slice with the loop free in between.
         parts = []
         for i in range(0, len(batch), _ENCODE_SLICE):
             if i:
                 await asyncio.sleep(0)
-            parts.append(encode_spans(batch[i:i + _ENCODE_SLICE]).SerializePartialToString())
+            parts.append(encode_request(batch[i:i + _ENCODE_SLICE], self._prefix))
         body = b"".join(parts)
         if self._gzip:
             body = gzip.compress(body, compresslevel=1)
@@ -189,63 +178,3 @@ def _note(message: str) -> None:
         log.warning(message)
 
 
-class CountingExporter(SpanExporter):
-    """An SDK exporter whose results are counted (the `thread` processor)."""
-
-    def __init__(self, inner: SpanExporter, counters: ExportCounters) -> None:
-        self._inner = inner
-        self.counters = counters
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self._inner.export(spans)
-        except Exception:  # noqa: BLE001 - an exporter bug must not kill the worker thread
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.counters.ok(len(spans))
-        else:
-            self.counters.drop(len(spans), "export_failed")
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class CountingThreadProcessor(SpanProcessor):
-    """The SDK's BatchSpanProcessor, with the spans its full queue overwrites counted as dropped."""
-
-    def __init__(self, exporter: SpanExporter, batch: BatchConfig, counters: ExportCounters) -> None:
-        self._bsp = BatchSpanProcessor(CountingExporter(exporter, counters), max_queue_size=batch.max_queue_size,
-                                       schedule_delay_millis=batch.schedule_delay_ms,
-                                       max_export_batch_size=batch.max_export_batch_size,
-                                       export_timeout_millis=batch.export_timeout_ms)
-        self._queue: Any = self._bsp._batch_processor._queue  # a deque with maxlen: full means overwrite
-        self._max = batch.max_queue_size
-        self.counters = counters
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if len(self._queue) >= self._max:
-            self.counters.drop(1, "queue_full")
-        self._bsp.on_end(span)
-
-    def shutdown(self) -> None:
-        self._bsp.shutdown()  # type: ignore[no-untyped-call]
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._bsp.force_flush(timeout_millis)
-
-    async def start(self) -> None:
-        pass
-
-    async def flush(self) -> None:
-        await asyncio.to_thread(self._bsp.force_flush)
-
-    async def stop(self) -> None:
-        # The SDK joins its worker thread (up to the export timeout): not on the loop.
-        await asyncio.to_thread(self._bsp.shutdown)

@@ -1,10 +1,10 @@
-"""Build the gateway's `Tracing` from its settings: a TracerProvider of its own (never the global one),
-the sampler, the resource and the span processor; or the no-op `NOOP` when tracing is off."""
+"""Build the gateway's `Tracing` from its settings: the recorder, its sampler, the resource and the
+exporter; or the no-op `NOOP` when tracing is off."""
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -16,8 +16,44 @@ if TYPE_CHECKING:
 
 __all__ = ["build_tracing", "tracing_from"]
 
+SCOPE = "gravity"
+"""The instrumentation scope name of every span."""
 
-def _sampler(settings: TraceSettings) -> object:
+
+def _resource(settings: TraceSettings) -> dict[str, Any]:
+    return {"telemetry.sdk.language": "python", "telemetry.sdk.name": "gravity", **settings.resource,
+            "service.name": settings.service_name}
+
+
+def tracing_from(settings: TraceSettings, registry: CollectorRegistry | None = None) -> Tracing:
+    if not settings.enabled:
+        return NOOP
+    from gateway.telemetry.export import ExportCounters
+
+    counters = ExportCounters(registry)
+    if settings.processor == "loop":
+        from gateway.telemetry.export import LoopSpanProcessor
+        from gateway.telemetry.otlp import resource_prefix
+        from gateway.telemetry.spans import LiteRecorder, sampler
+
+        processor = LoopSpanProcessor(settings.endpoint, settings.headers, settings.timeout_s, settings.compression,
+                                      settings.batch, counters, resource_prefix(_resource(settings), SCOPE))
+        recorder: Any = LiteRecorder(sampler(settings.sampler, settings.sampler_arg), processor.on_end)
+        return Tracing(recorder, capture_content=settings.capture_content, processor=processor, counters=counters)
+    # The SDK's spans and exporter: gRPC, or `processor: thread` asked for by name.
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from gateway.telemetry.sdk import CountingThreadProcessor, SdkRecorder
+
+    thread = CountingThreadProcessor(_sdk_exporter(settings), settings.batch, counters)
+    provider = TracerProvider(sampler=_sdk_sampler(settings), resource=Resource(_resource(settings)))  # type: ignore[arg-type]
+    provider.add_span_processor(thread)
+    return Tracing(SdkRecorder(provider.get_tracer(SCOPE)), capture_content=settings.capture_content,
+                   processor=thread, counters=counters)
+
+
+def _sdk_sampler(settings: TraceSettings) -> object:
     from opentelemetry.sdk.trace import sampling
 
     name, arg = settings.sampler, settings.sampler_arg
@@ -29,31 +65,6 @@ def _sampler(settings: TraceSettings) -> object:
     inner = {"parentbased_always_on": sampling.ALWAYS_ON, "parentbased_always_off": sampling.ALWAYS_OFF,
              "parentbased_traceidratio": sampling.TraceIdRatioBased(arg)}[name]
     return sampling.ParentBased(inner)
-
-
-def tracing_from(settings: TraceSettings, registry: CollectorRegistry | None = None) -> Tracing:
-    if not settings.enabled:
-        return NOOP
-    # Imported here: a gateway with tracing off never loads the SDK's exporter machinery.
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-
-    from gateway.telemetry.export import CountingThreadProcessor, ExportCounters, LoopSpanProcessor
-
-    counters = ExportCounters(registry)
-    processor: LoopSpanProcessor | CountingThreadProcessor
-    if settings.processor == "loop":
-        processor = LoopSpanProcessor(settings.endpoint, settings.headers, settings.timeout_s, settings.compression,
-                                      settings.batch, counters)
-    else:
-        processor = CountingThreadProcessor(_sdk_exporter(settings), settings.batch, counters)
-    resource = Resource({"telemetry.sdk.language": "python", "telemetry.sdk.name": "opentelemetry",
-                         **settings.resource, "service.name": settings.service_name})
-    provider = TracerProvider(sampler=_sampler(settings), resource=resource)  # type: ignore[arg-type]
-    provider.add_span_processor(processor)
-    tracer = provider.get_tracer("gravity")
-    return Tracing(tracer, capture_content=settings.capture_content, processor=processor, provider=provider,
-                   counters=counters)
 
 
 def _sdk_exporter(settings: TraceSettings) -> SpanExporter:

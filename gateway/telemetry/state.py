@@ -10,10 +10,9 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opentelemetry.trace import SpanKind
-
 from gateway.state.store import StateStore
 from gateway.telemetry import names as N
+from gateway.telemetry.spans import CLIENT
 from gateway.telemetry.tracing import Tracing
 
 __all__ = ["STATE_OPERATIONS", "traced_store_class"]
@@ -31,7 +30,7 @@ def _traced(tracing: Tracing, name: str, method: Callable[..., Awaitable[Any]]) 
 
     @functools.wraps(method)
     async def traced(self: StateStore, *args: Any, **kwargs: Any) -> Any:
-        with tracing.span(span_name, attributes, SpanKind.CLIENT):
+        with tracing.span(span_name, attributes, CLIENT):
             return await method(self, *args, **kwargs)
     return traced
 

@@ -2,26 +2,26 @@
 CLIENT span of each upstream attempt with the GenAI attributes.
 
 `Tracing.enabled` False (no endpoint configured) is the no-op path: every helper returns a shared
-do-nothing object, no SDK call is made and no header is touched (the client's traceparent is passed
-through as it came). Parenting uses the OpenTelemetry context of the request's task: the SERVER span is
-made current in `GatewayApp`, everything the request does runs in that task.
+do-nothing object, nothing is recorded and no header is touched (the client's traceparent is passed
+through as it came). Parenting uses a context variable of the request's task: the SERVER span is made
+current in `GatewayApp`, and everything the request does runs in that task. Spans come from a `Recorder`
+(spans.py: the gateway's own; sdk.py: the OpenTelemetry SDK's, for gRPC).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 import orjson
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.errors import to_gateway_error
 from gateway.sse import event_json
 from gateway.telemetry import names as N
+from gateway.telemetry.spans import CLIENT, INTERNAL, SERVER, Recorder, parse_traceparent
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -29,11 +29,18 @@ if TYPE_CHECKING:
     from gateway.upstream import BackendTarget
     from policies.keys import ApiKey
 
-__all__ = ["NOOP", "AttemptSpan", "ServerSpan", "Tracing", "error_type"]
+__all__ = ["NOOP", "AttemptSpan", "ServerSpan", "Tracing", "current_trace_id", "error_type"]
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-_PROPAGATOR = TraceContextTextMapPropagator()
 _NULL = contextlib.nullcontext()
+_CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("gravity_span", default=None)
+"""The request's current span (its SERVER span); children are started under it."""
+
+
+def current_trace_id() -> str | None:
+    """The trace id of the request being served (hex), None when tracing is off or outside a request."""
+    span = _CURRENT.get()
+    return span.trace_id.hex() if span is not None else None
 
 
 def error_type(exc: BaseException) -> str:
@@ -44,9 +51,9 @@ def error_type(exc: BaseException) -> str:
     return type(exc).__qualname__
 
 
-def _mark_error(span: trace.Span, kind: str, message: str | None = None) -> None:
+def _mark_error(span: Any, kind: str, message: str | None = None) -> None:
     span.set_attribute(N.ERROR_TYPE, kind)
-    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_error(message)
 
 
 class _NoServer:
@@ -60,9 +67,6 @@ class _NoServer:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def wrap(self, send: Send) -> Send:
-        return send
-
 
 _NO_SERVER = _NoServer()
 
@@ -70,42 +74,44 @@ _NO_SERVER = _NoServer()
 class ServerSpan:
     """The request's SERVER span, current for the duration of the `with` block."""
 
-    __slots__ = ("_scope", "_token", "span", "status")
+    __slots__ = ("_scope", "_token", "span")
 
-    def __init__(self, span: trace.Span, scope: MutableMapping[str, Any]) -> None:
+    def __init__(self, span: Any, scope: MutableMapping[str, Any] | None) -> None:
         self.span = span
-        self.status = 0
         self._scope = scope
+        """The ASGI scope: its matched route names the span, `state.response_status` is the answer's."""
         self._token: object = None
 
     def __enter__(self) -> Self:
-        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        self._token = _CURRENT.set(self.span)
         return self
-
-    def wrap(self, send: Send) -> Send:
-        async def traced_send(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                self.status = int(message["status"])
-            await send(message)
-        return traced_send
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         span = self.span
         try:
-            route = self._scope.get("route")
-            template = getattr(route, "path", None)
-            if isinstance(template, str) and span.is_recording():
-                span.update_name(f"{self._scope['method']} {template}")
-                span.set_attribute(N.HTTP_ROUTE, template)
-            if self.status:
-                span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, self.status)
-            if exc is not None and not isinstance(exc, GeneratorExit):
+            scope = self._scope
+            status = 0
+            if scope is not None and span.is_recording():
+                template = getattr(scope.get("route"), "path", None)
+                if isinstance(template, str):
+                    span.update_name(f"{scope['method']} {template}")
+                    span.set_attribute(N.HTTP_ROUTE, template)
+                status = scope["state"].get("response_status") or 0
+                if status:
+                    span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, status)
+            if isinstance(exc, Exception) and scope is None:
+                # The ext_proc edge answers refusals itself: the error's status is the answer.
+                failed = to_gateway_error(exc).status
+                span.set_attribute(N.HTTP_RESPONSE_STATUS_CODE, failed)
+                if failed >= 500:
+                    _mark_error(span, error_type(exc))
+            elif exc is not None and not isinstance(exc, GeneratorExit):
                 _mark_error(span, error_type(exc))
-            elif self.status >= 500:  # a 4xx is the client's error, not the server span's (HTTP conventions)
-                _mark_error(span, str(self.status))
+            elif status >= 500:  # a 4xx is the client's error, not the server span's (HTTP conventions)
+                _mark_error(span, str(status))
             span.end()
         finally:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
+            _CURRENT.reset(self._token)  # type: ignore[arg-type]
 
 
 class _NoAttempt:
@@ -142,7 +148,7 @@ class AttemptSpan:
 
     __slots__ = ("_capture", "_finish", "_identity", "_started", "_text", "recording", "span")
 
-    def __init__(self, span: trace.Span, capture: bool) -> None:
+    def __init__(self, span: Any, capture: bool) -> None:
         self.span = span
         self.recording = span.is_recording()
         self._started = time.perf_counter()
@@ -245,7 +251,7 @@ class AttemptSpan:
         self.span.end()
 
 
-def _usage(span: trace.Span, usage: Mapping[str, Any]) -> None:
+def _usage(span: Any, usage: Mapping[str, Any]) -> None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if isinstance(prompt, int):
         span.set_attribute(N.GEN_AI_USAGE_INPUT_TOKENS, prompt)
@@ -276,14 +282,13 @@ def _input_messages(body: Mapping[str, Any]) -> str:
 class Tracing:
     """Span helpers over one TracerProvider (or none: the no-op path)."""
 
-    def __init__(self, tracer: trace.Tracer | None = None, *, capture_content: bool = False,
-                 processor: Any = None, provider: Any = None, counters: ExportCounters | None = None) -> None:
-        self.enabled = tracer is not None
-        self._tracer = tracer
+    def __init__(self, recorder: Recorder | None = None, *, capture_content: bool = False,
+                 processor: Any = None, counters: ExportCounters | None = None) -> None:
+        self.enabled = recorder is not None
+        self._tracer = recorder
         self.capture_content = capture_content
         self.processor = processor
         self.counters = counters
-        self._provider = provider
         self._servers: dict[str, tuple[str, int]] = {}
 
     # -- lifecycle (the lifespan calls these) ----------------------------------------------------------
@@ -305,11 +310,13 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return _NO_SERVER
-        carrier: dict[str, str] = {}
+        traceparent = tracestate = None
         for k, v in scope["headers"]:
-            if k == b"traceparent" or k == b"tracestate":
-                carrier[k.decode()] = v.decode("latin-1")
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
+            if k == b"traceparent":
+                traceparent = v.decode("latin-1")
+            elif k == b"tracestate":
+                tracestate = v.decode("latin-1")
+        parent = parse_traceparent(traceparent, tracestate) if traceparent is not None else None
         method = scope["method"]
         path = scope["path"]
         attributes: dict[str, Any] = {N.HTTP_REQUEST_METHOD: method, N.URL_PATH: path,
@@ -322,22 +329,31 @@ class Tracing:
         request_id = scope.get("state", {}).get("request_id")
         if request_id:
             attributes[N.REQUEST_ID] = request_id
-        span = tracer.start_span(f"{method} {route}" if route else method, context=parent, kind=SpanKind.SERVER,
-                                 attributes=attributes)
+        span = tracer.start(f"{method} {route}" if route else method, SERVER, attributes, parent)
         return ServerSpan(span, scope)
+
+    def pick(self, headers: Mapping[str, str], method: str, path: str) -> ServerSpan | _NoServer:
+        """The ext_proc edge's SERVER span for one routing decision, joined to the request's traceparent."""
+        tracer = self._tracer
+        if tracer is None:
+            return _NO_SERVER
+        tp = headers.get("traceparent")
+        parent = parse_traceparent(tp, headers.get("tracestate")) if tp else None
+        attributes = {N.HTTP_REQUEST_METHOD: method, N.URL_PATH: path, N.HTTP_ROUTE: path}
+        return ServerSpan(tracer.start(f"ext_proc {method} {path}", SERVER, attributes, parent), None)
 
     # -- internal children ----------------------------------------------------------------------------
     def span(self, name: str, attributes: Mapping[str, Any] | None = None,
-             kind: SpanKind = SpanKind.INTERNAL) -> contextlib.AbstractContextManager[trace.Span | None]:
+             kind: int = INTERNAL) -> contextlib.AbstractContextManager[Any]:
         """A child of the current span (None inside the block when tracing is off); an exception marks it."""
         if self._tracer is None:
             return _NULL
         return self._child(name, attributes, kind)
 
     @contextlib.contextmanager
-    def _child(self, name: str, attributes: Mapping[str, Any] | None, kind: SpanKind) -> Iterator[trace.Span]:
+    def _child(self, name: str, attributes: Mapping[str, Any] | None, kind: int) -> Iterator[Any]:
         assert self._tracer is not None
-        span = self._tracer.start_span(name, kind=kind, attributes=attributes)
+        span = self._tracer.start(name, kind, dict(attributes) if attributes else None, _CURRENT.get())
         try:
             yield span
         except BaseException as exc:
@@ -348,19 +364,19 @@ class Tracing:
 
     def annotate_current(self, attributes: Mapping[str, Any]) -> None:
         if self._tracer is not None:
-            span = trace.get_current_span()
-            if span.is_recording():
+            span = _CURRENT.get()
+            if span is not None and span.is_recording():
                 span.set_attributes(attributes)
 
     # -- what the layers record --------------------------------------------------------------------------
     @staticmethod
-    def authenticated(span: trace.Span | None, ex: Exchange, key: ApiKey) -> None:
+    def authenticated(span: Any, ex: Exchange, key: ApiKey) -> None:
         if span is None or not span.is_recording():
             return
         span.set_attributes({N.TENANT: ex.tenant, N.PRIORITY: ex.routing.priority, N.AUTH_RESULT: "ok"})
 
     @staticmethod
-    def reserved(span: trace.Span | None, ex: Exchange) -> None:
+    def reserved(span: Any, ex: Exchange) -> None:
         if span is None or not span.is_recording():
             return
         held = ex.extras.get("admission")
@@ -380,7 +396,7 @@ class Tracing:
         span.set_attributes(attrs)
 
     @staticmethod
-    def refused(span: trace.Span | None, exc: BaseException) -> None:
+    def refused(span: Any, exc: BaseException) -> None:
         """A rate-limit refusal: which scope bound and on what."""
         if span is None or not span.is_recording():
             return
@@ -397,7 +413,7 @@ class Tracing:
         span.set_attributes(attrs)
 
     @staticmethod
-    def routed(span: trace.Span | None, ex: Exchange) -> None:
+    def routed(span: Any, ex: Exchange) -> None:
         if span is None or not span.is_recording() or ex.decision is None:
             return
         d = ex.decision
@@ -406,7 +422,7 @@ class Tracing:
             N.ROUTE_PROFILE: d.profile, N.ROUTE_ENDPOINT: best.endpoint,
             N.ROUTE_CANDIDATES: [c.endpoint for c in d.ranked],
             N.ROUTE_CANDIDATE_SCORES: [float(c.score) for c in d.ranked],
-            N.ROUTE_LATENCY: d.latency_s, N.GEN_AI_REQUEST_MODEL: ex.model,
+            N.ROUTE_LATENCY: d.latency_s,
         }
         scores = best.scores
         for scorer, value in scores.items():
@@ -424,14 +440,11 @@ class Tracing:
         """The request's outcome on the current (SERVER) span."""
         if self._tracer is None:
             return
-        span = trace.get_current_span()
-        if not span.is_recording():
+        span = _CURRENT.get()
+        if span is None or not span.is_recording():
             return
-        attrs: dict[str, Any] = {N.OUTCOME: ex.outcome, N.ATTEMPTS: ex.attempts, N.TENANT: ex.tenant,
-                                 N.GEN_AI_REQUEST_MODEL: ex.model}
-        if ex.backend:
-            attrs[N.ROUTE_ENDPOINT] = ex.backend
-        span.set_attributes(attrs)
+        # The rest (tenant, model, endpoint) is on the children: one copy per trace is enough.
+        span.set_attributes({N.OUTCOME: ex.outcome, N.ATTEMPTS: ex.attempts})
 
     # -- upstream attempts ----------------------------------------------------------------------------
     def attempt(self, ex: Exchange, number: int, kind: str, target: BackendTarget,
@@ -477,8 +490,12 @@ class Tracing:
             attrs[N.GEN_AI_REQUEST_PREVIOUS_RESPONSE_ID] = previous
         if self.capture_content:
             attrs[N.GEN_AI_INPUT_MESSAGES] = _input_messages(body)
-        span = tracer.start_span(f"{op} {ex.model}", kind=SpanKind.CLIENT, attributes=attrs)
-        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+        span = tracer.start(f"{op} {ex.model}", CLIENT, attrs, _CURRENT.get())
+        headers["traceparent"] = span.traceparent()
+        if span.tracestate:
+            headers["tracestate"] = span.tracestate
+        else:  # a tracestate without a valid traceparent means nothing (W3C trace context)
+            headers.pop("tracestate", None)
         return AttemptSpan(span, self.capture_content)
 
 

@@ -390,3 +390,28 @@ def test_a_dead_collector_costs_only_dropped_spans(tmp_path: Path) -> None:
         for p in (traced, plain, sim):
             p.stop()
         hole.close()
+
+
+def test_the_sdk_processor_exports_the_same_tree(tmp_path: Path, stack: Stack) -> None:
+    """`processor: thread` (the OpenTelemetry SDK's spans and BatchSpanProcessor, the gRPC path's machinery)."""
+    cfg = {"backends": [{"name": "sim-0", "url": f"http://127.0.0.1:{stack.sims[0].port}", "models": [MODEL]}],
+           "state": {"embedded_dir": str(tmp_path / "redis")},
+           "telemetry": {"endpoint": stack.receiver.endpoint, "processor": "thread",
+                         "batch": {"schedule_delay_ms": 50}}}
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        header, trace_id, client_span = new_traceparent()
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECRET}], max_tokens=3,
+                                  extra_headers={"traceparent": header})
+        spans = stack.receiver.wait_for(_complete, trace_id)
+    finally:
+        gw.stop()
+    server = _one(spans, kind="SERVER")
+    client = _one(spans, kind="CLIENT", name=f"chat {MODEL}")
+    assert server.parent_span_id == client_span and client.parent_span_id == server.span_id
+    assert {"gravity.auth", "gravity.rate_limit", "gravity.route"} <= {
+        s.name for s in spans if s.parent_span_id == server.span_id}
+    assert client.attributes["gen_ai.usage.output_tokens"] == 3
+    assert _upstream_traceparents(stack, trace_id) == {"sim-0": f"00-{trace_id}-{client.span_id}-01"}
+    _no_prompt(spans)
