@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
@@ -112,6 +112,23 @@ class ServerSpan:
             span.end()
         finally:
             _CURRENT.reset(self._token)  # type: ignore[arg-type]
+
+
+class _Child:
+    """A child span for the length of a `with` block; an exception marks it failed."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def __enter__(self) -> Any:
+        return self.span
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            _mark_error(self.span, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+        self.span.end()
 
 
 class _NoAttempt:
@@ -318,18 +335,19 @@ class Tracing:
                 tracestate = v.decode("latin-1")
         parent = parse_traceparent(traceparent, tracestate) if traceparent is not None else None
         method = scope["method"]
-        path = scope["path"]
-        attributes: dict[str, Any] = {N.HTTP_REQUEST_METHOD: method, N.URL_PATH: path,
-                                      N.URL_SCHEME: scope.get("scheme", "http")}
-        client = scope.get("client")
-        if client:
-            attributes[N.CLIENT_ADDRESS] = client[0]
-        if route is not None:
-            attributes[N.HTTP_ROUTE] = route
-        request_id = scope.get("state", {}).get("request_id")
-        if request_id:
-            attributes[N.REQUEST_ID] = request_id
-        span = tracer.start(f"{method} {route}" if route else method, SERVER, attributes, parent)
+        span = tracer.start(f"{method} {route}" if route else method, SERVER, None, parent)
+        if span.is_recording():  # a span sampled out costs its ids and nothing more
+            attributes: dict[str, Any] = {N.HTTP_REQUEST_METHOD: method, N.URL_PATH: scope["path"],
+                                          N.URL_SCHEME: scope.get("scheme", "http")}
+            client = scope.get("client")
+            if client:
+                attributes[N.CLIENT_ADDRESS] = client[0]
+            if route is not None:
+                attributes[N.HTTP_ROUTE] = route
+            request_id = scope.get("state", {}).get("request_id")
+            if request_id:
+                attributes[N.REQUEST_ID] = request_id
+            span.set_attributes(attributes)
         return ServerSpan(span, scope)
 
     def pick(self, headers: Mapping[str, str], method: str, path: str) -> ServerSpan | _NoServer:
@@ -348,19 +366,12 @@ class Tracing:
         """A child of the current span (None inside the block when tracing is off); an exception marks it."""
         if self._tracer is None:
             return _NULL
-        return self._child(name, attributes, kind)
-
-    @contextlib.contextmanager
-    def _child(self, name: str, attributes: Mapping[str, Any] | None, kind: int) -> Iterator[Any]:
-        assert self._tracer is not None
-        span = self._tracer.start(name, kind, dict(attributes) if attributes else None, _CURRENT.get())
-        try:
-            yield span
-        except BaseException as exc:
-            _mark_error(span, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
-            raise
-        finally:
-            span.end()
+        parent = _CURRENT.get()
+        if parent is not None and not parent.sampled:
+            # Every sampler here decides a child as its parent (parent-based, or the same trace id's
+            # ratio): a child of a span sampled out would be too, and an internal one is never propagated.
+            return _NULL
+        return _Child(self._tracer.start(name, kind, dict(attributes) if attributes else None, parent))
 
     def annotate_current(self, attributes: Mapping[str, Any]) -> None:
         if self._tracer is not None:
@@ -454,6 +465,19 @@ class Tracing:
         if tracer is None:
             return NO_ATTEMPT
         op = N.OPERATION.get(ex.route, ex.route)
+        span = tracer.start(f"{op} {ex.model}", CLIENT, None, _CURRENT.get())
+        headers["traceparent"] = span.traceparent()
+        if span.tracestate:
+            headers["tracestate"] = span.tracestate
+        else:  # a tracestate without a valid traceparent means nothing (W3C trace context)
+            headers.pop("tracestate", None)
+        if not span.is_recording():
+            return NO_ATTEMPT  # sampled out: the backend still gets the trace and the decision
+        span.set_attributes(self._attempt_attributes(ex, op, number, kind, target))
+        return AttemptSpan(span, self.capture_content)
+
+    def _attempt_attributes(self, ex: Exchange, op: str, number: int, kind: str,
+                            target: BackendTarget) -> dict[str, Any]:
         body = ex.body
         server = self._servers.get(target.api_base)
         if server is None:
@@ -490,13 +514,7 @@ class Tracing:
             attrs[N.GEN_AI_REQUEST_PREVIOUS_RESPONSE_ID] = previous
         if self.capture_content:
             attrs[N.GEN_AI_INPUT_MESSAGES] = _input_messages(body)
-        span = tracer.start(f"{op} {ex.model}", CLIENT, attrs, _CURRENT.get())
-        headers["traceparent"] = span.traceparent()
-        if span.tracestate:
-            headers["tracestate"] = span.tracestate
-        else:  # a tracestate without a valid traceparent means nothing (W3C trace context)
-            headers.pop("tracestate", None)
-        return AttemptSpan(span, self.capture_content)
+        return attrs
 
 
 NOOP = Tracing()
