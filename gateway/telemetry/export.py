@@ -1,8 +1,8 @@
 """Getting finished spans to the collector without ever making a request wait for it.
 
-`LoopSpanProcessor` (the default) batches LiteSpans on the event loop, encodes them (otlp.py) in
-slices between which the loop serves requests, and posts OTLP/HTTP protobuf with aiohttp: no thread,
-no blocking client. A dead or slow collector costs dropped spans, counted in
+`LoopSpanProcessor` (the default) encodes each LiteSpan as it ends (otlp.py) and queues the bytes, so
+a span object dies with its request (the queue holds nothing the garbage collector walks), and a task
+on the event loop posts batches as OTLP/HTTP protobuf with aiohttp: no thread, no blocking client. A dead or slow collector costs dropped spans, counted in
 `gravity_trace_spans_dropped_total`, nothing else (docs/decisions/0003-span-export.md).
 """
 from __future__ import annotations
@@ -19,15 +19,13 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.telemetry.config import BatchConfig
-from gateway.telemetry.otlp import encode_request
+from gateway.telemetry.otlp import encode_encoded, encode_span
 from gateway.telemetry.spans import LiteSpan
 
 log = logging.getLogger("gravity.telemetry")
 
 __all__ = ["ExportCounters", "LoopSpanProcessor"]
 
-_ENCODE_SLICE = 64
-"""Spans encoded between two yields to the loop: ~1 ms of protobuf work at most per slice."""
 
 
 class ExportCounters:
@@ -78,7 +76,8 @@ class LoopSpanProcessor:
         self._batch = batch.max_export_batch_size
         self._max = batch.max_queue_size
         self._shutdown_s = batch.export_timeout_ms / 1000
-        self._queue: collections.deque[LiteSpan] = collections.deque()
+        self._queue: collections.deque[bytes] = collections.deque()
+        """Encoded `Span` messages."""
         self.counters = counters
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -90,7 +89,7 @@ class LoopSpanProcessor:
         if len(queue) >= self._max:
             self.counters.drop(1, "queue_full")
             return
-        queue.append(span)
+        queue.append(encode_span(span))
         wake = self._wake
         if wake is not None and len(queue) >= self._batch and not wake.is_set():
             wake.set()
@@ -138,15 +137,8 @@ class LoopSpanProcessor:
             batch = [queue.popleft() for _ in range(n)]
             await self._export(batch)
 
-    async def _export(self, batch: Sequence[LiteSpan]) -> None:
-        # Serialized ExportTraceServiceRequests concatenate into one (protobuf merges repeated fields),
-        # so a big batch is encoded slice by slice with the loop free in between.
-        parts = []
-        for i in range(0, len(batch), _ENCODE_SLICE):
-            if i:
-                await asyncio.sleep(0)
-            parts.append(encode_request(batch[i:i + _ENCODE_SLICE], self._prefix))
-        body = b"".join(parts)
+    async def _export(self, batch: Sequence[bytes]) -> None:
+        body = encode_encoded(batch, self._prefix)
         if self._gzip:
             body = gzip.compress(body, compresslevel=1)
         session = self._session

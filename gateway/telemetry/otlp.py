@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.telemetry.spans import LiteSpan
 
-__all__ = ["encode_request", "encode_span"]
+__all__ = ["encode_encoded", "encode_request", "encode_span", "resource_prefix"]
 
 _CACHE_MAX = 8192
 _kv_cache: dict[tuple[str, type, Any], bytes] = {}
@@ -121,7 +121,12 @@ def resource_prefix(resource: Mapping[str, Any], scope: str, version: str = "") 
 
 def encode_request(spans: Sequence[LiteSpan] | Iterable[LiteSpan], prefix: tuple[bytes, bytes]) -> bytes:
     """An `ExportTraceServiceRequest` with one ResourceSpans and one ScopeSpans holding `spans`."""
+    return encode_encoded([encode_span(s) for s in spans], prefix)
+
+
+def encode_encoded(spans: Iterable[bytes], prefix: tuple[bytes, bytes]) -> bytes:
+    """The same from spans already encoded by `encode_span`."""
     resource, scope = prefix
-    scope_spans = _ld(b"\x0a", scope) + b"".join(_ld(b"\x12", encode_span(s)) for s in spans)
+    scope_spans = _ld(b"\x0a", scope) + b"".join(_ld(b"\x12", s) for s in spans)
     resource_spans = _ld(b"\x0a", resource) + _ld(b"\x12", scope_spans)
     return _ld(b"\x0a", resource_spans)
