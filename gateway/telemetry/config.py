@@ -64,8 +64,9 @@ class TelemetryConfig(_Model):
     batch: BatchConfig = BatchConfig()
     """OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_EXPORT_TIMEOUT."""
     processor: Literal["loop", "thread"] | None = None
-    """GRAVITY_OTEL_PROCESSOR: `loop` (default) exports from the event loop with aiohttp; `thread` uses the
-    SDK's BatchSpanProcessor and exporter (its own thread, a blocking HTTP client). grpc is always `thread`."""
+    """GRAVITY_OTEL_PROCESSOR: `loop` (default): the gateway's own spans, exported from the event loop with
+    aiohttp; `thread`: the OpenTelemetry SDK's spans, BatchSpanProcessor and exporter (its own thread, a
+    blocking HTTP client; several times the CPU, docs/decisions/0004-span-recorder.md). grpc is always `thread`."""
     capture_content: bool | None = None
     """OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: record prompts and completions on the inference
     spans (the conventions' opt-in `gen_ai.input.messages` / `gen_ai.output.messages`). Off by default."""

@@ -3,7 +3,7 @@
 `LoopSpanProcessor` (the default) encodes each LiteSpan as it ends (otlp.py) and queues the bytes, so
 a span object dies with its request (the queue holds nothing the garbage collector walks), and a task
 on the event loop posts batches as OTLP/HTTP protobuf with aiohttp: no thread, no blocking client. A dead or slow collector costs dropped spans, counted in
-`gravity_trace_spans_dropped_total`, nothing else (docs/decisions/0003-span-export.md).
+`gravity_trace_spans_dropped_total`, nothing else (docs/decisions/0004-span-recorder.md).
 """
 from __future__ import annotations
 

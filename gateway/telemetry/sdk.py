@@ -1,6 +1,6 @@
 """The OpenTelemetry SDK behind the `Recorder` shape: for gRPC export and `processor: thread`.
 
-Its spans cost several times the gateway's own (docs/decisions/0003-span-export.md), so this path is
+Its spans cost several times the gateway's own (docs/decisions/0004-span-recorder.md), so this path is
 taken only where the SDK's exporter is needed: OTLP over gRPC (the otlp-grpc extra), or the SDK's
 BatchSpanProcessor asked for by name. Drops of its full queue and failed exports are counted as the
 event-loop processor's are.

@@ -1,7 +1,7 @@
 """The gateway's own span recorder: W3C trace context, the standard samplers, and spans as small objects.
 
 The OpenTelemetry SDK's spans cost more than the whole rest of a request here (docs/decisions/
-0003-span-export.md), so the default path records spans itself with exactly what OTLP needs and
+0004-span-recorder.md), so the default path records spans itself with exactly what OTLP needs and
 `otlp.py` encodes them. The SDK stays behind the same `Recorder` shape for gRPC (`sdk.py`).
 """
 from __future__ import annotations

@@ -415,3 +415,39 @@ def test_the_sdk_processor_exports_the_same_tree(tmp_path: Path, stack: Stack) -
     assert client.attributes["gen_ai.usage.output_tokens"] == 3
     assert _upstream_traceparents(stack, trace_id) == {"sim-0": f"00-{trace_id}-{client.span_id}-01"}
     _no_prompt(spans)
+
+
+def test_content_only_when_asked_sessions_and_the_last_spans_at_shutdown(tmp_path: Path, stack: Stack) -> None:
+    """Opt-in content, x-session-id as the conversation, an invalid traceparent, and spans still queued
+    when SIGTERM comes (a 60 s schedule delay: only the shutdown drain can have sent them)."""
+    cfg = {"backends": [{"name": "sim-0", "url": f"http://127.0.0.1:{stack.sims[0].port}", "models": [MODEL]}],
+           "state": {"embedded_dir": str(tmp_path / "redis")}, "resilience": {"drain": {"grace_s": 0}}}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": stack.receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "60000",
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
+    gw = start_gateway(tmp_path, cfg, env=env)
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    try:
+        header, trace_id, _ = new_traceparent()
+        reply = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECRET}], max_tokens=3,
+                                          extra_body={"ignore_eos": True},
+                                          extra_headers={"traceparent": header, "x-session-id": "sess-42"})
+        bad = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "bad parent"}], max_tokens=2,
+            extra_headers={"traceparent": "00-zz-nope-01", "tracestate": "vendor=stale"})
+        time.sleep(0.5)
+        assert not stack.receiver.trace(trace_id), "nothing is sent before the schedule delay"
+    finally:
+        gw.stop()  # SIGTERM: the lifespan drains the export queue
+    spans = stack.receiver.wait_for(_complete, trace_id, timeout=5)
+    client = _one(spans, kind="CLIENT", name=f"chat {MODEL}")
+    a = client.attributes
+    assert a["gen_ai.conversation.id"] == "sess-42"
+    assert SECRET in a["gen_ai.input.messages"]
+    content = reply.choices[0].message.content
+    assert content and content in a["gen_ai.output.messages"]
+    # The invalid traceparent started a trace of the gateway's own; the stale tracestate went nowhere.
+    rid = bad.headers["x-request-id"]
+    server = next(s for s in stack.receiver.spans if s.attributes.get("gravity.request_id") == rid)
+    assert server.parent_span_id == ""
+    record = next(r for r in stack.records(stack.sims[0]) if r["request_id"] == f"chatcmpl-{rid}")
+    assert record["traceparent"].split("-")[1] == server.trace_id and record["tracestate"] is None
