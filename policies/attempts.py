@@ -8,7 +8,8 @@ production. Events go in (`start`, `failed`, `succeeded`), the next action comes
 Rules: never the same endpoint twice within a request; endpoints whose circuit refuses are skipped;
 before the first byte a retryable failure moves to the next candidate while attempts, the
 deadline and the gateway's retry budget allow; after the stream started, a stall or a broken stream
-resumes on another endpoint when the request can be resumed and resumes are left.
+resumes on another endpoint when the request can be resumed and resumes are left. A broken
+connection (a replica dying under its batch) is retried or resumed without asking the budget.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ class AttemptPlan:
             return Stop(StopReason.DEADLINE, failure, status)
         if self.attempts >= self.policy.max_attempts:
             return Stop(StopReason.EXHAUSTED, failure, status)
-        if self.budget is not None and not self.budget.try_retry(now):
+        if not self._budget_allows(failure, now):
             return Stop(StopReason.BUDGET, failure, status)
         return self._advance(resume=False) or Stop(StopReason.EXHAUSTED, failure, status)
 
@@ -172,13 +173,22 @@ class AttemptPlan:
             return Stop(StopReason.DEADLINE, failure, streamed=True)
         if self.resumes >= self.policy.max_resumes:
             return Stop(StopReason.EXHAUSTED, failure, streamed=True)
-        if self.budget is not None and not self.budget.try_retry(now):
+        if not self._budget_allows(failure, now):
             return Stop(StopReason.BUDGET, failure, streamed=True)
         attempt = self._advance(resume=True)
         if attempt is None:
             return Stop(StopReason.EXHAUSTED, failure, streamed=True)
         self.resumes += 1
         return attempt
+
+    def _budget_allows(self, failure: Failure, now: float) -> bool:
+        # A connection that broke mid-answer is a replica dying under its whole batch (vLLM runs up to
+        # 256 sequences): that work is not extra load but the load itself, moved, and the budget's floor
+        # (30 per 10 s) would cut most of it. Bounded per request by max_attempts and max_resumes.
+        # Everything else asks: errors, refusals and stalls are what a sick fleet answers with.
+        if failure is Failure.BROKEN or self.budget is None:
+            return True
+        return self.budget.try_retry(now)
 
     def _retryable(self, failure: Failure, status: int | None) -> bool:
         if failure is Failure.STATUS:

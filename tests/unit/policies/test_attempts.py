@@ -151,3 +151,20 @@ def test_a_resume_past_the_deadline_stops() -> None:
     plan.start()
     assert plan.failed(Failure.BROKEN, 11.0, streamed=True) == Stop(StopReason.DEADLINE, Failure.BROKEN,
                                                                     streamed=True)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_work_a_dying_replica_cut_is_moved_whatever_the_budget(streamed: bool) -> None:
+    # A replica that dies takes its whole batch down at once (vLLM runs up to 256 sequences): those
+    # requests are not extra load but the load itself, moved. The budget stops retries piling onto
+    # backends that answer errors or stall; a broken connection is retried or resumed regardless,
+    # bounded per request by max_attempts and max_resumes.
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.0, min_per_s=0.0, window_s=10.0))  # no retries at all
+    plan = _plan(budget=budget)
+    plan.start()
+    nxt = plan.failed(Failure.BROKEN, 1.0, streamed=streamed)
+    assert isinstance(nxt, Attempt) and nxt.resume is streamed
+    for failure in (Failure.STALLED, Failure.CONNECT) if streamed else (Failure.CONNECT,):
+        stalled = _plan(budget=budget)
+        stalled.start()
+        assert stalled.failed(failure, 1.0, streamed=streamed).reason is StopReason.BUDGET  # type: ignore[union-attr]

@@ -113,3 +113,14 @@ def test_bad_faults_are_refused_with_a_reason(bad: str) -> None:
 def test_a_fault_on_a_missing_endpoint_is_refused() -> None:
     with pytest.raises(ValueError, match="endpoint 7 does not exist"):
         _run([FaultEvent(t=1.0, fault="kill", endpoint=7)])
+
+
+def test_a_replica_dying_with_a_full_batch_loses_no_stream_to_the_retry_budget() -> None:
+    # Big engines, dense arrivals: the kill breaks far more streams than the budget's floor (30 / 10 s).
+    engine = get_profile("tiny", max_model_len=4096, max_num_seqs=64, kv_blocks=4096)
+    records = _records(400, gap=0.004)
+    result = simulate(records, config=lambda reg: policy_config("round-robin", reg), engine=engine, backends=3,
+                      faults=[FaultEvent(t=1.0, fault="kill", endpoint=1)], policy_name="round-robin")
+    summary = fault_summary(result)
+    assert summary["resumed"] + summary["retried"] > 40, summary
+    assert summary["failed"] == 0, summary
