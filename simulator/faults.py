@@ -12,13 +12,15 @@ from typing import Any
 class Faults:
     """`fail_next` requests fail with `fail_status`; every request waits `latency_ms` before its
     first token; every stream stalls (held open) after `stall_after` tokens while set; the next
-    generation exits the process after `exit_after` tokens."""
+    generation exits the process after `exit_after` tokens; `/metrics` answers after `metrics_delay_ms`
+    (a slow scrape: the replica serves, its load figures arrive late or not at all)."""
 
     fail_next: int = 0
     fail_status: int = 500
     latency_ms: float = 0.0
     stall_after: int | None = None
     exit_after: int | None = None
+    metrics_delay_ms: float = 0.0
 
     def take_failure(self) -> int | None:
         """The status to fail this request with, consuming one of `fail_next`."""
@@ -42,9 +44,9 @@ class Faults:
         for key, value in changes.items():
             if key not in known:
                 raise ValueError(f"unknown fault {key!r}; known: {', '.join(sorted(known))}")
-            if key == "latency_ms":
+            if key in ("latency_ms", "metrics_delay_ms"):
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                    raise ValueError("latency_ms must be a non-negative number")
+                    raise ValueError(f"{key} must be a non-negative number")
             elif key == "fail_status":
                 if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
                     raise ValueError("fail_status must be an HTTP error status (400-599)")

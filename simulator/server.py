@@ -338,6 +338,8 @@ class SimServer:
         return json_response({"version": "0.0.0+gravity-sim"})
 
     async def metrics(self, request: Request) -> Response:
+        if self.faults.metrics_delay_ms:
+            await asyncio.sleep(self.faults.metrics_delay_ms / 1000)
         return Response(render(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---- admin -----------------------------------------------------------------------------

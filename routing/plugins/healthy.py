@@ -1,6 +1,9 @@
-"""Filter ``healthy``: drop endpoints that failed their last scrape, whose circuit is open, or whose metrics are stale.
+"""Filter ``healthy``: drop endpoints marked unhealthy (failed scrapes or health probes, a refused
+connection) or whose circuit is open.
 
-An endpoint never scraped yet is kept, so a gateway without a collector still routes.
+Stale metrics mean "load unknown", not "dead": liveness is the health prober's (and, without probes,
+the collector's) to judge, so by default an endpoint whose scrapes are slow keeps serving (its load
+figures then count as absent). ``require_fresh_metrics: true`` drops stale endpoints instead.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ __all__ = ["FACTORY", "HealthyFilter", "HealthyParams"]
 
 
 class HealthyParams(Params):
-    require_fresh_metrics: bool = True
+    require_fresh_metrics: bool = False
 
 
 class HealthyFilter:
@@ -32,4 +35,4 @@ def _build(name: str, params: HealthyParams, deps: BuildContext) -> HealthyFilte
     return HealthyFilter(name, params)
 
 
-FACTORY = PluginFactory("healthy", "filter", HealthyParams, _build, "healthy, circuit closed, metrics fresh")
+FACTORY = PluginFactory("healthy", "filter", HealthyParams, _build, "healthy, circuit closed")

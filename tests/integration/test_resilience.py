@@ -218,6 +218,34 @@ def test_an_open_circuit_is_probed_and_closes_once_the_replica_heals(tmp_path: P
         asyncio.run(go())
 
 
+def test_slow_metrics_mean_unknown_load_not_a_dead_fleet(tmp_path: Path) -> None:
+    """Every replica's /metrics turns slower than the scrape timeout: their figures go stale, yet they
+    answer /health and serve, so the model must keep answering (not 503 no_healthy_backend)."""
+    with fleet(tmp_path) as (gw, sims, _):
+        async def go() -> list[Any]:
+            client = _aclient(gw)
+            try:
+                assert (await _whole(client, 0, 4))[1] == 4
+                for sim in sims:
+                    await _afaults(sim, metrics_delay_ms=5000)  # the scrape timeout is 0.5 s
+                await asyncio.sleep(3.0)  # past stale_after_s (2 s): no endpoint has fresh metrics now
+                got = []
+                for i in range(10):
+                    got += await asyncio.gather(*(_whole(client, 10 * i + j, 4) for j in range(3)),
+                                                return_exceptions=True)
+                    await asyncio.sleep(0.2)
+                return got
+            finally:
+                await client.close()
+
+        got = asyncio.run(go())
+        errors = [g for g in got if isinstance(g, BaseException)]
+        assert not errors, errors[:3]
+        described = _admin(gw)
+        assert not any(e["fresh"] for e in described.values()), "some scrape got through: the test proved nothing"
+        assert all(e["healthy"] for e in described.values()), described
+
+
 def test_all_replicas_down_is_a_fast_503_with_retry_after(tmp_path: Path) -> None:
     with fleet(tmp_path) as (gw, sims, _):
         for s in sims:

@@ -106,7 +106,7 @@ FILTER_CASES: list[tuple[str, Any, list[EndpointView], dict[str, Any], list[str]
         ["a"],
     ),
     (
-        "healthy drops down, open circuit and stale, keeps never-scraped",
+        "healthy drops down and open circuit, keeps stale (load unknown) and never-scraped",
         HealthyFilter("f", HealthyParams()),
         [
             view("a"),
@@ -116,14 +116,14 @@ FILTER_CASES: list[tuple[str, Any, list[EndpointView], dict[str, Any], list[str]
             view("e", metrics=M(), fresh=True),
         ],
         {},
-        ["a", "e"],
+        ["a", "d", "e"],
     ),
     (
-        "healthy may tolerate stale metrics",
-        HealthyFilter("f", HealthyParams(require_fresh_metrics=False)),
-        [view("a", metrics=M(), fresh=False)],
+        "healthy may drop stale metrics",
+        HealthyFilter("f", HealthyParams(require_fresh_metrics=True)),
+        [view("a", metrics=M(), fresh=False), view("b", metrics=M(), fresh=True)],
         {},
-        ["a"],
+        ["b"],
     ),
     ("lora capable no adapter", LoraCapableFilter("f"), [view("a"), view("b")], {}, ["a", "b"]),
     (
