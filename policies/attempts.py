@@ -62,8 +62,11 @@ class AttemptPolicy:
     total_timeout_s: float = 600.0
     resume: bool = True
     max_resumes: int = 2
-    circuit_statuses: frozenset[int] = frozenset({500, 502, 503, 504})
-    """Statuses that count against an endpoint's circuit (a backend's 429 is load, not sickness)."""
+    circuit_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    """Statuses that count against an endpoint's circuit. A 429 counts too: a replica that refuses at
+    once looks idle to load-aware routing and would otherwise draw nearly every request, each paying
+    a retry until the retry budget runs dry. Its circuit's short, doubling open period sheds load from
+    it; `max_open_fraction` keeps a fleet-wide overload from opening every circuit."""
 
 
 class Circuits(Protocol):

@@ -58,6 +58,9 @@ class CircuitConfig(_Model):
     max_open_s: float = Field(60.0, gt=0)
     max_open_fraction: float = Field(0.5, gt=0, le=1)
     """Never more than this share of the endpoints open at once (at least one)."""
+    on_status: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504])
+    """Backend statuses that count as failures (connect errors, timeouts, broken and stalled streams
+    always do)."""
 
 
 class HealthConfig(_Model):
@@ -119,6 +122,7 @@ class ResilienceConfig(_Model):
             first_byte_timeout_s=self._timeout(model, "first_byte_s"),
             stall_timeout_s=self._timeout(model, "stall_s"), total_timeout_s=self._timeout(model, "total_s"),
             resume=self.resume.enabled, max_resumes=self.resume.max_resumes,
+            circuit_statuses=frozenset(self.circuit.on_status),
         )
 
     def circuit_policy(self) -> CircuitPolicy:

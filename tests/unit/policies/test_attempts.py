@@ -96,18 +96,24 @@ def test_open_circuits_are_skipped_and_all_open_is_no_endpoint() -> None:
     assert _plan(("a", "b"), circuits=board).start() == Stop(StopReason.NO_ENDPOINT)
 
 
-def test_failures_feed_the_circuit_but_a_backends_429_does_not() -> None:
+@pytest.mark.parametrize(("status", "opens"), [(429, True), (503, True), (500, True), (400, False), (404, False)])
+def test_failures_feed_the_circuit_client_errors_do_not(status: int, opens: bool) -> None:
     board = CircuitBoard(CircuitPolicy(consecutive_failures=2), lambda: 0.0)
-    for _ in range(3):
-        plan = _plan(("a",), circuits=board)
-        plan.start()
-        plan.failed(Failure.STATUS, 1.0, status=429)
-    assert board.state("a") == "closed"
     for _ in range(2):
         plan = _plan(("a",), circuits=board)
         plan.start()
-        plan.failed(Failure.STATUS, 1.0, status=503)
-    assert board.state("a") == "open"
+        plan.failed(Failure.STATUS, 1.0, status=status)
+    assert board.state("a") == ("open" if opens else "closed")
+
+
+def test_which_statuses_count_against_the_circuit_is_configurable() -> None:
+    board = CircuitBoard(CircuitPolicy(consecutive_failures=2), lambda: 0.0)
+    policy = AttemptPolicy(circuit_statuses=frozenset({500, 502, 503, 504}))
+    for _ in range(3):
+        plan = _plan(("a",), policy, circuits=board)
+        plan.start()
+        plan.failed(Failure.STATUS, 1.0, status=429)
+    assert board.state("a") == "closed"
 
 
 def test_a_half_open_endpoint_takes_one_probe_and_an_abandoned_probe_is_freed() -> None:

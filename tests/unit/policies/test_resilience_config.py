@@ -13,6 +13,9 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (p.connect_timeout_s, p.first_byte_timeout_s, p.stall_timeout_s, p.total_timeout_s) == (5, 300, 60, 1800)
     assert p.max_attempts == 3 and p.resume and p.max_resumes == 2
     assert p.retry_statuses == {429, 500, 502, 503, 504}
+    assert p.circuit_statuses == {429, 500, 502, 503, 504}
+    assert ResilienceConfig.model_validate({"circuit": {"on_status": [503]}}).attempt_policy("m").circuit_statuses \
+        == {503}
 
 
 def test_per_model_overrides_replace_only_what_they_name() -> None:

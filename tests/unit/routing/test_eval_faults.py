@@ -124,3 +124,17 @@ def test_a_replica_dying_with_a_full_batch_loses_no_stream_to_the_retry_budget()
     summary = fault_summary(result)
     assert summary["resumed"] + summary["retried"] > 40, summary
     assert summary["failed"] == 0, summary
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_replica_refusing_everything_does_not_become_a_black_hole(status: int) -> None:
+    # A replica that answers at once looks idle, so the load-aware default profile ranks it first for
+    # nearly every request; unless its circuit opens, every request pays a retry and the retry budget
+    # runs dry, failing requests the healthy replicas could serve.
+    records = _records(300, gap=0.05)
+    result = simulate(records, config=lambda reg: policy_config("default", reg), engine=TINY, backends=3,
+                      faults=[FaultEvent(t=2.0, fault="error", endpoint=0, status=status, duration=10.0)],
+                      policy_name="default")
+    summary = fault_summary(result)
+    assert summary["retried"] >= 5, "the fault cost nothing: the test proved nothing"
+    assert summary["failed"] == 0, summary
