@@ -319,3 +319,25 @@ async def test_a_stream_that_stalls_after_its_first_byte_is_no_success_for_the_c
         assert sink.events()[-1] == "[DONE]"
     assert ds.snapshot().endpoints["a"].circuit_open
     assert d.circuits.state("b") == "closed"
+
+
+async def test_a_completions_stream_is_resumed_with_the_prompt_plus_the_partial_text() -> None:
+    def text(t: str, rid: str, finish: str | None = None) -> bytes:
+        return _sse({"id": rid, "object": "text_completion", "created": 7 if rid == "cmpl-1" else 8, "model": "m",
+                     "choices": [{"index": 0, "text": t, "finish_reason": finish}]})
+    first = Reply(chunks=[text("Once", "cmpl-1"), text(" upon", "cmpl-1")], then="break")
+    rest = Reply(chunks=[text(" a", "cmpl-2"), text(" time", "cmpl-2", "length"), b"data: [DONE]\n\n"])
+    d, t, _ = _build({"a": [first], "b": [rest]})
+    payload = {"model": "m", "prompt": "Tell me:", "stream": True, "max_tokens": 4}
+    raw = orjson.dumps(payload)
+    parsed = parse_body("completions", raw)
+    ex = Exchange(request_id="r2", route="completions", model="m", body=parsed.body, raw=raw, stream=True,
+                  client_wants_usage=parsed.wants_usage, routing=RoutingRequest(model="m", prompt=b"Tell me:"),
+                  forward_headers={})
+    from routing.types import Candidate, Decision
+    ex.decision = Decision("m", "default", [Candidate(n, "", 1.0 - i / 10, None, 10) for i, n in enumerate("ab")])
+    events = [e for e in (await _run(d, ex)).events() if e != "[DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == "Once upon a time"
+    assert {e["id"] for e in events} == {"cmpl-1"} and {e["created"] for e in events} == {7}
+    resumed = t.sent[1][1]
+    assert resumed["prompt"] == "Tell me:Once upon" and resumed["max_tokens"] == 2
