@@ -55,7 +55,9 @@ def test_unknown_model_and_no_healthy_endpoint() -> None:
     ds.set_healthy("a", False, "down")
     ds.set_circuit_open("b", True)
     ds.update_metrics("c", metrics())
-    clock.now += 10  # c's metrics go stale
+    clock.now += 10  # c's metrics go stale: load unknown, not dead (docs/resilience.md)
+    assert sched.schedule(_req()).best.endpoint == "c"
+    ds.set_healthy("c", False, "probe failed")
     with pytest.raises(NoHealthyEndpoint) as none:
         sched.schedule(_req())
     assert none.value.code == "no_healthy_endpoint" and "healthy" in str(none.value)
