@@ -1,6 +1,7 @@
 """Envoy ext_proc overhead: one static nginx upstream measured, in one run, straight through Envoy,
-through Envoy with `gravity extproc` deciding (FULL_DUPLEX_STREAMED and BUFFERED request bodies),
-and through `gravity serve` (the proxy).
+through Envoy with a processor per `--variants` entry (`gravity extproc` in several body modes and
+`read_response` settings, or loadtests/null_extproc.py, the do-nothing floor on the same gRPC
+stack), and through `gravity serve` (the proxy). docs/extproc.md has the variants and figures.
 
     make envoy && .venv/bin/python loadtests/bench_extproc.py     # ~2 minutes; needs nginx and wrk
     apt-get install -y nginx-light wrk                            # Debian packages it uses

@@ -87,6 +87,4 @@ def test_the_subset_hint_bounds_every_pick(tmp_path_factory: pytest.TempPathFact
             where = {_chat(st, client, [{"role": "user", "content": f"subset {i} " + "w " * (i * 40)}],
                            f"subset-{i}") for i in range(8)}
             assert where <= allowed, (where, allowed)
-            if len(allowed) > 1:
-                assert where == allowed  # both eligible replicas take work: the hint narrows, not pins
         client.close()
