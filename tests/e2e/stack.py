@@ -208,7 +208,7 @@ def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None, 
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
         conn.request("POST", parts.path, json.dumps(body).encode(),
                      {"content-type": "application/json", **(headers or {})})

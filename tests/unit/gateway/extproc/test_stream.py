@@ -191,7 +191,7 @@ async def test_bad_json_is_the_parsers_400_and_never_reaches_the_decider(raw: by
 async def test_oversized_bodies_by_header_and_by_count() -> None:
     d = ScriptedDecider()
     s = ExtProcStream(d, max_body_bytes=100)
-    out = await s.handle(_headers(**{"content-length": "101"}))
+    out = await s.handle(_headers(**{"content-length": "101"}))  # type: ignore[arg-type]  # a header, not a parameter
     assert out[0].immediate_response.status.code == 413
     s = ExtProcStream(d, max_body_bytes=100)
     await s.handle(_headers())
