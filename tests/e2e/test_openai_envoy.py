@@ -263,7 +263,7 @@ def test_an_answer_nothing_settles_from_is_passed_on_unread(st: Stack) -> None:
     """`read_response: when_settling` (the buffered fixture): Envoy is told at the response headers
     to skip the body; the client still gets all of it. By default (`always`) the body is read."""
     before = _msgs_sent(st)
-    status, _, body = _post(_port(st), "/v1/completions", {"model": MODEL, "prompt": "unread", "max_tokens": 5})
+    status, _, body = _post(_port(st), "/v1/completions", {"model": MODEL, "prompt": "unread", "max_tokens": 5, "ignore_eos": True})
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 5
     sent = _msgs_sent(st) - before
     # request headers, request body, response headers; and when read, the response body (full
