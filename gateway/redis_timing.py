@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from policies.limiter import LUA_SHA
 from policies.redis_pipe import RedisPipe
@@ -58,6 +59,12 @@ def operation_name(args: tuple[Any, ...]) -> str:
     return name
 
 
+def _failure(exc: BaseException) -> BaseException | None:
+    # EVALSHA of a script the server has not cached yet is how scripts are sent (the caller loads it and
+    # runs it again): a round trip, not a failure.
+    return None if isinstance(exc, NoScriptError) else exc
+
+
 class TimedRedis(aioredis.Redis):
     """`redis.asyncio.Redis` whose `execute_command` reports each command to `observe`."""
 
@@ -71,7 +78,7 @@ class TimedRedis(aioredis.Redis):
         try:
             result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         except BaseException as exc:  # a cancelled wait (a timeout above) is a slow operation too
-            observe(operation_name(args), time.perf_counter() - started, exc)
+            observe(operation_name(args), time.perf_counter() - started, _failure(exc))
             raise
         observe(operation_name(args), time.perf_counter() - started, None)
         return result
@@ -88,7 +95,7 @@ class TimedRedisCluster(RedisCluster):
         try:
             result = await super().execute_command(*args, **kwargs)
         except BaseException as exc:  # a cancelled wait (a timeout above) is a slow operation too
-            observe(operation_name(args), time.perf_counter() - started, exc)
+            observe(operation_name(args), time.perf_counter() - started, _failure(exc))
             raise
         observe(operation_name(args), time.perf_counter() - started, None)
         return result
@@ -107,7 +114,7 @@ class TimedRedisPipe(RedisPipe):
         try:
             result = await super().execute(*args)
         except BaseException as exc:  # a cancelled wait (a timeout above) is a slow operation too
-            self._observe(operation_name(args), time.perf_counter() - started, exc)
+            self._observe(operation_name(args), time.perf_counter() - started, _failure(exc))
             raise
         self._observe(operation_name(args), time.perf_counter() - started, None)
         return result

@@ -190,6 +190,21 @@ def test_sessions_time_their_redis_reads_and_writes(fleet: Fleet) -> None:
     assert delta(before, after, "gravity_redis_operation_duration_seconds_count", operation="ratelimit_reserve") == 0
 
 
+def test_a_responses_call_times_its_state_scripts(fleet: Fleet) -> None:
+    c = fleet.client()
+    first = c.responses.create(model=MODEL, input="metrics: a stored response", max_output_tokens=3)
+    # Each script's first run is two round trips (EVALSHA answered NOSCRIPT, then sent): warm both.
+    second = c.responses.create(model=MODEL, input="a continuation", max_output_tokens=3,
+                                previous_response_id=first.id)
+    before = fleet.scrape()
+    c.responses.create(model=MODEL, input="and another", max_output_tokens=3, previous_response_id=second.id)
+    after = fleet.scrape()
+    for script in ("state_history", "state_save_response"):
+        assert delta(before, after, "gravity_redis_operation_duration_seconds_count", operation=script) == 1, script
+    assert delta(before, after, "gravity_redis_operation_errors_total") == 0
+    assert delta(before, after, "gravity_requests_total", route=CHAT, status="200") == 1
+
+
 def test_prefix_match_ratio_is_high_for_a_repeated_prompt(fleet: Fleet) -> None:
     prompt = "metrics prefix test: " + " ".join(f"word{i}" for i in range(400))
     c = fleet.client()
