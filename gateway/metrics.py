@@ -22,6 +22,7 @@ from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
+    from routing.types import Decision
 
 __all__ = ["OVERFLOW", "UNROUTED", "GatewayMetrics", "decided_by"]
 
@@ -157,6 +158,46 @@ def _le(bound: float) -> str:
     return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
+class _Bundle:
+    """The children one kind of exchange (route, model, backend, status, tenant) updates; those not every
+    exchange updates (streams, usage) are made on first use, so no empty series is exported."""
+
+    __slots__ = ("_key", "_m", "_tokens", "_ttft", "latency", "requests")
+
+    def __init__(self, m: GatewayMetrics, route: str, model: str, backend: str, status: int, tenant: str) -> None:
+        self._m, self._key = m, (route, model, backend, str(status), tenant)
+        self.requests = m.requests.labels(route, model, backend, str(status))
+        self.latency = m.latency.labels(route, model, str(status))
+        self._ttft: tuple[_HistChild, _HistChild] | None = None
+        self._tokens: dict[str, tuple[_Child, _Child | None]] = {}
+
+    def ttft_tpot(self) -> tuple[_HistChild, _HistChild]:
+        if self._ttft is None:
+            route, model, backend, _, _ = self._key
+            self._ttft = (self._m.ttft.labels(route, model, backend), self._m.tpot.labels(route, model, backend))
+        return self._ttft
+
+    def tokens(self, kind: str, n: int) -> None:
+        pair = self._tokens.get(kind)
+        if pair is None:
+            _, model, backend, _, tenant = self._key
+            pair = self._tokens[kind] = (self._m.tokens.labels(tenant, model, kind),
+                                         self._m.backend_tokens.labels(backend, kind) if backend else None)
+        pair[0].value += n
+        if pair[1] is not None:
+            pair[1].value += n
+
+
+class _ProfileSeries:
+    __slots__ = ("decisions", "plugins", "prefix", "schedule")
+
+    def __init__(self, m: GatewayMetrics, profile: str) -> None:
+        self.schedule = m.schedule_time.labels(profile)
+        self.prefix = m.prefix_ratio.labels(profile)
+        self.plugins: dict[str, _HistChild] = {}
+        self.decisions: dict[tuple[str, str], _Child] = {}
+
+
 class _Collector:
     def __init__(self, families: list[_Family]) -> None:
         self._families = families
@@ -231,6 +272,8 @@ class GatewayMetrics:
                                     "gateway waits for them, by operation.", ["operation"], _REDIS_BUCKETS)
         self.redis_errors = self.counter("gravity_redis_operation_errors", "Redis commands that failed, by "
                                          "operation and error class.", ["operation", "error"])
+        self._bundles: dict[tuple[str, str, str, int, str], _Bundle] = {}
+        self._profiles: dict[str, _ProfileSeries] = {}
         self.registry.register(_Collector(self._families))
 
     # -- declaring ------------------------------------------------------------------------------------
@@ -251,43 +294,68 @@ class GatewayMetrics:
 
     # -- recording ------------------------------------------------------------------------------------
     def observe(self, ex: Exchange) -> None:
-        """Record one finished exchange."""
-        model = ex.model if ex.backend else UNROUTED
+        """Record one finished exchange (one dict lookup per group of series: this runs per request)."""
         backend = ex.backend or ""
-        status = str(ex.status)
-        route = ex.route
-        self.requests.labels(route, model, backend, status).inc()
-        end = ex.finished_at or ex.started
-        self.latency.labels(route, model, status).observe(end - ex.started)
+        model = ex.model if backend else UNROUTED
+        key = (ex.route, model, backend, ex.status, ex.tenant)
+        b = self._bundles.get(key)
+        if b is None:
+            b = self._bundle(key)
+        b.requests.value += 1
+        started = ex.started
+        end = ex.finished_at or started
+        b.latency.observe(end - started)
         usage = ex.usage
-        output: int | None = None
+        output = None
         if usage:
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")
             details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            for kind, n in (("input", prompt), ("output", completion), ("cached_input", cached)):
-                if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-                    self.tokens.labels(ex.tenant, model, kind).inc(n)
-                    if backend:
-                        self.backend_tokens.labels(backend, kind).inc(n)
-            if isinstance(completion, int):
+            cached = details.get("cached_tokens") if type(details) is dict else None
+            if type(prompt) is int and prompt >= 0:
+                b.tokens("input", prompt)
+            if type(completion) is int and completion >= 0:
+                b.tokens("output", completion)
                 output = completion
-        if ex.first_chunk_at is not None and ex.outcome == "ok":
-            self.ttft.labels(route, model, backend).observe(ex.first_chunk_at - ex.started)
+            if type(cached) is int and cached >= 0:
+                b.tokens("cached_input", cached)
+        first = ex.first_chunk_at
+        if first is not None and ex.outcome == "ok":
+            ttft, tpot = b.ttft_tpot()
+            ttft.observe(first - started)
             if output is not None and output > 1:
-                self.tpot.labels(route, model, backend).observe((end - ex.first_chunk_at) / (output - 1))
+                tpot.observe((end - first) / (output - 1))
         decision = ex.decision
         if decision is not None and decision.ranked:
-            profile = decision.profile
-            picked = decision.ranked[0].endpoint
-            self.decisions.labels(profile, picked, decided_by(decision)).inc()
-            self.schedule_time.labels(profile).observe(decision.latency_s)
-            for plugin, seconds in decision.timings.items():
-                self.plugin_time.labels(profile, plugin).observe(seconds)
-            prefix = decision.prefix
-            if prefix is not None:
-                self.prefix_ratio.labels(profile).observe(prefix.fraction(picked))
+            self._decision(decision)
+
+    def _bundle(self, key: tuple[str, str, str, int, str]) -> _Bundle:
+        if len(self._bundles) >= 4 * MAX_SERIES:  # only a cache: the series stay in their families
+            self._bundles.clear()
+        b = self._bundles[key] = _Bundle(self, *key)
+        return b
+
+    def _decision(self, decision: Decision) -> None:
+        profile = decision.profile
+        p = self._profiles.get(profile)
+        if p is None:
+            p = self._profiles[profile] = _ProfileSeries(self, profile)
+        picked = decision.ranked[0].endpoint
+        reason = decided_by(decision)
+        child = p.decisions.get((picked, reason))
+        if child is None:
+            child = p.decisions[(picked, reason)] = self.decisions.labels(profile, picked, reason)
+        child.value += 1
+        p.schedule.observe(decision.latency_s)
+        plugins = p.plugins
+        for plugin, seconds in decision.timings.items():
+            h = plugins.get(plugin)
+            if h is None:
+                h = plugins[plugin] = self.plugin_time.labels(profile, plugin)
+            h.observe(seconds)
+        prefix = decision.prefix
+        if prefix is not None:
+            p.prefix.observe(prefix.fraction(picked))
 
     def unexchanged(self, route: str, status: int, seconds: float) -> None:
         """An API request answered before the pipeline made an exchange of it (a bad body, state CRUD)."""

@@ -78,3 +78,28 @@ def test_an_access_log_turned_off_writes_nothing(caplog: pytest.LogCaptureFixtur
         AccessLog(enabled=False, logger=logging.getLogger("t.off")).exchange(_exchange())  # type: ignore[arg-type]
         AccessLog(enabled=False, logger=logging.getLogger("t.off")).refused("r", None, "GET", "/v1/x", 404, 0.0)
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_direct_write_and_the_logging_path_give_the_same_line(fmt: str) -> None:
+    import io
+    import re
+
+    from gateway.logs import AccessLog, GravityHandler, JsonFormatter, TextFormatter
+
+    def run(handler: logging.Handler, name: str) -> str:
+        stream = io.StringIO()
+        handler.setStream(stream)  # type: ignore[attr-defined]
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+        ex = _exchange(status=429, outcome="error", usage={"prompt_tokens": 3})
+        AccessLog(logger=logger).exchange(ex)  # type: ignore[arg-type]
+        AccessLog(logger=logger).refused("r2", None, "GET", "/v1/nope", 404, 0.0)
+        # timestamps and durations differ between the two runs
+        return re.sub(r'(\d{4}-\d\d-\d\dT[\d:.]+Z|"duration_ms":[\d.]+|duration_ms=[\d.]+)', "", stream.getvalue())
+
+    direct = run(GravityHandler(), "t.direct")
+    through_logging = run(logging.StreamHandler(), "t.direct")
+    assert direct == through_logging and direct.count("\n") == 2
