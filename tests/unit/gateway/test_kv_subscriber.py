@@ -111,6 +111,18 @@ async def test_engine_restart_clears_the_endpoint() -> None:
         assert ep is not None and ep.restarts == 1
 
 
+async def test_all_blocks_cleared_empties_the_endpoint_and_is_counted() -> None:
+    async with Rig(replay=True) as rig:
+        ep = rig.state.endpoint("a")
+        assert ep is not None
+        clears = ep.clears
+        rig.publisher.publish([_stored(1), _stored(2, 1)])
+        await _until(lambda: rig.held() == {1, 2})
+        rig.publisher.publish([S.AllBlocksCleared(), _stored(3)])  # cleared, then a new block in the same batch
+        await _until(lambda: rig.held() == {3})
+        assert ep.clears == clears + 1 and ep.resyncs == 0 and not rig.state.cold("a")
+
+
 async def test_late_join_replays_from_zero_when_the_buffer_reaches_back() -> None:
     pub_port, replay_port = free_port(), free_port()
     publisher = ZmqEventPublisher(KVEventsConfig(True, "zmq", f"tcp://*:{pub_port}", f"tcp://*:{replay_port}"))
@@ -162,5 +174,16 @@ def test_config_per_backend_and_derived_for_fleets() -> None:
     assert resolve_kv_endpoint("http://a:1", None, KVEventsSettings()) is None
     from gateway.config import ConfigError
 
+    # The index's memory cap comes from the config, and holds whatever the engines publish.
+    capped, _ = build_kv_events(parse_config({"kv_events": {"port": 5557, "max_keys": 64},
+                                              "backends": [{"name": "a", "url": "http://a:1"}]}))
+    assert capped is not None and capped.index.max_keys == 64
+    from routing.kv.wire import Batch, Stored
+
+    for i in range(10):  # 10 chains of 16 blocks: 160 keys offered
+        capped.apply("a", Batch(0.0, [Stored(list(range(i * 100, i * 100 + 16)), None,
+                                             [i] * 256, 16)]))
+    assert len(capped.index) == 64 and capped.index.count("a") == 64
+    assert capped.describe()["evicted_by_cap"] == 96
     with pytest.raises(ConfigError, match=r"backends\[0\]\.kv_events\.endpoint"):
         parse_config({"backends": [{"name": "a", "url": "http://a:1", "kv_events": {"endpoint": "http://a:5557"}}]})

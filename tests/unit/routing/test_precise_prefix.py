@@ -133,3 +133,57 @@ def test_the_default_registry_builds_it_from_config_and_routes_to_the_holder() -
     assert decision.best.scores["prefix"] == pytest.approx(len(hashes) * 16 / len(ids))
     with pytest.raises(ValueError, match="key_mode"):
         build_scheduler(cfg, ds, kv_events=KVEventState("engine"))
+
+
+def _precise_scheduler(clock: FakeClock) -> tuple[Any, Any, KVEventState]:
+    ds = make_datastore(["a", "b"], clock=clock)
+    state = KVEventState("tokens", clock=clock)
+    cfg = RoutingConfig.model_validate({
+        "plugins": [{"type": "precise-prefix-cache-scorer", "name": "prefix", "params": {"pending_ttl_s": 60}}],
+        "profiles": [{"name": "precise", "plugins": [{"ref": "prefix", "weight": 1}]}],
+    })
+    return build_scheduler(cfg, ds, rng=random.Random(0), clock=clock, kv_events=state), ds, state
+
+
+def _text_req(text: str) -> RoutingRequest:
+    body = {"model": "m", "prompt": text}
+    return RoutingRequest(model="m", prompt=text.encode(), route="completions", body=body, prompt_tokens=700)
+
+
+def test_a_restart_the_scraper_sees_clears_what_the_engine_held_and_the_pick_marks() -> None:
+    from simulator import tokenizer as sim_tok
+    from tests.unit.routing.helpers import metrics
+
+    clock = FakeClock()
+    sched, ds, state = _precise_scheduler(clock)
+    held = "Restarted engines forget everything they cached. " * 60
+    sent = "A prompt routed there but not yet reported stored. " * 60
+    ids = sim_tok.encode(held)
+    state.apply("a", Batch(0.0, [Stored([7], None, list(range(16)), 16)]))  # a: fed, holds nothing useful
+    state.apply("b", Batch(0.0, [Stored(list(range(1, len(ids) // 16 + 1)), None, ids, 16)]))
+    sched.observe(_text_req(sent), "b")  # pending on b until b reports it
+    assert sched.schedule(_text_req(held)).best.endpoint == "b"
+    assert sched.schedule(_text_req(sent)).best.scores["prefix"] > 0.9
+    ds.update_metrics("b", metrics(process_start_time=1.0))
+    ds.update_metrics("b", metrics(process_start_time=2.0))  # a new process: its cache is empty
+    assert state.index.count("b") == 0
+    for text in (held, sent):
+        scores = {c.endpoint: c.scores["prefix"] for c in sched.schedule(_text_req(text)).ranked}
+        assert scores == {"a": 0.0, "b": 0.0}, (text[:20], scores)
+
+
+def test_pick_marks_are_bounded_and_expire() -> None:
+    clock = FakeClock()
+    state = KVEventState("tokens", clock=clock)
+    state.apply("a", Batch(0.0, [Stored([77], None, list(range(16)), 16)]))
+    idx = PreciseIndex(state, RequestKeyer(ListTokenizer(), "tokens"), ApproxPrefixIndex(64, 64, lambda e: 1000),
+                       pending_ttl_s=5.0, clock=clock, max_pending=100)
+    for i in range(50):  # 50 distinct 10-block prompts: 500 marks offered, at most 100 kept
+        idx.observe(_req([(i + 1) * 1000 + t for t in range(160)]), "a")
+    assert len(idx._pending["a"]) <= 100
+    recent = _req([50 * 1000 + t for t in range(160)])
+    assert idx.match(recent, ["a"]) == [1.0]  # the newest marks survive the cap
+    assert idx.match(_req([1000 + t for t in range(160)]), ["a"]) == [0.0]  # the oldest went
+    clock.now += 6.0
+    idx.observe(_req([7] * 32), "a")  # the next pick sweeps what expired
+    assert len(idx._pending["a"]) == 2
