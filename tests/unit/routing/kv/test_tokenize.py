@@ -38,6 +38,23 @@ def test_shared_prefix_is_tokenized_once() -> None:
     assert cache.misses - misses <= 2 and cache.hits >= len(safe_cuts(doc, 512)) - 1
 
 
+def test_the_segment_cache_holds_at_most_max_tokens_and_stays_exact() -> None:
+    rng = random.Random(2)
+    words = ["alpha", "beta", "gamma", "delta", "route", "cache"]
+    cache = SegmentCache(sim_tok.encode, every=256, max_tokens=2_000)
+    docs = [" ".join(rng.choice(words) for _ in range(1500)) for _ in range(6)]  # ~9,000 tokens offered
+    for doc in docs:
+        assert cache.encode(doc + " why?") == sim_tok.encode(doc + " why?")
+        assert cache._tokens <= 2_000 and sum(len(v) for v in cache._segments.values()) == cache._tokens
+    # The newest document's head is still cached; the oldest one's is not.
+    misses = cache.misses
+    cache.encode(docs[-1][:300] + " again?")
+    assert cache.misses - misses == 1  # only the new tail
+    misses = cache.misses
+    cache.encode(docs[0][:300] + " again?")
+    assert cache.misses - misses == 2
+
+
 def _req(route: str, body: dict[str, object]) -> RoutingRequest:
     return RoutingRequest(model="m", prompt=b"", route=route, body=body)
 
