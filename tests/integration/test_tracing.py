@@ -451,3 +451,45 @@ def test_content_only_when_asked_sessions_and_the_last_spans_at_shutdown(tmp_pat
     assert server.parent_span_id == ""
     record = next(r for r in stack.records(stack.sims[0]) if r["request_id"] == f"chatcmpl-{rid}")
     assert record["traceparent"].split("-")[1] == server.trace_id and record["tracestate"] is None
+
+
+def test_a_resumed_stream_has_a_resume_attempt_span(tmp_path: Path, stack: Stack) -> None:
+    """sim-0 stalls every stream after 3 tokens: a stream that started there is continued on sim-1, and
+    the trace shows both attempts, the second as a resume, each with the traceparent its backend saw."""
+    cfg = {"backends": [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL]}
+                        for i, s in enumerate(stack.sims)],
+           "state": {"embedded_dir": str(tmp_path / "redis")},
+           "resilience": {"timeouts": {"first_byte_s": 30, "stall_s": 0.5, "total_s": 60}}}
+    gw = start_gateway(tmp_path, cfg, env={"OTEL_EXPORTER_OTLP_ENDPOINT": stack.receiver.endpoint,
+                                           "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
+    stack.faults(stack.sims[0], stall_after=3)
+    resumed = None
+    try:
+        for i in range(10):
+            header, trace_id, _ = new_traceparent()
+            text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"resume me {i} {os.urandom(4).hex()}"}],
+                max_tokens=12, stream=True, extra_body={"ignore_eos": True},
+                extra_headers={"traceparent": header}) if ch.choices)
+            assert text
+            spans = stack.receiver.wait_for(_complete, trace_id)
+            if any(s.attributes.get("gravity.attempt.kind") == "resume" for s in spans):
+                resumed = (trace_id, spans)
+                break
+    finally:
+        stack.faults(stack.sims[0], stall_after=None)
+        gw.stop()
+    assert resumed is not None, "no stream started on sim-0"
+    trace_id, spans = resumed
+    server = _one(spans, kind="SERVER")
+    attempts = sorted((s for s in spans if s.kind == "CLIENT"), key=lambda s: s.attributes["gravity.attempt.number"])
+    assert [a.attributes["gravity.attempt.kind"] for a in attempts] == ["first", "resume"]
+    first, resume = attempts
+    assert first.attributes["gravity.attempt.endpoint"] == "sim-0" and first.attributes["error.type"] == "stalled"
+    assert "gen_ai.response.time_to_first_chunk" in first.attributes
+    assert resume.attributes["gravity.attempt.endpoint"] == "sim-1" and resume.status != "ERROR"
+    assert all(a.parent_span_id == server.span_id for a in attempts)
+    assert server.attributes["gravity.outcome"] == "ok"
+    assert _upstream_traceparents(stack, trace_id) == {
+        "sim-0": f"00-{trace_id}-{first.span_id}-01", "sim-1": f"00-{trace_id}-{resume.span_id}-01"}
