@@ -239,6 +239,40 @@ def replicas_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict[str, Any]], held_out: set[int], path: Path) -> None:
+    """Held-out geometric-mean p90 ratio over approximate, precise and oracle, per case x fleet x load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {_key(r): r for r in rows}
+    groups = sorted({(r["case"], r["backends"], r["load"]) for r in rows},
+                    key=lambda g: (list(CASES).index(g[0]), g[1], g[2]))
+    labels, ratios = [], {"precise": [], "oracle": []}  # type: dict[str, list[float]]
+    for case, backends, load in groups:
+        got = {p: [by[(case, backends, load, s, "default")]["ttft_p90"] / by[(case, backends, load, s, p)]["ttft_p90"]
+                   for s in held_out if (case, backends, load, s, p) in by and (case, backends, load, s, "default") in by]
+               for p in ratios}
+        if not all(got.values()):
+            continue
+        labels.append(f"{case} {backends}b {load:.0%}")
+        for p, vals in got.items():
+            ratios[p].append(math.prod(vals) ** (1 / len(vals)))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], ratios["precise"], 0.4, label="precise")
+    ax.bar([x + 0.2 for x in xs], ratios["oracle"], 0.4, label="oracle (exact cache)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(2.0, color="red", linestyle="--", linewidth=0.8, label="2x goal")
+    ax.set_xticks(list(xs), labels, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("approximate TTFT p90 / policy's")
+    ax.set_title(f"TTFT p90 gain over the approximate default (geometric mean, seeds {sorted(held_out)})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=2)
@@ -252,6 +286,7 @@ def main() -> int:
     ap.add_argument("--measure-capacity", action="store_true", help="measure missing capacities and exit")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out and exit")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--plot", help="also write a PNG of the p90 ratios here")
     args = ap.parse_args()
     out = Path(args.out)
     if args.measure_capacity:
@@ -277,6 +312,8 @@ def main() -> int:
     print(report(rows, set(args.held_out)))
     print()
     print(replicas_report(rows))
+    if args.plot:
+        plot(rows, set(args.held_out), Path(args.plot))
     return 0
 
 
