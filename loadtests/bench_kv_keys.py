@@ -36,7 +36,7 @@ from simulator import tokenizer as sim_tok
 from simulator.openai_api import chat_prompt_text
 from simulator.vllm_hash import VllmBlockHasher
 
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which"]
 OUT = Path(__file__).resolve().parent / "results" / "kv_keys.json"
 
 
@@ -109,7 +109,7 @@ def one_round(doc_tokens: int, decisions: int, seed: int) -> dict[str, float]:
         state.apply(f"ep-{e}", Batch(0.0, [Stored(list(range(e * 10**6, e * 10**6 + n)), None, held, 16)]))
     precise = build_scheduler(_profile("precise-prefix-cache-scorer"), ds, rng=random.Random(0), kv_events=state)
     fixed = _Fixed()
-    scorer = next(s for s, _ in precise._profiles["p"].scorers if s.name == "prefix")  # noqa: SLF001
+    scorer = next(s for s, _ in precise._profiles["p"].scorers if s.name == "prefix")
     scorer.index.keyer = RequestKeyer(fixed, "tokens")  # type: ignore[attr-defined]
     reqs = [_req(b, i) for i, b in enumerate(bodies)]
     for r, i in zip(reqs, ids, strict=True):
@@ -148,8 +148,8 @@ def main() -> int:
     results: dict[str, Any] = {}
     rows: dict[int, list[dict[str, float]]] = {4096: [], 32768: []}
     for r in range(args.rounds):
-        for size in rows:  # interleaved
-            rows[size].append(one_round(size, args.decisions if size == 4096 else args.decisions // 4, r))
+        for size, got in rows.items():  # interleaved
+            got.append(one_round(size, args.decisions if size == 4096 else args.decisions // 4, r))
     for size, runs in rows.items():
         results[str(size)] = {k: round(statistics.median(run[k] for run in runs), 2) for k in runs[0]}
         results[str(size)]["precise_over_approx_scoring"] = round(

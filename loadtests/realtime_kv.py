@@ -25,7 +25,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
-from realtime_routing import replay  # noqa: E402 - the same client as the routing real-time check
+from realtime_routing import replay
 
 from routing.eval.metrics import percentile
 from routing.eval.workloads import WorkloadOptions, generate

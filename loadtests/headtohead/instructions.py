@@ -48,7 +48,9 @@ def _gravity_launch(s: Stack, port: int, workers: list[str]) -> tuple[list[str],
         with open(path, "a") as f:
             f.write(GRAVITY_UNDER_CALLGRIND)
     return spec.argv, spec.env
-_TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.M)
+
+
+_TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
 def _callgrind(argv: list[str], out: Path) -> list[str]:
