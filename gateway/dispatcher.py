@@ -176,7 +176,7 @@ class _Run:
         d._metrics.attempts.labels(endpoint, kind).inc()
         body = self._body(attempt)
         if body is None:  # a resumed stream had nothing left to produce
-            await self._finish_stream()
+            await self._finish_owed_nothing()
             return None
         cand = next((c for c in ex.decision.ranked if c.endpoint == endpoint), None) if ex.decision else None
         self.ticket = d._ds.begin(endpoint, cand.uncached_tokens if cand else 0, ex.routing.max_tokens)
@@ -396,6 +396,17 @@ class _Run:
                 continue
             out.append(event)
         return b"".join(out)
+
+    async def _finish_owed_nothing(self) -> None:
+        """Every token was sent before the backend went silent: end cleanly, with the usage chunk the
+        client asked for (it never came) and [DONE], instead of cutting the stream short. Nothing is
+        sent to the endpoint the plan chose: close() frees it if it was a half-open probe."""
+        ex, state = self.ex, self.state
+        assert state is not None
+        usage, chunk = state.closing_usage(ex.routing.prompt_tokens)
+        ex.usage = usage
+        ex.outcome = "ok"
+        await self._last((chunk if ex.client_wants_usage else b"") + _DONE)
 
     async def _finish_stream(self) -> None:
         self.ex.outcome = "ok"

@@ -132,6 +132,16 @@ class ResumeState:
                 payload["x_gravity"] = {"resumes": self.resumes}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
+    def closing_usage(self, estimated_prompt_tokens: int) -> tuple[dict[str, Any], bytes]:
+        """The usage and its chunk for a stream that broke with nothing left to produce (its backend
+        went silent after the last token, before its usage chunk). The first attempt's prompt count
+        when it reported one, else the gateway's own estimate."""
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else estimated_prompt_tokens
+        usage = {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
+        obj = "chat.completion.chunk" if self.route == "chat/completions" else "text_completion"
+        payload = {**(self.identity or {}), "object": obj, "choices": [], "usage": usage}
+        return usage, b"data: " + orjson.dumps(payload) + b"\n\n"
+
     def total_usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         """Usage over all attempts: the first attempt's prompt, every attempt's completion tokens.
 

@@ -341,3 +341,18 @@ async def test_a_completions_stream_is_resumed_with_the_prompt_plus_the_partial_
     assert {e["id"] for e in events} == {"cmpl-1"} and {e["created"] for e in events} == {7}
     resumed = t.sent[1][1]
     assert resumed["prompt"] == "Tell me:Once upon" and resumed["max_tokens"] == 2
+
+
+async def test_a_stream_that_stalls_after_its_last_token_still_ends_with_usage_and_done() -> None:
+    # The backend sent every token owed (finish_reason included) and then went silent before its usage
+    # chunk: nothing is left to resume, but the client asked for usage and must get a clean end.
+    stalled = Reply(chunks=[_chunk(i, TEXT[i], "length" if i == 4 else None) for i in range(5)], then="stall")
+    d, t, _ = _build({"a": [stalled]})
+    ex = _exchange(("a", "b"), stream=True, max_tokens=5, stream_options={"include_usage": True})
+    events = (await _run(d, ex)).events()
+    assert len(t.sent) == 1, "nothing was owed: no continuation"
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    assert usage["completion_tokens"] == 5 and usage["total_tokens"] == usage["prompt_tokens"] + 5
+    assert events[-2]["id"] == "chatcmpl-1" and events[-2]["choices"] == []
+    assert ex.outcome == "ok" and ex.usage is not None and ex.usage["completion_tokens"] == 5
