@@ -191,14 +191,23 @@ def _int(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, the record's `fields` (the access log's), exc."""
+class _LineFormatter(logging.Formatter):
+    """A record as one `line(...)` of the subclass's format, with the record's `fields` if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         exc = self.formatException(record.exc_info) if record.exc_info else None
         return self.line(record.created, record.levelname, record.name, record.getMessage(),
                          fields if isinstance(fields, dict) else None, exc)
+
+    @staticmethod
+    def line(created: float, level: str, name: str, msg: str, fields: dict[str, object] | None,
+             exc: str | None = None) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_LineFormatter):
+    """One JSON object per line: ts, level, logger, msg, the record's `fields` (the access log's), exc."""
 
     @staticmethod
     def line(created: float, level: str, name: str, msg: str, fields: dict[str, object] | None,
@@ -211,14 +220,8 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_LineFormatter):
     """`ts LEVEL logger message key=value ...`, for people reading a terminal."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None)
-        exc = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(record.created, record.levelname, record.name, record.getMessage(),
-                         fields if isinstance(fields, dict) else None, exc)
 
     @staticmethod
     def line(created: float, level: str, name: str, msg: str, fields: dict[str, object] | None,

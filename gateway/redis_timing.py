@@ -65,40 +65,32 @@ def _failure(exc: BaseException) -> BaseException | None:
     return None if isinstance(exc, NoScriptError) else exc
 
 
-class TimedRedis(aioredis.Redis):
-    """`redis.asyncio.Redis` whose `execute_command` reports each command to `observe`."""
+class _Timed:
+    """`execute_command` reported to `observe` (None: not timed); mixed in before a Redis client class."""
 
-    observe: Observe | None = None
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        observe = self.observe
-        if observe is None:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        started = time.perf_counter()
-        try:
-            result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        except BaseException as exc:  # a cancelled wait (a timeout above) is a slow operation too
-            observe(operation_name(args), time.perf_counter() - started, _failure(exc))
-            raise
-        observe(operation_name(args), time.perf_counter() - started, None)
-        return result
-
-
-class TimedRedisCluster(RedisCluster):
     observe: Observe | None = None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         observe = self.observe
+        inner = super().execute_command  # type: ignore[misc]
         if observe is None:
-            return await super().execute_command(*args, **kwargs)
+            return await inner(*args, **kwargs)
         started = time.perf_counter()
         try:
-            result = await super().execute_command(*args, **kwargs)
+            result = await inner(*args, **kwargs)
         except BaseException as exc:  # a cancelled wait (a timeout above) is a slow operation too
             observe(operation_name(args), time.perf_counter() - started, _failure(exc))
             raise
         observe(operation_name(args), time.perf_counter() - started, None)
         return result
+
+
+class TimedRedis(_Timed, aioredis.Redis):  # type: ignore[misc]  # redis-py's own bases disagree
+    """`redis.asyncio.Redis` whose `execute_command` reports each command to `observe`."""
+
+
+class TimedRedisCluster(_Timed, RedisCluster):  # type: ignore[misc]
+    """The same for a Redis Cluster."""
 
 
 class TimedRedisPipe(RedisPipe):
