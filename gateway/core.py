@@ -24,6 +24,7 @@ from gateway.pipeline import Pipeline
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import SessionAffinity, StateStore
 from gateway.state.store import Client
+from gateway.tasks import cancel_tasks
 from gateway.telemetry import NOOP, Tracing, build_tracing
 from gateway.telemetry.state import traced_store_class
 from gateway.transport import AiohttpTransport, Transport
@@ -95,12 +96,7 @@ class Core:
                 await self.kv_subscriber.stop()
         with contextlib.suppress(Exception):
             await self.admission.stop()  # queued settlements reach Redis before it closes
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         await self.upstream.close()
         if self.redis is not None:
             await self.redis.close()

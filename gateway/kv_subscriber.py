@@ -7,7 +7,6 @@ A gap is replayed from the backend's ROUTER socket when it has one, else the end
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from gateway.kv_config import BackendKVEvents, KVEventsSettings, resolve_kv_endpoint
+from gateway.tasks import cancel_tasks
 from routing.kv.state import KVEventState, SequenceTracker
 from routing.kv.wire import WireError, decode_batch
 
@@ -53,12 +53,7 @@ class KVSubscriber:
             self._tasks.append(asyncio.create_task(self._run(t), name=f"gravity-kv-{t.name}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_tasks(self._tasks)
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
