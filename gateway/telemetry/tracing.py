@@ -190,17 +190,7 @@ class AttemptSpan:
                     continue
                 if not self._identity:
                     self._identify(payload)
-                for choice in payload.get("choices") or ():
-                    if not isinstance(choice, dict):
-                        continue
-                    reason = choice.get("finish_reason")
-                    if isinstance(reason, str):
-                        self._finish.append(reason)
-                    if self._text is not None:
-                        delta = choice.get("delta")
-                        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                        if isinstance(piece, str):
-                            self._text.append(piece)
+                self._choices(payload, "delta")
 
     def body(self, body: bytes) -> None:
         """A whole (non-streamed) answer."""
@@ -213,16 +203,22 @@ class AttemptSpan:
         if not isinstance(payload, dict):
             return
         self._identify(payload)
+        self._choices(payload, "message")
+
+    def _choices(self, payload: dict[str, Any], part: str) -> None:
+        """Finish reasons, and the text when captured, of an answer's (`message`) or a chunk's (`delta`)
+        choices; completions carry `text` instead."""
         for choice in payload.get("choices") or ():
-            if isinstance(choice, dict):
-                reason = choice.get("finish_reason")
-                if isinstance(reason, str):
-                    self._finish.append(reason)
-                if self._text is not None:
-                    message = choice.get("message")
-                    piece = message.get("content") if isinstance(message, dict) else choice.get("text")
-                    if isinstance(piece, str):
-                        self._text.append(piece)
+            if not isinstance(choice, dict):
+                continue
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                self._finish.append(reason)
+            if self._text is not None:
+                inner = choice.get(part)
+                piece = inner.get("content") if isinstance(inner, dict) else choice.get("text")
+                if isinstance(piece, str):
+                    self._text.append(piece)
 
     def _identify(self, payload: dict[str, Any]) -> None:
         self._identity = True
