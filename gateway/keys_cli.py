@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="highest priority the header may ask for (default: --priority)")
     create.add_argument("--profile", action="append", dest="profiles", metavar="PROFILE", default=[],
                         help="a routing profile the x-gravity-profile header may choose (repeat); default: none")
+    create.add_argument("--admin", action="store_true",
+                        help="may read the operator routes (/admin/*, /metrics when kept to admin keys)")
     for flag, what in (("tpm", "tokens per minute"), ("rpm", "requests per minute"),
                        ("tpd", "tokens per day"), ("concurrency", "requests in flight")):
         create.add_argument(f"--{flag}", type=int, help=what)
@@ -68,7 +70,7 @@ def _describe(k: ApiKey) -> dict[str, Any]:
     return {"id": k.id, "name": k.name, "tenant": k.tenant,
             "models": sorted(k.models) if k.models is not None else None, "priority": k.priority,
             "max_priority": k.priority_cap, "limits": k.limits.model_dump(exclude_none=True), "created_at": k.created_at,
-            "profiles": sorted(k.profiles)}
+            "profiles": sorted(k.profiles), "admin": k.admin}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -80,7 +82,8 @@ async def _run(args: argparse.Namespace) -> int:
             try:
                 text, key = await store.create(name=args.name, tenant=args.tenant, models=args.models,
                                                priority=args.priority, limits=limits,
-                                               max_priority=args.max_priority, profiles=args.profiles)
+                                               max_priority=args.max_priority, profiles=args.profiles,
+                                               admin=args.admin)
             except ValueError as exc:
                 print(f"gravity keys: {exc}", file=sys.stderr)
                 return 2
@@ -100,7 +103,7 @@ async def _run(args: argparse.Namespace) -> int:
                     models = ",".join(sorted(k.models)) if k.models is not None else "*"
                     budget = " ".join(f"{n}={v}" for n, v in k.limits.model_dump(exclude_none=True).items())
                     print(f"{k.id}  {k.name}  tenant={k.tenant}  models={models}  priority={k.priority}"
-                          f"  max_priority={k.priority_cap}"
+                          f"  max_priority={k.priority_cap}" + ("  admin" if k.admin else "")
                           + (f"  {budget}" if budget else ""))
             return 0
         gone = await store.revoke(args.key)

@@ -220,6 +220,23 @@ def test_admin_backends_needs_an_admin_key_once_auth_is_on(stack: Stack) -> None
     assert asyncio.run(metrics()) == 200
 
 
+def test_keys_cli_admin_flag_makes_an_operator_key(stack: Stack) -> None:
+    async def backends(key: str) -> int:
+        async with aiohttp.ClientSession() as s, s.get(stack.base + "/admin/backends",
+                                                      headers={"authorization": f"Bearer {key}"}) as r:
+            return r.status
+
+    plain = orjson.loads(_keys(stack, "create", "--redis-url", stack.redis_url, "--name", "t", "--json").stdout)
+    made = _keys(stack, "create", "--redis-url", stack.redis_url, "--name", "oncall", "--tenant", "ops",
+                 "--admin", "--json")
+    assert made.returncode == 0, made.stderr
+    admin = orjson.loads(made.stdout)
+    assert admin["admin"] is True and plain["admin"] is False
+    assert asyncio.run(backends(plain["key"])) == 403
+    assert asyncio.run(backends(admin["key"])) == 200
+    assert "admin" in _keys(stack, "list", "--redis-url", stack.redis_url).stdout
+
+
 def test_metrics_can_be_kept_to_admin_keys(tmp_path: Path) -> None:
     redis = start_redis(tmp_path)
     cfg = {"server": {"metrics_auth": "admin"}, "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"},
