@@ -13,7 +13,7 @@ import os
 import struct
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +21,11 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from simulator import tokenizer
 from simulator.embeddings import embedding, embedding_dims, embedding_inputs
@@ -94,6 +96,7 @@ class SimServer:
         self.registry = build_registry(lambda: self.runner, cfg.names[0], cfg.engine.max_loras)
         self._ids = itertools.count()
         self.created = int(time.time())
+        self.calls: Counter[str] = Counter()
 
     def _new_engine(self) -> Engine:
         if self.kv_events is not None:
@@ -363,6 +366,11 @@ class SimServer:
         return json_response({"time_scale": r.time_scale, "steps": r.steps, "engine_busy_s": r.engine_busy_s,
                               "wall_busy_s": r.wall_busy_s, "slipped_s": r.slipped_s, "keep_up": r.keep_up()})
 
+    async def admin_calls(self, request: Request) -> Response:
+        """Requests served per route path since start (cumulative; take deltas): how often a router
+        calls /tokenize or the render endpoints besides generating."""
+        return json_response(dict(self.calls))
+
     async def admin_reset(self, request: Request) -> Response:
         self.runner.reset()
         return json_response({"restarts": self.runner.restarts, "started_at": self.runner.started_at})
@@ -425,7 +433,21 @@ def create_app(cfg: SimServerConfig) -> Starlette:
         Route("/admin/faults", sim.admin_faults, methods=["GET", "POST", "DELETE"]),
         Route("/admin/reset", sim.admin_reset, methods=["POST"]),
         Route("/admin/runner", sim.admin_runner, methods=["GET"]),
+        Route("/admin/calls", sim.admin_calls, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: _api_error})
+    app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: _api_error},
+                    middleware=[Middleware(_CountCalls, calls=sim.calls)])
     app.state.sim = sim
     return app
+
+
+class _CountCalls:
+    """Counts HTTP requests per path (a dict increment; pure ASGI, so nothing else is wrapped)."""
+
+    def __init__(self, app: ASGIApp, calls: Counter[str]) -> None:
+        self.app, self.calls = app, calls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.calls[scope["path"]] += 1
+        await self.app(scope, receive, send)

@@ -1,7 +1,7 @@
 """The evaluator's emulations against the real binaries: the same traces through `gravity eval`
 (virtual time, same replicas and KV size) next to the real-time figures of a head-to-head report.
 
-    .venv/bin/python loadtests/headtohead/calibrate.py [loadtests/results/headtohead.json]
+    .venv/bin/python loadtests/headtohead/calibrate.py [loadtests/results/headtohead/headtohead.json]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def table(report: dict[str, Any], virtual: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    path = Path(args[0]) if args else REPO / "loadtests" / "results" / "headtohead.json"
+    path = Path(args[0]) if args else REPO / "loadtests" / "results" / "headtohead" / "headtohead.json"
     report = json.loads(path.read_text())
     virtual = evaluate(report)
     print(table(report, virtual))

@@ -36,7 +36,7 @@ from harness import (
     run_rounds,
     wait_port,
 )
-from peers import SYSTEMS, launch
+from peers import SYSTEMS, Launch, launch
 from stream_client import StreamSample, build_request, run_streams
 from upstreams import nginx_conf
 
@@ -75,16 +75,19 @@ def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, s
 
 
 def start_system(s: Stack, name: str, workers: list[str], model: str, tag: str,
-                 commands: dict[str, list[str]]) -> int:
+                 commands: dict[str, list[str]], launched: dict[str, Launch] | None = None) -> int:
     port = free_port()
     spec = launch(SYSTEMS[name], s.tmp, port, workers, model)
     start_proc(s, f"{name}{tag}", spec.argv, port, spec.env)
     commands[f"{name}{tag}"] = spec.argv
+    if launched is not None:
+        launched[f"{name}{tag}"] = spec
     return port
 
 
 def run(s: Stack, systems: list[str], *, wrk: str | None, nginx: str, rounds: int, seconds: float,
         connections: int, stream_connections: int, chunks: int, interval_ms: float, bare: bool = True,
+        hold_streams: int = 1000, hold_chunks: int = 40, hold_interval_ms: float = 500.0,
         log: Any = print) -> dict[str, Any]:
     port_a, port_b = free_port(), free_port()
     conf = s.tmp / "nginx.conf"
@@ -145,9 +148,49 @@ def run(s: Stack, systems: list[str], *, wrk: str | None, nginx: str, rounds: in
         sums = [x.summary() for x in got]
         med = {k: _med([float(x[k]) for x in sums if x[k] is not None]) for k in sums[0]}
         stream[name.removesuffix("-sse")] = {"median": med, "rounds": sums}
-    return {"nonstream": nonstream, "stream": stream,
-            "upstream": {"nginx_ports": [port_a, port_b], "sse_chunks": chunks, "sse_interval_ms": interval_ms},
+    held = _hold_phase(s, systems, hold_streams, hold_chunks, hold_interval_ms, commands, log) if hold_streams else {}
+    return {"nonstream": nonstream, "stream": stream, "hold": held,
+            "upstream": {"nginx_ports": [port_a, port_b], "sse_chunks": chunks, "sse_interval_ms": interval_ms,
+                         "hold_streams": hold_streams, "hold_chunks": hold_chunks,
+                         "hold_interval_ms": hold_interval_ms},
             "commands": commands}
+
+
+def _hold_phase(s: Stack, systems: list[str], streams: int, chunks: int, interval_ms: float,
+                commands: dict[str, list[str]], log: Any) -> dict[str, Any]:
+    """`streams` streams open at once through each system (own upstream pair: long, slow streams),
+    one system at a time, the upstream alone first; figures in hold.HoldSample.summary."""
+    from hold import hold
+
+    a, b = free_port(), free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("sse_upstream.py")), "--port", str(a), "--port", str(b),
+            "--chunks", str(chunks), "--interval-ms", str(interval_ms)]
+    s.start("direct-hold", argv, a)
+    commands["direct-hold"] = argv
+    ports = {"direct": a}
+    for name in systems:
+        ports[name] = start_system(s, name, [f"http://127.0.0.1:{p}" for p in (a, b)], MODEL, "-hold", commands)
+    stream_body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": chunks, "stream": True}).encode()
+    for port in ports.values():
+        wait_answers(port, stream_body)
+    request = build_request(MODEL, chunks)
+    ramp = 2.0
+    stream_s = chunks * interval_ms / 1000
+    out: dict[str, Any] = {}
+    for name, port in ports.items():
+        pid = s.pids["direct-hold" if name == "direct" else f"{name}-hold"]
+        before = cpu_seconds(pid)
+        sample = asyncio.run(hold(port, streams, request, chunks, deadline_s=ramp + stream_s * 3 + 30, ramp_s=ramp))
+        if sample.chunks:
+            sample.cpu_us_per_chunk = (cpu_seconds(pid) - before) / sample.chunks * 1e6
+        # Every stream is open from the end of the ramp until the first one can end.
+        sm = sample.summary(interval_ms, full_from_s=ramp + interval_ms / 1000, full_until_s=stream_s)
+        out[name] = sm
+        log(f"hold {name:16} {sm['completed']}/{streams} streams (peak open {sm['peak_open']}) added p50 "
+            f"{sm['added_p50_ms']:6.2f} p99 {sm['added_p99_ms']:7.2f} ms, growth of p99 first->last window "
+            f"{sm['growth_p99_ms']:+6.2f} ms, cpu {sm['cpu_us_per_chunk'] or 0:6.1f} us/chunk, errors {sm['errors']}")
+    return out
 
 
 def _med(values: list[float]) -> float:

@@ -76,6 +76,8 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     """Config files the system reads: name -> content, written into the run's temp dir."""
+    metrics_port: int | None = None
+    """Where the peer serves its own Prometheus metrics (its routing decisions), if it does."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,19 @@ def _vllm_router(policy: str) -> Callable[[Path, int, list[str], str], Launch]:
     def build(tmp: Path, port: int, workers: list[str], model: str) -> Launch:
         # Defaults otherwise (cache_aware: cache-threshold 0.3, balance thresholds, 2^25-char trees);
         # warning-level logs so logging is not what is measured.
+        metrics = free_port()
         return Launch([str(VENVS / "vllm-router" / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port",
                        str(port), "--worker-urls", *workers, "--policy", policy, "--log-level", "warning",
-                       "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())])
+                       "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics)], metrics_port=metrics)
     return build
 
 
 def _smg(policy: str) -> Callable[[Path, int, list[str], str], Launch]:
     def build(tmp: Path, port: int, workers: list[str], model: str) -> Launch:
+        metrics = free_port()
         return Launch([str(VENVS / "smg" / "bin" / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port),
                        "--worker-urls", *workers, "--policy", policy, "--log-level", "warn",
-                       "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())])
+                       "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics)], metrics_port=metrics)
     return build
 
 

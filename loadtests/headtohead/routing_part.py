@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import REPO, Stack, free_port
 from overhead import start_proc, start_system, wait_answers
-from peers import launch  # noqa: F401
+from peers import Launch
 from traces import MODEL, trace
 
 sys.path.insert(0, str(REPO))
@@ -49,6 +49,29 @@ def _runner(port: int) -> dict[str, float]:
         return dict(json.loads(_get(port, "/admin/runner")))
     except OSError:
         return {"wall_busy_s": 0.0, "engine_busy_s": 0.0, "slipped_s": 0.0}
+
+
+def _calls(port: int) -> dict[str, int]:
+    """Requests per route a simulator served (/admin/calls), or none from an older simulator."""
+    try:
+        return {k: int(v) for k, v in json.loads(_get(port, "/admin/calls")).items()}
+    except OSError:
+        return {}
+
+
+_DECISION = re.compile(r'^([a-z_:]*(?:decision|load_balanc|cache_hit|cache_miss)[a-z_]*)(\{[^}]*\})? ([0-9.e+-]+)$',
+                       re.MULTILINE)
+
+
+def peer_decisions(port: int | None) -> dict[str, float]:
+    """The peer's own counters of its routing decisions (cache hit / miss / load balance), by label."""
+    if port is None:
+        return {}
+    try:
+        text = _get(port, "/metrics")
+    except OSError:
+        return {}
+    return {name + labels: float(value) for name, labels, value in _DECISION.findall(text)}
 
 
 def sim_counters(port: int) -> dict[str, float]:
@@ -132,6 +155,7 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
         sims.append(port)
     workers = [f"http://127.0.0.1:{p}" for p in sims]
     commands: dict[str, list[str]] = {}
+    launched: dict[str, Launch] = {}
     out: dict[str, Any] = {"settings": {"backends": backends, "time_scale": time_scale, "kv_blocks": kv_blocks,
                                         "kv_tokens_per_replica": kv_blocks * 16, "requests": requests,
                                         "max_tokens": max_tokens, "seed": seed, "simulator_args": sim_args,
@@ -146,18 +170,22 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
                                   "trace": str(traces_dir / f"{name}.jsonl"), "systems": {}}
         order = systems[w % len(systems):] + systems[: w % len(systems)]  # rotate: no system always first
         for system in order:
-            port = start_system(s, system, workers, MODEL, f"-{name}", commands)
+            port = start_system(s, system, workers, MODEL, f"-{name}", commands, launched)
             body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}],
                                "max_tokens": 1}).encode()
             wait_answers(port, body)
             for sp in sims:  # empty caches, queues and counters (the engine is replaced)
                 _post(sp, "/admin/reset")
-            runner0 = [_runner(sp) for sp in sims]
             time.sleep(1.0)  # scrapers and health checks see the reset replicas
+            runner0 = [_runner(sp) for sp in sims]
+            calls0 = [_calls(sp) for sp in sims]
+            decisions0 = peer_decisions(launched[f"{system}-{name}"].metrics_port)
             cap = max(records[-1].t / time_scale * 3, 60.0)
             results, engine_s = asyncio.run(replay(f"http://127.0.0.1:{port}", records, time_scale, cap))
             counters = [sim_counters(sp) for sp in sims]
             runner1 = [_runner(sp) for sp in sims]
+            calls1 = [_calls(sp) for sp in sims]
+            decisions1 = peer_decisions(launched[f"{system}-{name}"].metrics_port)
             s.procs[-1].terminate()
             s.procs[-1].wait(15)
             row = _summary(results, engine_s)
@@ -173,10 +201,30 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
             row["keep_up_min"] = min(keep)
             row["slipped_s"] = sum(b["slipped_s"] - a["slipped_s"] for a, b in zip(runner0, runner1, strict=True))
             row["engine_s"] = engine_s
+            # What the system asked the replicas per client request besides generating: vllm-router
+            # renders (or, without the render endpoints, tokenizes) on the workers to route.
+            paths = sorted({k for c in calls1 for k in c})
+            delta = {k: sum(b.get(k, 0) - a.get(k, 0) for a, b in zip(calls0, calls1, strict=True)) for k in paths}
+            row["calls"] = {k: v for k, v in delta.items() if v}
+            row["calls_per_request"] = {k: v / len(records) for k, v in row["calls"].items()
+                                        if k not in ("/metrics", "/health", "/v1/models", "/admin/runner",
+                                                     "/admin/calls", "/admin/reset")}
+            row["decisions"] = {k: v - decisions0.get(k, 0.0) for k, v in decisions1.items()
+                                if v - decisions0.get(k, 0.0)}
+            # Mean TTFT the client saw minus the mean the engines recorded from arrival: what the
+            # system adds before a request reaches an engine (routing, render fan-out) and on relay.
+            n_ttft = sum(c.get("vllm:time_to_first_token_seconds_count", 0.0) for c in counters)
+            engine_ttft = sum(c.get("vllm:time_to_first_token_seconds_sum", 0.0) for c in counters) / n_ttft if n_ttft else float("nan")
+            ok_ttft = [r["ttft"] for r in results if "error" not in r]
+            row["engine_ttft_mean"] = engine_ttft
+            row["client_ttft_mean"] = sum(ok_ttft) / len(ok_ttft) if ok_ttft else float("nan")
+            row["added_ttft_mean"] = row["client_ttft_mean"] - engine_ttft
+            served = row["per_replica"]
+            row["spread"] = max(served) / (sum(served) / len(served)) if sum(served) else float("nan")
             out["workloads"][name]["systems"][system] = row
             log(f"{name:14} {system:15} TTFT p50 {row['ttft_p50']:.3f} p90 {row['ttft_p90']:.3f} s  hit "
                 f"{row['hit_rate']:.3f}  per replica {row['per_replica']}  errors {row['errors']}  "
-                f"keep-up {row['keep_up_min']:.2f}")
+                f"keep-up {row['keep_up_min']:.2f}  calls/request {row['calls_per_request']}")
         # keep the table order stable whatever the rotation
         out["workloads"][name]["systems"] = {k: out["workloads"][name]["systems"][k] for k in systems}
     return out

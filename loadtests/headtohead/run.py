@@ -5,8 +5,8 @@
     .venv/bin/python loadtests/headtohead/run.py --part overhead  # or --part routing
 
 The peers come from PyPI, pinned, each in its own venv under .gravity/headtohead/ (created on first
-use). Needs nginx and wrk (apt-get install nginx-light wrk). Everything listens on 127.0.0.1, every
-phase is bounded in time, every process is stopped at exit. Results: loadtests/results/headtohead.json
+use). Needs nginx and wrk from Debian (installed with apt-get when missing). Everything listens on 127.0.0.1, every
+phase is bounded in time, every process is stopped at exit. Results: loadtests/results/headtohead/headtohead.json
 (figures, exact commands, machine load), tables on stdout, PNG plots in docs/ with --plots.
 """
 from __future__ import annotations
@@ -15,17 +15,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import INSTALL_HINT, REPO, _busy_processes, _machine, stack
+from harness import REPO, _busy_processes, _machine, stack
 from peers import PINS, SYSTEMS, ensure_venv
 
-RESULTS = REPO / "loadtests" / "results" / "headtohead.json"
+RESULTS = REPO / "loadtests" / "results" / "headtohead" / "headtohead.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stream-connections", type=int, default=32)
     g.add_argument("--chunks", type=int, default=32, help="SSE chunks per streamed response")
     g.add_argument("--interval-ms", type=float, default=10.0, help="upstream gap between SSE chunks")
+    g.add_argument("--hold-streams", type=int, default=1000,
+                   help="streams held open at once through each system (0: skip that phase)")
+    g.add_argument("--hold-chunks", type=int, default=40, help="SSE chunks per held stream")
+    g.add_argument("--hold-interval-ms", type=float, default=500.0, help="upstream gap between a held stream's chunks")
     r = ap.add_argument_group("routing")
     r.add_argument("--backends", type=int, default=4)
     r.add_argument("--time-scale", type=float, default=1.0, help="simulator speed-up (checked: keep_up)")
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 2.0
+        args.hold_streams, args.hold_chunks, args.hold_interval_ms = min(args.hold_streams, 200), 16, 250.0
         args.requests = min(args.requests, 80)
         args.workloads = ",".join(args.workloads.split(",")[:2]) if args.workloads == ap.get_default("workloads") \
             else args.workloads
@@ -72,17 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         "pins": PINS, "machine": _machine(), "busy_processes_at_start": _busy_processes(),
     }
     if args.part in ("overhead", "all"):
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-        wrk = shutil.which("wrk")
-        if not nginx or not wrk:
-            print(INSTALL_HINT.format(what="nginx and wrk"), file=sys.stderr)
-            return 2
         import overhead
+        import tools
+        found = tools.ensure(("nginx", "wrk"))
+        nginx, wrk = found["nginx"], found["wrk"]
         with stack() as s:
             report["overhead"] = overhead.run(
                 s, systems, wrk=wrk, nginx=nginx, rounds=args.rounds, seconds=args.seconds,
                 connections=args.connections, stream_connections=args.stream_connections, chunks=args.chunks,
-                interval_ms=args.interval_ms)
+                interval_ms=args.interval_ms, hold_streams=args.hold_streams, hold_chunks=args.hold_chunks,
+                hold_interval_ms=args.hold_interval_ms)
         report["overhead"]["settings"] = {"rounds": args.rounds, "seconds": args.seconds,
                                           "connections": args.connections,
                                           "stream_connections": args.stream_connections}

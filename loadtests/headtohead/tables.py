@@ -38,7 +38,29 @@ def overhead(rep: dict[str, Any]) -> str:
         lines.append(f"| {NAMES.get(name, name)} | {_n(m['streams_per_s'], '.1f')} | {_n(m['chunks_per_s'], ',.0f')} "
                      f"| {_n(m['gap_p50_ms'], '.2f')} / {_n(m['gap_p99_ms'], '.2f')} | {added} "
                      f"| {_n(m['ttfb_p50_ms'], '.2f')} | {_n(m['cpu_us_per_chunk'], '.1f')} |")
+    held = rep.get("hold") or {}
+    if held:
+        up = rep["upstream"]
+        dh = held.get("direct", {})
+        lines += ["", (f"{up['hold_streams']:,} streams held at once ({up['hold_chunks']} chunks, one every "
+                       f"{up['hold_interval_ms']:.0f} ms): added = inter-chunk gap minus the upstream's interval; "
+                       "growth = last window's added p99 minus the first's, while every stream is open"), "",
+                  ("| system | completed / errors | peak open | added p50 / p99 ms | over direct p99 ms "
+                   "| growth p50 / p99 ms | TTFB p99 ms | CPU µs/chunk |"), "|---|---|---|---|---|---|---|---|"]
+        for name, m in held.items():
+            over = "-" if name == "direct" or not dh else _n(m["added_p99_ms"] - dh["added_p99_ms"], ".2f")
+            lines.append(f"| {NAMES.get(name, name)} | {m['completed']} / {m['errors']} | {m['peak_open']} "
+                         f"| {_n(m['added_p50_ms'], '.2f')} / {_n(m['added_p99_ms'], '.2f')} | {over} "
+                         f"| {_n(m['growth_p50_ms'], '+.2f')} / {_n(m['growth_p99_ms'], '+.2f')} "
+                         f"| {_n(m['ttfb_p99_ms'], '.1f')} | {_n(m['cpu_us_per_chunk'], '.1f')} |")
     return "\n".join(lines)
+
+
+def _calls(r: dict[str, Any]) -> str:
+    """Requests to the replicas other than the generations themselves, per client request."""
+    per = r.get("calls_per_request") or {}
+    return ", ".join(f"{k.removeprefix('/v1/')} {v:.2f}" for k, v in sorted(per.items())
+                     if k not in ("/v1/chat/completions", "/v1/completions")) or "-"
 
 
 def routing(rep: dict[str, Any]) -> str:
@@ -46,14 +68,15 @@ def routing(rep: dict[str, Any]) -> str:
     for wl, rows in rep["workloads"].items():
         out += [f"\n**{wl}** ({rows['requests']} requests)\n",
                 ("| system | TTFT p50 / p90 / p99 s | ITL p50 / p99 ms | e2e p50 / p90 s | tok/s | errors "
-                "| hit rate | requests per replica | keep-up |"), "|---|---|---|---|---|---|---|---|---|"]
+                "| hit rate | requests per replica | max / mean | other calls per request | keep-up |"),
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows["systems"].items():
             out.append(
                 f"| {NAMES.get(name, name)} | {_n(r['ttft_p50'], '.3f')} / {_n(r['ttft_p90'], '.3f')} / "
                 f"{_n(r['ttft_p99'], '.3f')} | {_n(r['itl_p50'] * 1000, '.1f')} / {_n(r['itl_p99'] * 1000, '.1f')} | "
                 f"{_n(r['e2e_p50'], '.2f')} / {_n(r['e2e_p90'], '.2f')} | {_n(r['tokens_per_s'], ',.0f')} | "
                 f"{r['errors']} | {_n(r['hit_rate'], '.3f')} | {' / '.join(str(x) for x in r['per_replica'])} | "
-                f"{_n(r['keep_up_min'], '.2f')} |")
+                f"{_n(r.get('spread'), '.2f')} | {_calls(r)} | {_n(r['keep_up_min'], '.2f')} |")
     return "\n".join(out)
 
 

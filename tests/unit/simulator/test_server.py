@@ -179,6 +179,23 @@ async def test_render_gives_the_token_ids_the_engine_will_prefill(client: aiohtt
         assert resp.status == 404 and (await resp.json())["error"]["param"] == "model"
 
 
+async def test_admin_calls_counts_each_route_a_router_asks(client: aiohttp.ClientSession) -> None:
+    # The head-to-head harness tells from these counts whether a router renders or tokenizes on
+    # the workers, and how often per request.
+    body = {"model": "m", "messages": MSG, "max_tokens": 2}
+    for _ in range(3):
+        async with client.post("/v1/chat/completions/render", json=body) as resp:
+            assert resp.status == 200
+    async with client.post("/tokenize", json={"model": "m", "prompt": "hi"}) as resp:
+        assert resp.status == 200
+    async with client.post(CHAT, json=body) as resp:
+        assert resp.status == 200
+    async with client.get("/admin/calls") as resp:
+        calls = await resp.json()
+    assert calls["/v1/chat/completions/render"] == 3 and calls["/tokenize"] == 1
+    assert calls["/v1/chat/completions"] == 1 and "/v1/completions/render" not in calls
+
+
 async def test_admin_runner_reports_keep_up(client: aiohttp.ClientSession) -> None:
     async with client.post(CHAT, json={"model": "m", "messages": MSG, "max_tokens": 20, "ignore_eos": True}) as resp:
         assert resp.status == 200
