@@ -3,8 +3,11 @@
 Balanced load: the worker with the longest prefix match if it covers > cache_threshold of the
 prompt, else the worker with the smallest tree. Imbalanced (max - min > abs and max > rel * min):
 the least-loaded worker. The radix tree is approximated by fine-grained chained byte-block hashes.
+`low_match` calibrates it to vllm-router's binary (docs/benchmarks.md, head-to-head calibration).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -21,6 +24,11 @@ class CacheAwareParams(Params):
     cache_threshold: float = Field(default=0.3, ge=0, le=1)
     block_size: int = Field(default=16, ge=1, description="bytes per tree step; SGLang's tree is per character")
     max_tree_size: int = Field(default=2**26, ge=1, description="characters kept per worker, as in SGLang")
+    low_match: Literal["smallest-tree", "least-load"] = Field(
+        default="smallest-tree",
+        description="where a request below cache_threshold goes: the worker with the smallest tree "
+                    "(SGLang), or the one with the fewest in-flight requests (vllm-router 0.1.17's "
+                    "prefix_miss path)")
 
 
 class CacheAwarePicker:
@@ -40,10 +48,10 @@ class CacheAwarePicker:
         if hi - lo > p.balance_abs_threshold and hi > lo * p.balance_rel_threshold:
             chosen = by_load[0]
         else:
-            chosen = self._by_cache(ctx.request, candidates)
+            chosen = self._by_cache(ctx.request, candidates, by_load[0])
         return [chosen, *(c for c in by_load if c is not chosen)]
 
-    def _by_cache(self, req: RoutingRequest, candidates: list[Candidate]) -> Candidate:
+    def _by_cache(self, req: RoutingRequest, candidates: list[Candidate], least_loaded: Candidate) -> Candidate:
         hashes = self._tree.hashes(req)
         matched = self._tree.matched_blocks(hashes)
         best = max(
@@ -53,6 +61,8 @@ class CacheAwarePicker:
         )
         if best is not None and hashes and matched[best.endpoint] / len(hashes) > self._p.cache_threshold:
             return best
+        if self._p.low_match == "least-load":
+            return least_loaded
         return min(candidates, key=lambda c: (self._tree.size(c.endpoint), c.endpoint))
 
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
