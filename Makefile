@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install redis-server run test test-fast bench lint clean envoy test-e2e compose-tools compose-build compose-up compose-test compose-down
+.PHONY: install redis-server run test test-outage test-fast bench lint clean envoy test-e2e compose-tools compose-build compose-up compose-test compose-down
 
 # xds-protos (the ext_proc messages) ships its own, older copy of opentelemetry-proto's modules at
 # the same paths; whichever package pip installs last wins, and with xds-protos' copy the OTLP
@@ -49,7 +49,12 @@ run: install
 	$(BIN)/gravity demo
 
 test: install redis-server
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -m 'not outage'
+
+# Outage drills (replicas, Redis and gateways killed or restarted mid-load): minutes of waiting, so
+# a target of their own, which .ci/run also runs.
+test-outage: install redis-server
+	$(BIN)/pytest -q -p no:cacheprovider -m outage
 
 test-fast: install
 	$(BIN)/pytest -q -x tests/unit

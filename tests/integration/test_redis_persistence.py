@@ -15,7 +15,8 @@ import redis as redis_sync
 from policies.keys import hash_key
 from tests.support.procs import Proc, running, start_gateway, start_redis, start_sim
 
-pytestmark = pytest.mark.slow
+# Outage drills (kills, restarts, bursts) wait more than they compute: `make test-outage`, run by .ci/run.
+pytestmark = [pytest.mark.slow, pytest.mark.outage]
 
 MODEL = "sim-llama"
 RPM = 5

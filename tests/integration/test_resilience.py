@@ -20,7 +20,8 @@ import pytest
 
 from tests.support.procs import Proc, free_port, start_gateway, start_redis, start_sim
 
-pytestmark = pytest.mark.slow
+# Outage drills (kills, restarts, bursts) wait more than they compute: `make test-outage`, run by .ci/run.
+pytestmark = [pytest.mark.slow, pytest.mark.outage]
 
 MODEL = "sim-llama"
 RESILIENCE = {"timeouts": {"first_byte_s": 30, "stall_s": 2.0, "total_s": 90},

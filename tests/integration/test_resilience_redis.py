@@ -16,7 +16,8 @@ import pytest
 
 from tests.support.procs import Proc, start_gateway, start_redis, start_sim
 
-pytestmark = pytest.mark.slow
+# Outage drills (kills, restarts, bursts) wait more than they compute: `make test-outage`, run by .ci/run.
+pytestmark = [pytest.mark.slow, pytest.mark.outage]
 
 MODEL = "sim-llama"
 PERSIST = ["--appendonly", "yes", "--appendfsync", "always"]
