@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from routing.config import RoutingConfig, load_routing_config
+from routing.config import RoutingConfig, load_routing_config, resolve
 from routing.eval.capacity import measure_capacity
 from routing.eval.cluster import simulate
 from routing.eval.generators import generate_spec
@@ -34,6 +34,9 @@ from routing.plugins.registry import Registry
 __all__ = ["CapacityMethod", "PolicyRef", "Store", "SweepOptions", "case_capacity", "run_case", "run_sweep"]
 
 CAPACITY_POLICIES = ("cache-aware", "least-request")  # fixed baselines: tuning the default cannot move them
+# Bump when the evaluator (simulator engines, cluster model, metrics) changes what a run measures: every
+# cached run is then redone. Like a plugin's ``PluginFactory.version``, version 1 adds nothing to a key.
+EVALUATOR_VERSION = 1
 RUN_SECONDS = 30.0
 RUN_MAX_REQUESTS = 1200
 
@@ -67,12 +70,33 @@ class PolicyRef:
             return cfg
         return policy_config(self.name or self.label, registry)
 
-    def digest(self) -> str:
-        """Hash of the resolved config: a changed default profile is a new policy, not a cached one."""
+    def digest(self, registry: Registry | None = None, evaluator_version: int = EVALUATOR_VERSION) -> str:
+        """Hash of the resolved config, the behaviour versions of the plugins it runs and the evaluator's:
+        a changed default profile, plugin or simulator is a new policy, not a cached one.
+
+        Versions still at 1 add nothing, so runs cached before versions were keyed stay valid.
+        """
         # The oracle's plugin type exists only in the evaluator's registry; building nothing needs no index.
-        cfg = self.config(oracle_registry(cast(OracleIndex, None)))
+        registry = registry or oracle_registry(cast(OracleIndex, None))
+        cfg = self.config(registry)
         blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+        versions = {t: v for t, v in sorted(_plugin_versions(cfg, registry).items()) if v != 1}
+        if evaluator_version != 1:
+            versions["(evaluator)"] = evaluator_version
+        if versions:
+            blob += json.dumps(versions, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
+
+
+def _plugin_versions(cfg: RoutingConfig, registry: Registry) -> dict[str, int]:
+    """Plugin type -> behaviour version, for every plugin some profile of ``cfg`` runs."""
+    out: dict[str, int] = {}
+    for profile in cfg.profiles:
+        for ref in (*profile.filters, *(r.ref for r in profile.plugins), profile.picker):
+            found = resolve(cfg, registry, ref)
+            if found is not None:
+                out[found[0].type_name] = found[0].version
+    return out
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,6 @@ class PluginFactory:
     params: type[Params]
     build: Callable[[str, Any, BuildContext], Any]
     doc: str = ""
+    # Behaviour version: bump when the plugin decides differently for the same params (its formula or a
+    # param default changed), so evaluations cached under the old behaviour are not reused (the sweep's keys).
+    version: int = 1

@@ -128,3 +128,27 @@ def test_cli_quick_runs_in_parallel_then_reports_from_its_cache(tmp_path: Path, 
     assert eval_main(["--sweep", "--policy", "nope"]) == 2
     assert eval_main(["--sweep", "--describe"]) == 0
     assert "held-out seeds 101-200" in capsys.readouterr().out
+
+
+def test_a_changed_plugin_or_evaluator_is_a_new_policy_and_version_one_keeps_old_keys() -> None:
+    import dataclasses
+    import hashlib
+
+    from routing.config import RoutingConfig
+    from routing.eval.oracle import oracle_registry
+    from routing.plugins.registry import Registry
+
+    ref = PolicyRef("default", "default")
+    base = oracle_registry(None)  # type: ignore[arg-type]
+    # Runs cached before versions were keyed hold the hash of the config alone: still the key at version 1.
+    blob = json.dumps(RoutingConfig().model_dump(mode="json"), sort_keys=True)
+    assert ref.digest() == hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
+
+    def bumped(type_name: str) -> Registry:
+        return Registry(dataclasses.replace(f, version=2) if f.type_name == type_name else f for f in base)
+
+    assert ref.digest(bumped("prefill-cost-scorer")) != ref.digest()  # a plugin the default profile runs
+    assert ref.digest(bumped("round-robin")) == ref.digest()  # one it does not
+    assert PolicyRef("round-robin", "round-robin").digest(bumped("round-robin")) != \
+        PolicyRef("round-robin", "round-robin").digest()
+    assert ref.digest(evaluator_version=2) != ref.digest()
