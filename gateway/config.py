@@ -61,7 +61,10 @@ class ServerConfig(_Model):
     max_attempts: int = Field(3, ge=1, le=10)
     """Deprecated: `resilience.retries.max_attempts`."""
     max_connections_per_backend: int = Field(0, ge=0)
-    """0 means unlimited (aiohttp keeps idle connections alive for reuse either way)."""
+    """0 means unlimited (aiohttp keeps idle connections alive for reuse either way); aiohttp only."""
+    upstream_client: Literal["aiohttp", "raw"] = "aiohttp"
+    """The data path's HTTP client: `raw` is the pooled httptools client of gateway/rawclient.py
+    (docs/decisions/0005-raw-upstream-client.md); scraping and discovery use aiohttp either way."""
     limits: ConnectionLimitsConfig = ConnectionLimitsConfig()
     metrics_auth: Literal["none", "admin"] = "none"
     """`admin`: `/metrics` needs an admin API key (Prometheus sends it as a bearer token); `none` leaves it

@@ -21,6 +21,7 @@ from gateway.kv_subscriber import KVSubscriber, build_kv_events
 from gateway.logs import AccessLog, OutcomeLog
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
+from gateway.rawclient import RawTransport
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import SessionAffinity, StateStore
 from gateway.state.store import Client
@@ -176,7 +177,8 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
                         session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing,
                         access=access)
-    transport = transport or AiohttpTransport(upstream)
+    if transport is None:
+        transport = RawTransport(upstream) if cfg.server.upstream_client == "raw" else AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,
                             reroute=pipeline.reroute, settle=pipeline.settle,

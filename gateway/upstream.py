@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from gateway.config import BackendConfig, ServerConfig
+from gateway.rawclient import RawPool
 from policies.resilience import ResilienceConfig
 
 # Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), the gateway's own credentials,
@@ -117,8 +118,18 @@ class Upstream:
                            resilience.timeouts.connect_s else cfg.connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
+        self._pool: RawPool | None = None
+
+    @property
+    def pool(self) -> RawPool:
+        """The raw client's connections (`server.upstream_client: raw`), opened with the sessions."""
+        if self._pool is None:
+            raise RuntimeError("upstream pool used outside the app's lifespan")
+        return self._pool
 
     async def open(self) -> None:
+        if self.cfg.upstream_client == "raw":
+            self._pool = RawPool(self._connect_s, keepalive_s=60.0)
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=self.cfg.max_connections_per_backend,
             ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False,
@@ -137,6 +148,9 @@ class Upstream:
                                             timeout=timeout)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()

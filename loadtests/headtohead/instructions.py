@@ -3,6 +3,8 @@
     .venv/bin/python loadtests/headtohead/instructions.py                      # gravity, bare, peers
     .venv/bin/python loadtests/headtohead/instructions.py --systems gravity    # just this checkout
     .venv/bin/python loadtests/headtohead/instructions.py --variant NAME=DIR   # A/B another checkout
+    .venv/bin/python loadtests/headtohead/instructions.py --systems gravity \
+        --variant "raw=.:server: {upstream_client: raw}"                       # A/B a config switch
 
 Wall-clock figures on a shared 2-core machine move 2x with the neighbours; instruction counts do not.
 Each system runs under `valgrind --tool=callgrind --instr-atstart=no` behind the same two static
@@ -25,6 +27,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,11 +47,22 @@ GRAVITY_UNDER_CALLGRIND = ("routing: {scrape_interval_s: 5, scrape_timeout_s: 30
                            "resilience: {health: {probe_timeout_s: 30}}\n")
 
 
-def _gravity_launch(s: Stack, port: int, workers: list[str]) -> tuple[list[str], dict[str, str]]:
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _gravity_launch(s: Stack, port: int, workers: list[str], extra: str = "") -> tuple[list[str], dict[str, str]]:
+    """Gravity's harness config with the callgrind settings and a variant's YAML merged in (a second
+    `server:` block appended as text would replace the first one whole)."""
     spec = launch(SYSTEMS["gravity"], s.tmp, port, workers, MODEL)
     for path in spec.files:
-        with open(path, "a") as f:
-            f.write(GRAVITY_UNDER_CALLGRIND)
+        cfg = yaml.safe_load(Path(path).read_text())
+        for more in (GRAVITY_UNDER_CALLGRIND, extra):
+            cfg = _merge(cfg, yaml.safe_load(more) or {})
+        Path(path).write_text(yaml.safe_dump(cfg))
     return spec.argv, spec.env
 
 
@@ -125,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of bare, bare-granian (needs granian installed), {', '.join(SYSTEMS)}")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                    help="also count the gateway run from checkout DIR (A/B of a change in one run)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[:YAML]",
+                    help="also count the gateway run from checkout DIR, with YAML merged into its config "
+                         "(e.g. 'server: {upstream_client: raw}'): A/B of a change in one run")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
@@ -160,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = launch(system, s.tmp, port, workers, MODEL)
             jobs.append((name, spec.argv, spec.env, port, REPO))
         for spec_ in args.variant:
-            vname, _, source = spec_.partition("=")
+            vname, _, rest = spec_.partition("=")
+            source, _, extra = rest.partition(":")
             port = free_port()
-            jobs.append((vname, *_gravity_launch(s, port, workers), port, Path(source).resolve()))
+            jobs.append((vname, *_gravity_launch(s, port, workers, extra), port, Path(source).resolve()))
         for name, argv_, env, port, cwd in jobs:  # one at a time: nothing else under valgrind meanwhile
             print(f"[instructions] {name} under callgrind ...", flush=True)
             results[name] = count(s, name, argv_, env, port, args.requests, args.warmup, cwd)
