@@ -62,6 +62,9 @@ class ServerConfig(_Model):
     """Deprecated: `resilience.retries.max_attempts`."""
     max_connections_per_backend: int = Field(0, ge=0)
     """0 means unlimited (aiohttp keeps idle connections alive for reuse either way); aiohttp only."""
+    engine: Literal["uvicorn", "fast"] = "uvicorn"
+    """The HTTP server: `fast` is the gateway's own httptools protocol (gateway/httpserver.py,
+    docs/decisions/0006-http-server.md); the connection limits and the drain hold under either."""
     upstream_client: Literal["aiohttp", "raw"] = "aiohttp"
     """The data path's HTTP client: `raw` is the pooled httptools client of gateway/rawclient.py
     (docs/decisions/0005-raw-upstream-client.md); scraping and discovery use aiohttp either way."""
@@ -224,6 +227,15 @@ class GatewayConfig(_Model):
             for j, name in enumerate(key.profiles):
                 if name not in names:
                     raise ValueError(f"policies.auth.keys[{i}].profiles[{j}]: unknown routing profile {name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _raw_client_backends(self) -> GatewayConfig:
+        if self.server.upstream_client == "raw":
+            for i, b in enumerate(self.backends):
+                if not b.url.startswith("http://"):
+                    raise ValueError(f"backends[{i}].url: server.upstream_client raw speaks plain http:// only "
+                                     "(use upstream_client: aiohttp for TLS backends)")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""`gravity serve`: the gateway under uvicorn, with our connection limits and a graceful drain.
+"""`gravity serve`: the gateway under uvicorn or its own server, with our connection limits and a graceful drain.
 
 SIGTERM drains (docs/resilience.md, "Drain"): /ready turns 503 at once and new requests are still
 served for `resilience.drain.grace_s`; then the server stops accepting and in-flight requests get
@@ -17,6 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.drain import Drain
+from gateway.fastserve import run_fast
 from gateway.logs import configure_logging
 
 __all__ = ["serve"]
@@ -50,6 +51,9 @@ def serve(cfg: GatewayConfig, log_level: str | None = None) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    if cfg.server.engine == "fast":
+        run_fast(app, cfg.server.host, cfg.server.port, app.core.drain)
+        return
     drain = cfg.resilience.drain
     config = uvicorn.Config(
         app, host=cfg.server.host, port=cfg.server.port, loop="uvloop",

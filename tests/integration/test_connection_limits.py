@@ -15,13 +15,13 @@ import pytest
 
 from tests.support.procs import Proc, start_gateway, start_redis, start_sim
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_stacks]
 
 HEADER_S, BODY_S, IDLE_S, MAX_CONN = 4.0, 1.0, 1.5, 80
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+def gw(tmp_path_factory: pytest.TempPathFactory, gateway_stack: str) -> Iterator[Proc]:
     tmp = tmp_path_factory.mktemp("limits")
     redis = start_redis(tmp)
     sim = start_sim(tmp, extra=["--profile", "tiny"])

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.procs import Proc, free_port, start_gateway, start_redis, start_sim
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_stacks]
 
 
 def start_stub(tmp: Path, mode: str) -> Proc:
@@ -153,7 +153,7 @@ def _nested(depth: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+def sim_stack(tmp_path_factory: pytest.TempPathFactory, gateway_stack: str) -> Iterator[Proc]:
     tmp = tmp_path_factory.mktemp("edges")
     redis = start_redis(tmp)
     sim = start_sim(tmp, extra=["--profile", "tiny"])

@@ -5,6 +5,7 @@ import asyncio
 import json
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from tests.support.procs import Proc, free_port, sim_fleet, start_gateway, start
 MODEL = "sim-llama"
 MSGS = [{"role": "user", "content": "Tell me about data gravity."}]
 EOS = {"ignore_eos": True}  # vLLM stops at a natural end otherwise
+
+pytestmark = pytest.mark.both_stacks  # uvicorn+aiohttp and the gateway's own server+client (conftest.py)
 
 
 class Stack:
@@ -32,10 +35,16 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, gateway_stack: str) -> Iterator[Stack]:
     server = {"debug_headers": True, "max_body_bytes": 64 * 1024, "read_timeout_s": 1.5}
     with sim_fleet(tmp_path_factory.mktemp("stack"), server=server) as fleet:
         yield Stack(fleet.gateway, fleet.sims)
+
+
+def test_the_stack_under_test_is_the_one_asked_for(stack: Stack, gateway_stack: str) -> None:
+    """uvicorn names itself in a `server` header; the gateway's own server sends none."""
+    with urllib.request.urlopen(stack.base + "/health", timeout=10) as resp:
+        assert (resp.headers.get("server") == "uvicorn") == (gateway_stack == "uvicorn")
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

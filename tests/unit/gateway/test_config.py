@@ -36,6 +36,8 @@ def test_api_base_by_kind(kind: str, prefix: str | None, api_base: str) -> None:
     ({"server": {"port": "eighty"}}, "server.port"),
     ({"server": {"debug": True}}, "server.debug: Extra inputs are not permitted"),
     ({"backends": [BACKEND, BACKEND]}, "backends[1].name: duplicate backend name 'vllm-0'"),
+    ({"server": {"upstream_client": "raw"}, "backends": [BACKEND, {"name": "t", "url": "https://x"}]},
+     "backends[1].url: server.upstream_client raw speaks plain http:// only"),
     ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
     ([1, 2], "(root): the config must be a mapping"),
     ({"routing": {"profiles": [{"name": "d", "plugins": [{"ref": "nope"}]}]}},
