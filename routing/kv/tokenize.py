@@ -93,9 +93,14 @@ class SimTokenizer:
     """The simulator's tokenization: its chat template (tools, generation prompt) and tiktoken o200k."""
 
     def __init__(self, every: int = 2048, max_tokens: int = 2_000_000) -> None:
-        from simulator import tokenizer
+        from simulator import openai_api, tokenizer
 
         self._cache = SegmentCache(tokenizer.encode, every, max_tokens)
+        # Load the encoding (0.5 s of CPU idle, seconds on a busy host) and the template now, at start-up:
+        # lazily, the first request paid it with the event loop blocked, so scrapes and KV events stalled
+        # and that gateway answered from a view seconds old (seen as active-active disagreements).
+        tokenizer.encode("warm")
+        openai_api.chat_prompt_text({"messages": [{"role": "user", "content": "warm"}]})
 
     @property
     def cache(self) -> SegmentCache:
