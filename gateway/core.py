@@ -24,6 +24,7 @@ from gateway.pipeline import Pipeline
 from gateway.rawclient import RawTransport
 from gateway.redis_conn import RedisHandle, open_redis
 from gateway.state import SessionAffinity, StateStore
+from gateway.state.inflight import SharedInflight
 from gateway.state.store import Client
 from gateway.tasks import cancel_tasks
 from gateway.telemetry import NOOP, Tracing, build_tracing
@@ -71,6 +72,8 @@ class Core:
     kv_subscriber: KVSubscriber | None = None
     tracing: Tracing = NOOP
     """Traces (docs/tracing.md): NOOP unless an OTLP endpoint is configured."""
+    shared_inflight: SharedInflight | None = None
+    """In-flight counts shared with the other gateway replicas through Redis (docs/state.md)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def redis_client(self) -> Client:
@@ -88,6 +91,8 @@ class Core:
         self._tasks.append(asyncio.create_task(self.collector.run(), name="gravity-collector"))
         self._tasks.append(asyncio.create_task(self.prober.run(), name="gravity-health"))
         await self.admission.start(self.redis.client, self.redis.pipe)
+        if self.shared_inflight is not None:
+            await self.shared_inflight.start()
         if self.kv_subscriber is not None:
             await self.kv_subscriber.start()
 
@@ -95,6 +100,9 @@ class Core:
         if self.kv_subscriber is not None:
             with contextlib.suppress(Exception):
                 await self.kv_subscriber.stop()
+        if self.shared_inflight is not None:
+            with contextlib.suppress(Exception):
+                await self.shared_inflight.stop()  # the others stop counting this replica at once
         with contextlib.suppress(Exception):
             await self.admission.stop()  # queued settlements reach Redis before it closes
         await cancel_tasks(self._tasks)
@@ -174,9 +182,13 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
 
     store = traced_store_class(tracing)(client, cfg.state, pipe)  # type: ignore[arg-type]
     sessions = SessionAffinity(datastore, store)
+    shared_cfg = cfg.state.shared_inflight
+    shared = None
+    if shared_cfg.enabled or (shared_cfg.enabled is None and cfg.state.redis_url):
+        shared = SharedInflight(datastore, shared_cfg, metrics.registry, pipe, client)  # type: ignore[arg-type]
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
                         session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing,
-                        access=access)
+                        access=access, shared_inflight=shared)
     if transport is None:
         transport = RawTransport(upstream) if cfg.server.upstream_client == "raw" else AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
@@ -187,6 +199,6 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
                 scheduler=scheduler, upstream=upstream, admission=admission, store=store, sessions=sessions,
                 pipeline=pipeline, dispatcher=dispatcher, circuits=circuits, collector=collector, prober=prober,
                 drain=Drain(res.drain), trusted_proxies=TrustedProxies(cfg.server.trusted_proxies),
-                kv_state=kv_state, kv_subscriber=kv_subscriber, tracing=tracing)
+                kv_state=kv_state, kv_subscriber=kv_subscriber, tracing=tracing, shared_inflight=shared)
     core_ref.append(core)
     return core

@@ -14,12 +14,20 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.errors import InvalidRequest, error_response
 from gateway.openai_requests import ROUTES, parse_body
-from routing.types import RoutingRequest
+from routing.types import EndpointView, RoutingRequest
 
 if TYPE_CHECKING:
     from gateway.core import Core
 
 __all__ = ["kv_routes"]
+
+
+def _inflight(view: EndpointView | None) -> dict[str, int]:
+    if view is None:
+        return {}
+    return {"requests": view.inflight_requests, "other_replicas": view.foreign_requests,
+            "prompt_tokens": view.inflight_prompt_tokens + view.foreign_prompt_tokens,
+            "unaccounted_waiting": view.unaccounted_waiting()}
 
 
 def kv_routes(core: Core) -> list[BaseRoute]:
@@ -48,10 +56,15 @@ def kv_routes(core: Core) -> list[BaseRoute]:
                                  prompt_tokens=len(parsed.prompt) // 4, max_tokens=parsed.max_tokens,
                                  session_id=request.headers.get("x-session-id"), route=path, body=parsed.body,
                                  profile=request.headers.get("x-gravity-profile") or None)
+            if core.shared_inflight is not None:  # the view a real request would route on
+                await core.shared_inflight.refresh()
             decision = core.scheduler.schedule(req)
         except Exception as exc:  # noqa: BLE001 - routing and parse errors answer OpenAI-shaped
             return error_response(exc)
-        ranked = [{"endpoint": c.endpoint, "score": c.score, "scores": c.scores} for c in decision.ranked]
+        views = core.datastore.snapshot().endpoints
+        # The in-flight counts the decision saw (all replicas' when shared): what replicas compare.
+        ranked = [{"endpoint": c.endpoint, "score": c.score, "scores": c.scores,
+                   "inflight": _inflight(views.get(c.endpoint))} for c in decision.ranked]
         return Response(orjson.dumps({"backend": decision.best.endpoint, "profile": decision.profile,
                                       "ranked": ranked}), media_type="application/json")
 

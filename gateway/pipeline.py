@@ -20,6 +20,7 @@ from gateway.exchange import Exchange
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.openai_requests import ParsedBody
+from gateway.state.inflight import SharedInflight
 from gateway.state.sessions import SessionAffinity
 from gateway.telemetry import NOOP, Tracing
 from gateway.telemetry import names as spans
@@ -41,7 +42,7 @@ class Pipeline:
     def __init__(self, admission: Admission, sessions: SessionAffinity, scheduler: Scheduler, datastore: Datastore,
                  metrics: GatewayMetrics, resilience: ResilienceConfig, *, session_from_user: bool,
                  circuits: CircuitBoard | None = None, tracing: Tracing = NOOP,
-                 access: AccessLog | None = None) -> None:
+                 access: AccessLog | None = None, shared_inflight: SharedInflight | None = None) -> None:
         self.admission = admission
         self.access = access
         self.datastore = datastore
@@ -52,6 +53,8 @@ class Pipeline:
         self._session_from_user = session_from_user
         self._circuits = circuits
         self._tracing = tracing
+        self.shared_inflight = shared_inflight
+        """Other gateway replicas' in-flight counts, read in the same write as the budgets (docs/state.md)."""
 
     # -- before dispatch ----------------------------------------------------------------------------
     def exchange(self, route: str, parsed: ParsedBody, raw: bytes, headers: Mapping[str, str], request_id: str,
@@ -98,11 +101,16 @@ class Pipeline:
         return key
 
     async def reserve(self, ex: Exchange, key: ApiKey) -> None:
-        """Budgets and the session's endpoint together: both commands leave in one write (one round trip)."""
+        """Budgets, the session's endpoint and the other replicas' in-flight counts together: their
+        commands leave in one write (one round trip)."""
         with self._tracing.span(spans.SPAN_RATE_LIMIT) as span:
             try:
+                shared = self.shared_inflight
                 if ex.routing.session_id:
-                    await asyncio.gather(self.admission.reserve(ex, key), self.sessions.lookup(ex))
+                    await asyncio.gather(self.admission.reserve(ex, key), self.sessions.lookup(ex),
+                                         *(() if shared is None else (shared.refresh(),)))
+                elif shared is not None:
+                    await asyncio.gather(self.admission.reserve(ex, key), shared.refresh())
                 else:
                     await self.admission.reserve(ex, key)
             except Exception as exc:

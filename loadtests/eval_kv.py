@@ -6,7 +6,9 @@ workloads as "elsewhere" checks; 4 and 8 backends; 70/80/90 % of the cluster cap
 docs/routing-results*.json, or measured here with ``--measure-capacity`` into
 docs/kv-events-capacity.json: oracle bisection, round-robin checked at the oracle's rate); several
 seeds, seed 1 being the one the code was tuned on. ``--replicas`` adds precise and default with 3
-gateway replicas (own in-flight counts) for the active-active bound. Writes
+gateway replicas, each with its own in-flight counts (``x3``) and with the counts shared through
+Redis as the gateway shares them (``x3s``: read at each request's pre-dispatch call, every change
+reaching Redis ``--shared-delay`` later). Writes
 docs/kv-events-results.json (every run) and prints per-case goal verdicts (``--report``).
 
 Run: nice -n 10 .venv/bin/python loadtests/eval_kv.py --measure-capacity --jobs 2
@@ -131,7 +133,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     feed = KVFeedOptions(delay_s=job.get("delay", 0.005), mode="tokens") if policy == "precise" else None
     replicas = job.get("replicas", 1)
     result = simulate(records, config=lambda reg: policy_config(policy, reg), engine=engine,
-                      backends=job["backends"], seed=seed, policy_name=policy, kv_feed=feed, replicas=replicas)
+                      backends=job["backends"], seed=seed, policy_name=policy, kv_feed=feed, replicas=replicas,
+                      shared_inflight=job.get("shared"))
     s = summarize(result)
     label = _label(job)
     kv_tokens = engine.kv_blocks * engine.block_size
@@ -148,7 +151,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def _label(job: dict[str, Any]) -> str:
     replicas = job.get("replicas", 1)
-    return job["policy"] if replicas == 1 else f"{job['policy']}x{replicas}"
+    if replicas == 1:
+        return str(job["policy"])
+    return f"{job['policy']}x{replicas}" + ("s" if job.get("shared") is not None else "")
 
 
 def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -167,6 +172,8 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     out += [{**base, "policy": p} for p in POLICIES]
                     if args.replicas and load == 0.8:
                         out += [{**base, "policy": p, "replicas": 3} for p in ("precise", "default")]
+                        out += [{**base, "policy": p, "replicas": 3, "shared": args.shared_delay}
+                                for p in ("precise", "default")]
     return out
 
 
@@ -221,21 +228,23 @@ def report(rows: list[dict[str, Any]], held_out: set[int]) -> str:
 
 def replicas_report(rows: list[dict[str, Any]]) -> str:
     by = {_key(r): r for r in rows}
-    lines = [("| case | backends | seed | precise p90 s: 1 / 3 gateways | hit: 1 / 3 | "
-              "approximate p90 s: 1 / 3 | hit: 1 / 3 |"), "|---|---|---|---|---|---|---|"]
+    lines = [("| case | backends | seed | precise p90 s: 1 / 3 own / 3 shared | p99: 1 / 3 own / 3 shared "
+              "| hit: 1 / 3 own / 3 shared | approximate p90 s: 1 / 3 own / 3 shared | hit: 1 / 3 own / 3 shared |"),
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cells(rows3: list[dict[str, Any] | None], field: str, fmt: str = ".3f") -> str:
+        return " / ".join("-" if row is None else format(row[field], fmt) for row in rows3)
+
     for r in sorted((r for r in rows if r["policy"] == "precisex3"),
                     key=lambda r: (list(CASES).index(r["case"]), r["backends"], r["seed"])):
         k = (r["case"], r["backends"], r["load"], r["seed"])
-        p1, d1, d3 = by.get((*k, "precise")), by.get((*k, "default")), by.get((*k, "defaultx3"))
-        if not (p1 and d1 and d3):
+        p = [by.get((*k, "precise")), r, by.get((*k, "precisex3s"))]
+        d = [by.get((*k, "default")), by.get((*k, "defaultx3")), by.get((*k, "defaultx3s"))]
+        if p[0] is None or d[0] is None:
             continue
-
-        def p90(row: dict[str, Any] | None) -> str:
-            return "-" if row is None else f"{row['ttft_p90']:.3f}"
-
-        lines.append(f"| {r['case']} | {r['backends']} | {r['seed']} | {p90(p1)} / {p90(r)} | "
-                     f"{p1['hit_rate']:.3f} / {r['hit_rate']:.3f} | {p90(d1)} / {p90(d3)} | "
-                     f"{d1['hit_rate']:.3f} / {d3['hit_rate']:.3f} |")
+        lines.append(f"| {r['case']} | {r['backends']} | {r['seed']} | {cells(p, 'ttft_p90')} | "
+                     f"{cells(p, 'ttft_p99')} | {cells(p, 'hit_rate')} | {cells(d, 'ttft_p90')} | "
+                     f"{cells(d, 'hit_rate')} |")
     return "\n".join(lines)
 
 
@@ -283,6 +292,8 @@ def main() -> int:
     ap.add_argument("--case", action="append", choices=list(CASES))
     ap.add_argument("--delay", type=float, default=0.005, help="KV event delivery delay, seconds (use another --out)")
     ap.add_argument("--replicas", action="store_true", help="add precise and default with 3 gateway replicas (80 %)")
+    ap.add_argument("--shared-delay", type=float, default=0.0005,
+                    help="with --replicas: how long a change of one replica's in-flight counts takes to reach Redis")
     ap.add_argument("--measure-capacity", action="store_true", help="measure missing capacities and exit")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out and exit")
     ap.add_argument("--out", default=str(OUT))

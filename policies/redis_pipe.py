@@ -58,6 +58,28 @@ class RedisPipe:
             await writer.drain()
         return await fut
 
+    def send_nowait(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Queue a command in this loop turn's write without waiting for its reply (fire and forget:
+        the reply, or the error, lands in the returned future); None, and nothing sent, while the
+        connection is down (the next `execute` reconnects)."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return None
+        loop = asyncio.get_running_loop()
+        if not self._out:
+            loop.call_soon(self._write, conn)
+        self._out += conn.pack_command(*args)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append(fut)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(conn), name="gravity-limiter-redis")
+        return fut
+
+    def write_now(self) -> None:
+        """Write what this turn queued now rather than at the end of the turn."""
+        if self._out and self._conn is not None:
+            self._write(self._conn)
+
     def _write(self, conn: Any) -> None:
         out, self._out = self._out, []
         if not out or conn is not self._conn:  # dropped meanwhile: its callers have failed already

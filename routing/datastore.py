@@ -14,9 +14,11 @@ from typing import Any
 from routing.latency import DRAIN_RATE_FRACTION, TTFTModel
 from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot, pending_prefill
 
-__all__ = ["Datastore", "InflightTicket", "RestartListener"]
+__all__ = ["Datastore", "InflightListener", "InflightTicket", "RestartListener"]
 
 RestartListener = Callable[[str], None]
+InflightListener = Callable[[str], None]
+"""Told an endpoint's name each time this process's own in-flight counts for it change."""
 _RATE_SMOOTHING = 0.2  # weight of a new prefill-rate sample in the moving average
 _RATE_MAX_RISE = 1.1  # a sample above this multiple of the average counts as this multiple
 
@@ -50,6 +52,13 @@ class _State:
     inflight_requests: int = 0
     inflight_prompt_tokens: int = 0
     inflight_decode_tokens: int = 0
+    # Other gateway replicas' in-flight requests and prompt tokens awaiting prefill here, as shared
+    # through Redis (gateway/state/inflight.py) at this replica's last pre-dispatch read; 0 alone.
+    foreign_requests: int = 0
+    foreign_prompt_tokens: int = 0
+    # Peak of own + foreign in-flight requests since the last scrape, and as it was at that scrape.
+    inflight_peak: int = 0
+    inflight_at_scrape: int = 0
     # The current prefill busy period (prompt tokens awaiting prefill never dropped to zero since):
     # when it began and the prompt tokens dispatched in it, from which the prefill rate is measured;
     # and the anchor of the backlog estimate: the last first token (or the period's start) and the
@@ -79,6 +88,7 @@ class Datastore:
         self._stale_after_s = stale_after_s
         self._states: dict[str, _State] = {}
         self._restart_listeners: list[RestartListener] = []
+        self._inflight_listeners: list[InflightListener] = []
         self._snap: Snapshot | None = None
         self._snap_valid_until = 0.0
 
@@ -145,6 +155,8 @@ class Datastore:
         self._dirty(state)
         previous = state.metrics
         state.metrics = dataclasses.replace(m, updated_at=self._clock())
+        state.inflight_at_scrape = state.inflight_peak
+        state.inflight_peak = state.inflight_requests + state.foreign_requests
         if previous is not None and _restarted(previous, m):
             self.on_restart(name)
 
@@ -173,19 +185,21 @@ class Datastore:
         ticket = InflightTicket(name, prompt_tokens, max_tokens, -1, started_at=now)
         if state is not None:
             self._dirty(state)
-            ticket.tokens_ahead = prompt_tokens + pending_prefill(
+            ticket.tokens_ahead = prompt_tokens + state.foreign_prompt_tokens + pending_prefill(
                 state.inflight_prompt_tokens, state.prefill_tokens_per_s * DRAIN_RATE_FRACTION,
                 state.prefill_anchor_at, state.prefill_anchor_tokens, now)
-            ticket.inflight_ahead = state.inflight_requests
+            ticket.inflight_ahead = state.inflight_requests + state.foreign_requests
             if state.inflight_prompt_tokens == 0:
                 state.prefill_busy_since = state.prefill_anchor_at = now
                 state.prefill_busy_tokens = state.prefill_anchor_tokens = 0
             state.prefill_busy_tokens += prompt_tokens
             state.prefill_anchor_tokens += prompt_tokens
             state.inflight_requests += 1
+            state.inflight_peak = max(state.inflight_peak, state.inflight_requests + state.foreign_requests)
             state.inflight_prompt_tokens += prompt_tokens
             state.inflight_decode_tokens += max_tokens
             ticket.generation = state.generation
+            self._notify_inflight(name)
         return ticket
 
     def first_token(self, ticket: InflightTicket) -> None:
@@ -220,6 +234,7 @@ class Datastore:
                     # let the rate creep up but fall at once, so surprises cannot make a backlog vanish.
                     sample = min(sample, _RATE_MAX_RISE * rate)
                 state.prefill_tokens_per_s = sample if rate == 0 else rate + _RATE_SMOOTHING * (sample - rate)
+            self._notify_inflight(ticket.endpoint)
 
     def end(self, ticket: InflightTicket) -> None:
         if ticket.done:
@@ -234,7 +249,31 @@ class Datastore:
         if not ticket.prefilled:
             state.inflight_prompt_tokens = max(0, state.inflight_prompt_tokens - ticket.prompt_tokens)
         state.inflight_decode_tokens = max(0, state.inflight_decode_tokens - ticket.max_tokens)
+        self._notify_inflight(ticket.endpoint)
 
+    # -- in-flight shared between gateway replicas ---------------------------------------------
+    def add_inflight_listener(self, listener: InflightListener) -> None:
+        """The shared in-flight publisher registers here (each change of this process's own counts)."""
+        self._inflight_listeners.append(listener)
+
+    def _notify_inflight(self, name: str) -> None:
+        for listener in self._inflight_listeners:
+            listener(name)
+
+    def own_inflight(self, name: str) -> tuple[int, int]:
+        """This process's own (requests, prompt tokens awaiting prefill) on ``name``: what it shares."""
+        state = self._states.get(name)
+        return (0, 0) if state is None else (state.inflight_requests, state.inflight_prompt_tokens)
+
+    def set_foreign_inflight(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Other replicas' (requests, prompt tokens awaiting prefill) per endpoint; endpoints absent
+        from ``counts`` have none. Views include them from the next snapshot on."""
+        for name, state in self._states.items():
+            n, tokens = counts.get(name, (0, 0))
+            if n != state.foreign_requests or tokens != state.foreign_prompt_tokens:
+                self._dirty(state)
+                state.foreign_requests, state.foreign_prompt_tokens = n, tokens
+                state.inflight_peak = max(state.inflight_peak, state.inflight_requests + n)
     # -- readers -------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """An immutable copy of every endpoint; the same object until the next write (``taken_at``
@@ -271,9 +310,12 @@ class Datastore:
             circuit_open=s.circuit_open,
             metrics=s.metrics,
             fresh=fresh,
-            inflight_requests=s.inflight_requests,
+            inflight_requests=s.inflight_requests + s.foreign_requests,
             inflight_prompt_tokens=s.inflight_prompt_tokens,
             inflight_decode_tokens=s.inflight_decode_tokens,
+            foreign_requests=s.foreign_requests,
+            foreign_prompt_tokens=s.foreign_prompt_tokens,
+            inflight_at_scrape=s.inflight_at_scrape,
             prefill_anchor_at=s.prefill_anchor_at,
             prefill_anchor_tokens=s.prefill_anchor_tokens,
             prefill_tokens_per_s=s.prefill_tokens_per_s,
@@ -337,6 +379,7 @@ class Datastore:
                     "requests": s.inflight_requests,
                     "prompt_tokens": s.inflight_prompt_tokens,
                     "decode_tokens": s.inflight_decode_tokens,
+                    "other_replicas": {"requests": s.foreign_requests, "prompt_tokens": s.foreign_prompt_tokens},
                 },
                 "restarts": s.restarts,
             }

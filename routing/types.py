@@ -94,8 +94,8 @@ class EndpointView:
     circuit_open: bool
     metrics: EndpointMetrics | None  # None until the first scrape
     fresh: bool  # metrics present and younger than stale_after_s
-    inflight_requests: int
-    inflight_prompt_tokens: int
+    inflight_requests: int  # this replica's own plus foreign_requests
+    inflight_prompt_tokens: int  # this replica's own, awaiting prefill
     inflight_decode_tokens: int
     generation: int  # bumped on every detected restart
     # Backlog estimate: measured prefill rate (0: unknown), and since when (the last first token or the
@@ -104,12 +104,31 @@ class EndpointView:
     prefill_anchor_at: float = 0.0
     prefill_anchor_tokens: int = 0
     ttft: TTFTCoefficients = PRIOR  # this endpoint's fitted TTFT model (routing/latency.py)
+    # Other gateway replicas' in-flight requests and prompt tokens awaiting prefill here, shared
+    # through Redis as of this replica's last pre-dispatch read (0 with one gateway).
+    foreign_requests: int = 0
+    foreign_prompt_tokens: int = 0
+    # The most requests counted in flight here (own + foreign) between the scrape before the last one
+    # and the last one: what the last scrape's queue can hold of the gateways' own requests.
+    inflight_at_scrape: int = 0
 
     def pending_prefill_tokens(self, now: float, rate_fraction: float = 1.0) -> float:
-        """Prompt tokens still to prefill, net of the progress the measured rate implies since the anchor
-        (a fluid FIFO estimate); the raw count when the rate is unknown or disabled."""
+        """Prompt tokens still to prefill: this replica's own net of the progress the measured rate implies
+        since the anchor (a fluid FIFO estimate; the raw count when the rate is unknown or disabled), plus
+        the other replicas' as they shared them (raw: their anchors are on their clocks)."""
         return pending_prefill(self.inflight_prompt_tokens, self.prefill_tokens_per_s * rate_fraction,
-                               self.prefill_anchor_at, self.prefill_anchor_tokens, now)
+                               self.prefill_anchor_at, self.prefill_anchor_tokens, now) + self.foreign_prompt_tokens
+
+    def unaccounted_waiting(self) -> int:
+        """Scraped waiting requests that no gateway replica counts in flight: someone else's traffic.
+
+        The scrape is older than the counts: requests it saw waiting may have finished since, so what it
+        is compared with is the larger of the counts now and the peak count around the scrape."""
+        m = self.trusted_metrics()
+        if m is None:
+            return 0
+        counted = self.inflight_requests if self.inflight_requests > self.inflight_at_scrape else self.inflight_at_scrape  # noqa: FURB136 - hot path
+        return m.waiting - counted if m.waiting > counted else 0
 
     def serves(self, model: str) -> bool:
         return self.models is not None and (model in self.models or model in self.loras)

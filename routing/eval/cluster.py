@@ -1,6 +1,7 @@
 """The virtual-time cluster: trace arrivals, the real scheduler and N simulated engines on one event heap.
 
-Metrics reach the datastore on a scrape period (stale by up to that much); in-flight counts are immediate.
+Metrics reach the datastore on a scrape period (stale by up to that much); in-flight counts are immediate
+for a replica's own dispatches, and other replicas' arrive as shared through Redis when ``shared_inflight``.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def simulate(
     faults: Sequence[FaultEvent] | None = None,
     resilience: ResilienceConfig | None = None,
     resume: bool = True,
+    shared_inflight: float | None = None,
 ) -> ClusterResult:
     """Replay ``records`` through the scheduler against ``backends`` engines and return every outcome.
 
@@ -92,6 +94,10 @@ def simulate(
     ``faults``: replicas killed, restarted, stalled or failing (routing/eval/faults.py); requests are then
     dispatched by the gateway's attempt state machine under ``resilience`` (default: the gateway's
     defaults), resuming broken streams unless ``resume`` is False.
+    ``shared_inflight``: with replicas, share their in-flight counts as the gateway does through Redis
+    (gateway/state/inflight.py): each change of a replica's own counts reaches "Redis" this many seconds
+    later, and a replica reads the others' there when a request arrives (its pre-dispatch call), so a
+    decision sees the counts as of that call. None: each replica knows only its own dispatches.
     """
     now = 0.0
     clock = lambda: now
@@ -116,6 +122,26 @@ def simulate(
     for store in stores:
         for n in names:
             store.upsert(EndpointSpec(n, f"sim://{n}", models))
+    # What "Redis" holds: each replica's own (requests, prompt tokens awaiting prefill) per endpoint.
+    shared: list[dict[str, tuple[int, int]]] = [{} for _ in stores]
+
+    def publish(r: int, name: str) -> None:
+        counts = stores[r].own_inflight(name)
+        push(now + (shared_inflight or 0.0), _CALL, lambda: shared[r].__setitem__(name, counts))
+
+    if shared_inflight is not None and len(stores) > 1:
+        for rep, store in enumerate(stores):
+            store.add_inflight_listener(lambda name, rep=rep: publish(rep, name))  # type: ignore[misc]
+
+    def read_shared(r: int) -> None:
+        others: dict[str, tuple[int, int]] = {}
+        for q, counts in enumerate(shared):
+            if q != r:
+                for name, (n, tok) in counts.items():
+                    was = others.get(name, (0, 0))
+                    others[name] = (was[0] + n, was[1] + tok)
+        stores[r].set_foreign_inflight(others)
+
     schedulers = [build_scheduler(cfg, store, rng=random.Random(seed + r), clock=clock, registry=registry,
                                   kv_events=feed.state if feed else None) for r, store in enumerate(stores)]
 
@@ -176,6 +202,8 @@ def simulate(
             cache_salt=record.cache_salt, lora=record.lora, prompt_tokens=len(ids),
             max_tokens=record.max_tokens, request_id=rec.request_id, profile=profile,
         )
+        if shared_inflight is not None and len(stores) > 1:
+            read_shared(i % len(stores))
         if inj is not None:
             inj.arrive(i, rec, req, record, ids)
             tokens.pop(rec.request_id, None)

@@ -59,8 +59,7 @@ class PredictedLatencyScorer:
         out = []
         for e in endpoints:
             hit = matched.get(e.name, 0.0)
-            m = e.trusted_metrics()
-            foreign = (m.waiting if m is not None else 0) - e.inflight_requests
+            foreign = e.unaccounted_waiting()
             ahead = e.pending_prefill_tokens(now, DRAIN_RATE_FRACTION) + (1.0 - hit) * prompt
             if foreign > 0:
                 ahead += p.waiting_tokens * foreign

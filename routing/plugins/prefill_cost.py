@@ -63,11 +63,8 @@ class PrefillCostScorer:
         now = self._clock()
         out = []
         for e in endpoints:
-            m = e.trusted_metrics()
-            # Scraped waiting overlaps our own in-flight requests; only the excess is someone else's.
-            foreign_waiting = (m.waiting if m is not None else 0) - e.inflight_requests
-            if foreign_waiting < 0:  # noqa: PLR1730 - max() is a builtin call per endpoint on the hot path
-                foreign_waiting = 0
+            # Scraped waiting overlaps the gateways' in-flight requests; only the excess is someone else's.
+            foreign_waiting = e.unaccounted_waiting()
             hit = matched.get(e.name, 0.0)
             cost = (
                 e.pending_prefill_tokens(now, drain)

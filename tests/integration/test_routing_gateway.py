@@ -104,4 +104,5 @@ def test_admin_backends_reports_metrics_and_settles(gateway: str) -> None:
         m = entry["metrics"]
         assert m is not None and m["kv_capacity_tokens"] == 256 * 16 and m["age_s"] < 2.0
         # Everything earlier has finished, so nothing is left in flight.
-        assert entry["inflight"] == {"requests": 0, "prompt_tokens": 0, "decode_tokens": 0}
+        assert entry["inflight"] == {"requests": 0, "prompt_tokens": 0, "decode_tokens": 0,
+                                     "other_replicas": {"requests": 0, "prompt_tokens": 0}}

@@ -97,7 +97,8 @@ def test_describe_is_json_ready() -> None:
     body = json.loads(json.dumps(ds.describe()))
     assert body["a"]["metrics"]["waiting"] == 2
     assert body["a"]["metrics"]["loras_running"] == ["x"]
-    assert body["a"]["inflight"] == {"requests": 1, "prompt_tokens": 5, "decode_tokens": 6}
+    assert body["a"]["inflight"] == {"requests": 1, "prompt_tokens": 5, "decode_tokens": 6,
+                                     "other_replicas": {"requests": 0, "prompt_tokens": 0}}
 
 
 def test_snapshot_is_reused_until_a_write_and_rebuilds_only_what_changed() -> None:
@@ -142,3 +143,34 @@ def test_prefill_rate_is_measured_over_busy_periods_and_discounts_the_backlog() 
     clock.now = 200.0
     ds.begin("a", 500, 16)  # the backlog had emptied: a new busy period starts now
     assert ds.snapshot().endpoints["a"].pending_prefill_tokens(200.0) == 500
+
+
+# -- in-flight shared between gateway replicas (gateway/state/inflight.py) -----------------------------
+def test_other_replicas_counts_add_to_the_view_and_only_own_ones_are_published() -> None:
+    ds = make_datastore()
+    changed: list[str] = []
+    ds.add_inflight_listener(changed.append)
+    ticket = ds.begin("a", 100, 10)
+    ds.set_foreign_inflight({"a": (3, 900), "gone": (5, 5)})
+    view = ds.snapshot().endpoints["a"]
+    assert (view.inflight_requests, view.foreign_requests, view.foreign_prompt_tokens) == (4, 3, 900)
+    assert view.pending_prefill_tokens(0.0) == 1000
+    assert ds.own_inflight("a") == (1, 100), "what this replica shares excludes what it was told"
+    ds.first_token(ticket)
+    ds.end(ticket)
+    assert changed == ["a", "a", "a"]
+    ds.set_foreign_inflight({})  # Redis unreachable: own counts only
+    assert ds.snapshot().endpoints["a"].inflight_requests == 0
+
+
+def test_a_scrape_older_than_the_counts_is_not_someone_elses_queue() -> None:
+    ds = make_datastore(clock=FakeClock())
+    tickets = [ds.begin("a", 10, 1) for _ in range(3)]
+    ds.update_metrics("a", metrics(waiting=3))  # the scrape saw the three
+    ds.update_metrics("a", metrics(waiting=3))
+    for t in tickets:
+        ds.end(t)  # they finished after it
+    assert ds.snapshot().endpoints["a"].unaccounted_waiting() == 0
+    ds.update_metrics("a", metrics(waiting=2))  # two the gateways never dispatched
+    ds.update_metrics("a", metrics(waiting=2))
+    assert ds.snapshot().endpoints["a"].unaccounted_waiting() == 2
