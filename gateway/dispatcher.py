@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -20,28 +20,25 @@ from gateway.errors import (
     GatewayError,
     ServiceUnavailable,
     UpstreamTimeout,
-    error_response,
-    is_expected,
     normalise_upstream_error,
-    to_gateway_error,
 )
 from gateway.exchange import Exchange
 from gateway.logs import OutcomeLog
 from gateway.metrics import GatewayMetrics
+from gateway.relay import DONE, ERROR_EVENT, STREAM_HEADERS, Relay, Send
 from gateway.resume import ResumeState, resumable
-from gateway.sse import EventSplitter, usage_of
+from gateway.sse import EventSplitter
 from gateway.telemetry import NOOP, Tracing
-from gateway.telemetry.tracing import NO_ATTEMPT, AttemptSpan
+from gateway.telemetry.tracing import NO_ATTEMPT
 from gateway.transport import (
     ConnectFailed,
     ConnectTimedOut,
     StreamBroken,
     Transport,
     UpstreamRequest,
-    UpstreamResponse,
 )
-from gateway.upstream import BackendTarget, forwardable_response_headers
-from policies.attempts import Attempt, AttemptPlan, Failure, Stop, StopReason
+from gateway.upstream import BackendTarget
+from policies.attempts import Attempt, AttemptPlan, AttemptPolicy, Failure, Stop, StopReason
 from policies.circuit import CircuitBoard
 from policies.resilience import ResilienceConfig
 from policies.retry_budget import RetryBudget
@@ -52,14 +49,9 @@ log = logging.getLogger("gravity.dispatch")
 
 __all__ = ["Dispatcher"]
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Reroute = Callable[[Exchange], bool]
 """Switch an exchange to its next fallback model and schedule it; False when none is left."""
 
-_STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
-                   "x-accel-buffering": "no"}
-_DONE = b"data: [DONE]\n\n"
-_ERROR_EVENT = b'data: {"error"'
 _RESUMABLE_KINDS = frozenset({"vllm", "kserve"})
 """Backend kinds that continue a final assistant message (vLLM's continue_final_message)."""
 
@@ -92,6 +84,16 @@ class Dispatcher:
         self._settle = settle
         self._clock = clock
         self._tracing = tracing
+        self._policies: dict[str, AttemptPolicy] = {}
+
+    def policy(self, model: str) -> AttemptPolicy:
+        """The model's attempt policy, built once (the config is frozen); models reaching here are served ones."""
+        policy = self._policies.get(model)
+        if policy is None:
+            policy = self._cfg.attempt_policy(model)
+            if len(self._policies) < 1024:
+                self._policies[model] = policy
+        return policy
 
     # -- one request ----------------------------------------------------------------------------
     async def run(self, ex: Exchange, send: Send) -> None:
@@ -103,21 +105,15 @@ class Dispatcher:
             run.close()
 
 
-class _Run:
+class _Run(Relay):
     """The state of one request's dispatch (kept off the Dispatcher, which is shared)."""
 
     def __init__(self, d: Dispatcher, ex: Exchange, send: Send) -> None:
-        self.d, self.ex, self.send = d, ex, send
-        self.started = False
-        """The client's response has begun (status line sent)."""
+        super().__init__(ex, send, debug=d._debug, outcomes=d._outcomes, settle=d._settle)
+        self.d = d
         self.ticket: InflightTicket | None = None
-        self.resp: UpstreamResponse | None = None
         self.last_error: GatewayError | None = None
         self.plan: AttemptPlan | None = None
-        self.state: ResumeState | None = None
-        self.error_event = False
-        self.span: AttemptSpan | Any = NO_ATTEMPT
-        """The current attempt's CLIENT span (ended by whatever ends the attempt)."""
 
     def close(self) -> None:
         if self.span is not NO_ATTEMPT:  # still open: the request was cancelled or the client left
@@ -160,7 +156,7 @@ class _Run:
     def _new_plan(self) -> AttemptPlan:
         ex, d = self.ex, self.d
         assert ex.decision is not None
-        policy = d._cfg.attempt_policy(ex.model)
+        policy = d.policy(ex.model)
         kinds_ok = all(d._targets[c.endpoint].kind in _RESUMABLE_KINDS for c in ex.decision.ranked)
         ex.resumable = ex.stream and kinds_ok and resumable(ex.route, ex.body)
         self.plan = AttemptPlan([c.endpoint for c in ex.decision.ranked], policy, d._clock(), d.budget,
@@ -197,7 +193,7 @@ class _Run:
                     chunks = self.resp.chunks()
                     first = await anext(chunks, b"")
                     self.span.first_chunk()
-                    if first.startswith(_ERROR_EVENT):  # failed before the client saw a byte: retry
+                    if first.startswith(ERROR_EVENT):  # failed before the client saw a byte: retry
                         raise StreamBroken("the backend answered the stream with an error event")
                 else:
                     whole = await self.resp.read()
@@ -284,48 +280,13 @@ class _Run:
                                       code="no_healthy_backend", retry_after=1)
         return self.last_error
 
-    # -- relaying -----------------------------------------------------------------------------------
-    def _headers(self, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
-        ex = self.ex
-        headers = {**extra, **ex.response_headers}
-        if not self.d._debug:
-            headers.pop("x-gravity-attempts", None)
-        elif ex.backend:
-            headers["x-gravity-backend"] = ex.backend
-            if ex.decision is not None:
-                headers["x-gravity-route"] = ex.decision.header()
-        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-    async def _start(self, status: int, extra: dict[str, str]) -> None:
-        self.started = True
-        self.ex.status = status
-        await self.send({"type": "http.response.start", "status": status, "headers": self._headers(extra)})
-
-    async def _relay_whole(self, body: bytes) -> None:
-        ex, resp = self.ex, self.resp
-        assert resp is not None
-        if b'"usage"' in body:
-            try:
-                usage = orjson.loads(body).get("usage")
-            except (orjson.JSONDecodeError, AttributeError):
-                usage = None
-            if isinstance(usage, dict):
-                ex.usage = usage
-        self.span.body(body)
-        headers = forwardable_response_headers(resp.headers)
-        headers["content-length"] = str(len(body))
-        await self._start(resp.status, headers)
-        ex.outcome = "ok"
-        await self._last(body)
-        self._attempt_done()
-
     async def _relay_stream(self, plan: AttemptPlan, attempt: Attempt, chunks: Any, first: bytes
                             ) -> Attempt | Stop | None:
         ex, d = self.ex, self.d
         self.error_event = False
         if not self.started:
             ex.first_chunk_at = time.perf_counter()
-            await self._start(200, dict(_STREAM_HEADERS))
+            await self._start(200, dict(STREAM_HEADERS))
             if plan.resumable:
                 self.state = ResumeState(ex.route, orjson.loads(ex.upstream_body()))
         if self.ticket is not None:
@@ -374,87 +335,9 @@ class _Run:
         await self._finish_stream()
         return None
 
-    def _filter(self, events: list[bytes], state: ResumeState | None, resumed: bool) -> bytes:
-        ex = self.ex
-        out = []
-        for event in events:
-            if event.startswith(_ERROR_EVENT):
-                # vLLM reports an engine failure inside the stream; the next endpoint may continue it.
-                self.error_event = True
-                break
-            if state is not None:
-                state.events.append(event)
-                if resumed:
-                    rewritten = state.rewrite(event)
-                    if rewritten is None:
-                        continue
-                    event = rewritten
-            usage, usage_only = usage_of(event)
-            if usage is not None:
-                ex.usage = usage
-            if usage_only and not ex.client_wants_usage:
-                continue
-            out.append(event)
-        return b"".join(out)
-
-    async def _finish_owed_nothing(self) -> None:
-        """Every token was sent before the backend went silent: end cleanly, with the usage chunk the
-        client asked for (it never came) and [DONE], instead of cutting the stream short. Nothing is
-        sent to the endpoint the plan chose: close() frees it if it was a half-open probe."""
-        ex, state = self.ex, self.state
-        assert state is not None
-        usage, chunk = state.closing_usage(ex.routing.prompt_tokens)
-        ex.usage = usage
-        ex.outcome = "ok"
-        await self._last((chunk if ex.client_wants_usage else b"") + _DONE)
-
-    async def _finish_stream(self) -> None:
-        self.ex.outcome = "ok"
-        await self._last(b"")
-        self._attempt_done()
-
-    def _attempt_done(self) -> None:
-        if self.span is not NO_ATTEMPT:
-            self.span.done(self.ex)
-            self.span = NO_ATTEMPT
-
-    async def _last(self, body: bytes) -> None:
-        """The final body message, after the budget is settled (the outcome and usage are known)."""
-        ex = self.ex
-        if self.d._settle is not None:
-            await self.d._settle(ex)
-        ex.finished_sending = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
     async def _end_stream_with_error(self, stop: Stop) -> None:
         """The stream cannot be continued: an OpenAI-shaped error event, then [DONE] (never a silent cut)."""
         ex = self.ex
         err = self._stop_error(stop)
         ex.outcome = "upstream_error"
-        await self._last(b"data: " + orjson.dumps(err.body()) + b"\n\n" + _DONE)
-
-    async def _send_error(self, err: BaseException, outcome: str = "error") -> None:
-        ex = self.ex
-        gerr = to_gateway_error(err)
-        if not is_expected(err):
-            log.exception("request %s failed", ex.request_id, exc_info=err)
-        elif gerr.status >= 500:
-            self.d._outcomes.note(f"failed:{gerr.code}", "requests failed: %d %s (%s)", gerr.status, gerr.code,
-                                  gerr.message)
-        ex.outcome = outcome
-        ex.status = gerr.status
-        headers = dict(ex.response_headers)
-        if not self.d._debug:
-            headers.pop("x-gravity-attempts", None)
-        elif ex.backend:
-            headers["x-gravity-backend"] = ex.backend
-        response = error_response(gerr, headers)
-        if self.d._settle is not None:
-            await self.d._settle(ex)
-        ex.finished_sending = True
-        self.started = True
-        await response({"type": "http"}, _never_receive, self.send)
-
-
-async def _never_receive() -> MutableMapping[str, Any]:
-    raise RuntimeError("error responses do not read the request")
+        await self._last(b"data: " + orjson.dumps(err.body()) + b"\n\n" + DONE)

@@ -23,7 +23,10 @@ import httptools
 
 log = logging.getLogger("gravity.server")
 
-__all__ = ["HttpProtocol", "ServerState"]
+__all__ = ["WATCH_DISCONNECT", "HttpProtocol", "ServerState"]
+
+WATCH_DISCONNECT = "gravity.watch_disconnect"
+"""ASGI scope extension: `watch(callback)` calls back when the client leaves mid-response."""
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
@@ -79,6 +82,7 @@ class _Cycle:
     __slots__ = (
         "_head",
         "_head_only",
+        "on_gone",
         "body",
         "body_size",
         "chunked",
@@ -110,6 +114,21 @@ class _Cycle:
         self.chunked = False
         self._head: bytes | None = None
         self._head_only = scope["method"] == "HEAD"
+        self.on_gone: Callable[[], None] | None = None
+        scope["extensions"] = {WATCH_DISCONNECT: self.watch}
+
+    def watch(self, on_gone: Callable[[], None] | None) -> None:
+        """Call `on_gone` if the client leaves before the response ends (None: stop watching). Saves the
+        app a task blocked in receive() per request."""
+        self.on_gone = on_gone
+        if on_gone is not None and self.proto.lost and not self.response_complete:
+            on_gone()
+
+    def gone(self) -> None:
+        self.wake()
+        on_gone, self.on_gone = self.on_gone, None
+        if on_gone is not None and not self.response_complete:
+            on_gone()
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -259,7 +278,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connections.discard(self)
         for cycle in (self.cycle, self._parsing, *self._queue):
             if cycle is not None:
-                cycle.wake()
+                cycle.gone()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 

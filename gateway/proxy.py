@@ -17,6 +17,7 @@ from gateway.config import ServerConfig
 from gateway.dispatcher import Dispatcher
 from gateway.errors import error_response, is_expected, to_gateway_error
 from gateway.exchange import Exchange
+from gateway.httpserver import WATCH_DISCONNECT
 from gateway.logs import OutcomeLog
 from gateway.metrics import UNROUTED, GatewayMetrics
 from gateway.openai_requests import ClientGone, parse_body, read_body
@@ -41,22 +42,32 @@ class ProxyResponse:
         self.ex = ex
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        # The work runs in the request's own task; one watcher task cancels it if the client
-        # leaves, which also closes the upstream connection (aiohttp releases it on cancel).
+        # The work runs in the request's own task, cancelled if the client leaves, which also closes the
+        # upstream connection. The gateway's own server calls back on a disconnect; under another
+        # server one watcher task waits in receive() for it.
         task = asyncio.current_task()
         assert task is not None
         ex = self.ex
         left = False
 
-        async def watch() -> None:
+        def gone() -> None:
             nonlocal left
-            await _wait_disconnect(receive)
             # uvicorn reports "disconnect" once a response is complete: that is not the client leaving.
-            if not ex.finished_sending:
+            if not ex.finished_sending and not left:
                 left = True
                 task.cancel()
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        async def watch() -> None:
+            await _wait_disconnect(receive)
+            gone()
+
+        extensions = scope.get("extensions")
+        callback = extensions.get(WATCH_DISCONNECT) if extensions else None
+        watcher = None
+        if callback is not None:
+            callback(gone)
+        else:
+            watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await self.dispatcher.run(ex, send)
         except asyncio.CancelledError:
@@ -66,7 +77,10 @@ class ProxyResponse:
             ex.outcome = "client_disconnect"
             self.metrics.client_disconnects.labels(ex.route).inc()
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            elif callback is not None:
+                callback(None)
             await self.pipeline.finish(ex)
 
 
