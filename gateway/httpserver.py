@@ -82,7 +82,6 @@ class _Cycle:
     __slots__ = (
         "_head",
         "_head_only",
-        "on_gone",
         "body",
         "body_size",
         "chunked",
@@ -90,6 +89,7 @@ class _Cycle:
         "delivered",
         "expect_continue",
         "keep_alive",
+        "on_gone",
         "proto",
         "response_complete",
         "response_started",
