@@ -89,16 +89,16 @@ def _control(flag: str, pid: int) -> None:
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-def _send(port: int, n: int) -> None:
+def _send(port: int, n: int, body: bytes = REQUEST) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for _ in range(n):
-            conn.request("POST", "/v1/chat/completions", body=REQUEST,
+            conn.request("POST", "/v1/chat/completions", body=body,
                          headers={"content-type": "application/json"})
             resp = conn.getresponse()
-            body = resp.read()
+            answer = resp.read()
             if resp.status != 200:
-                raise SystemExit(f"port {port}: {resp.status} {body[:200]!r}")
+                raise SystemExit(f"port {port}: {resp.status} {answer[:200]!r}")
     finally:
         conn.close()
 
@@ -113,17 +113,17 @@ def _totals(out: Path) -> int:
 
 
 def count(s: Stack, name: str, argv: list[str], env: dict[str, str], port: int, n: int, warmup: int,
-          cwd: Path = REPO) -> dict[str, float]:
+          cwd: Path = REPO, body: bytes = REQUEST) -> dict[str, float]:
     out = s.tmp / f"callgrind.{name}.out"
     start_proc(s, name, _callgrind(argv, out), port, env, cwd=cwd)
-    wait_answers(port, REQUEST, timeout=600)
+    wait_answers(port, body, timeout=600)
     pid = _serving_pid(s.pids[name])
     out = out.with_name(f"{out.name}.{pid}")
-    _send(port, warmup)
+    _send(port, warmup, body)
     _control("--zero", pid)  # nothing was counted yet (instrumentation is off), but be sure
     _control("--instr=on", pid)
     t0 = time.monotonic()
-    _send(port, n)
+    _send(port, n, body)
     seconds = time.monotonic() - t0
     _control("--instr=off", pid)
     _control("--dump", pid)
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[:YAML]",
                     help="also count the gateway run from checkout DIR, with YAML merged into its config "
                          "(e.g. 'server: {upstream_client: raw}'): A/B of a change in one run")
+    ap.add_argument("--stream", type=int, default=0, metavar="CHUNKS",
+                    help="streamed requests instead: the SSE upstream answers CHUNKS chunks 1 ms apart; also "
+                         "prints instructions per relayed chunk")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
@@ -160,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         conf = s.tmp / "nginx.conf"
         conf.write_text(nginx_conf(s.tmp, port_a, port_b, COMPLETION, MODELS, METRICS))
         s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port_a)
+        body = REQUEST
+        if args.stream:
+            port_a, port_b = free_port(), free_port()
+            s.start("direct-sse", [sys.executable, str(Path(__file__).with_name("sse_upstream.py")), "--port",
+                                   str(port_a), "--port", str(port_b), "--chunks", str(args.stream),
+                                   "--interval-ms", "1"], port_a)
+            body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Stream, please."}],
+                               "max_tokens": args.stream, "stream": True}).encode()
         workers = [f"http://127.0.0.1:{p}" for p in (port_a, port_b)]
         jobs: list[tuple[str, list[str], dict[str, str], int, Path]] = []
         for name in names:
@@ -183,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((vname, *_gravity_launch(s, port, workers, extra), port, Path(source).resolve()))
         for name, argv_, env, port, cwd in jobs:  # one at a time: nothing else under valgrind meanwhile
             print(f"[instructions] {name} under callgrind ...", flush=True)
-            results[name] = count(s, name, argv_, env, port, args.requests, args.warmup, cwd)
+            results[name] = count(s, name, argv_, env, port, args.requests, args.warmup, cwd, body)
+            if args.stream:
+                results[name]["instructions_per_chunk"] = results[name]["instructions_per_request"] / args.stream
             commands[name] = argv_
-            print(f"[instructions] {name:16} {results[name]['instructions_per_request'] / 1e6:8.3f} M instr/request",
-                  flush=True)
+            per_chunk = (f", {results[name]['instructions_per_chunk'] / 1e3:8.1f} k instr/chunk"
+                         if args.stream else "")
+            print(f"[instructions] {name:16} {results[name]['instructions_per_request'] / 1e6:8.3f} M instr/request"
+                  f"{per_chunk}", flush=True)
             s.procs[-1].terminate()
             s.procs[-1].wait(60)
     base = results.get("gravity")
