@@ -62,12 +62,14 @@ class ServerConfig(_Model):
     """Deprecated: `resilience.retries.max_attempts`."""
     max_connections_per_backend: int = Field(0, ge=0)
     """0 means unlimited (aiohttp keeps idle connections alive for reuse either way); aiohttp only."""
-    engine: Literal["uvicorn", "fast"] = "uvicorn"
+    engine: Literal["uvicorn", "fast"] = "fast"
     """The HTTP server: `fast` is the gateway's own httptools protocol (gateway/httpserver.py,
-    docs/decisions/0006-http-server.md); the connection limits and the drain hold under either."""
-    upstream_client: Literal["aiohttp", "raw"] = "aiohttp"
+    docs/decisions/0006-http-server.md), `uvicorn` the one before it; the connection limits and the
+    drain hold under either."""
+    upstream_client: Literal["auto", "aiohttp", "raw"] = "auto"
     """The data path's HTTP client: `raw` is the pooled httptools client of gateway/rawclient.py
-    (docs/decisions/0005-raw-upstream-client.md); scraping and discovery use aiohttp either way."""
+    (docs/decisions/0005-raw-upstream-client.md, plain http:// only), `aiohttp` the one before it;
+    `auto` is raw when every backend is http://. Scraping and discovery use aiohttp either way."""
     limits: ConnectionLimitsConfig = ConnectionLimitsConfig()
     metrics_auth: Literal["none", "admin"] = "none"
     """`admin`: `/metrics` needs an admin API key (Prometheus sends it as a bearer token); `none` leaves it
@@ -253,6 +255,14 @@ class GatewayConfig(_Model):
                 if name not in names:
                     raise ValueError(f"policies.auth.keys[{i}].profiles[{j}]: unknown routing profile {name!r}")
         return self
+
+    @property
+    def upstream_client(self) -> Literal["aiohttp", "raw"]:
+        """`server.upstream_client` with `auto` resolved."""
+        chosen = self.server.upstream_client
+        if chosen == "auto":
+            return "raw" if all(b.url.startswith("http://") for b in self.backends) else "aiohttp"
+        return chosen
 
     @model_validator(mode="after")
     def _raw_client_backends(self) -> GatewayConfig:

@@ -150,7 +150,7 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     if kv_state is not None:
         datastore.add_restart_listener(kv_state.drop)  # a restart the scraper sees clears that endpoint too
     scheduler = build_scheduler(cfg.routing, datastore, kv_events=kv_state)
-    upstream = Upstream(cfg.server, cfg.resilience)
+    upstream = Upstream(cfg.server, cfg.resilience, client=cfg.upstream_client)
     res = cfg.resilience
 
     collector = Collector(datastore, upstream.fetcher(cfg.routing.scrape_timeout_s),
@@ -190,7 +190,7 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
                         session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing,
                         access=access, shared_inflight=shared)
     if transport is None:
-        transport = RawTransport(upstream) if cfg.server.upstream_client == "raw" else AiohttpTransport(upstream)
+        transport = RawTransport(upstream) if upstream.client == "raw" else AiohttpTransport(upstream)
     dispatcher = Dispatcher(transport, targets, datastore, scheduler, circuits, budget, res, metrics, outcomes,
                             debug_headers=cfg.server.debug_headers, picked=pipeline.picked,
                             reroute=pipeline.reroute, settle=pipeline.settle,

@@ -112,8 +112,11 @@ class Upstream:
     """Owns the pooled ClientSession (and one without pooling, for re-sending after a stale pooled
     connection was reset); created and closed by the lifespan."""
 
-    def __init__(self, cfg: ServerConfig, resilience: ResilienceConfig | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, resilience: ResilienceConfig | None = None,
+                 client: str | None = None) -> None:
         self.cfg = cfg
+        self.client = client or ("raw" if cfg.upstream_client == "raw" else "aiohttp")
+        """The data path's client (`GatewayConfig.upstream_client`: `auto` resolved by the caller)."""
         self._connect_s = (resilience.timeouts.connect_s if resilience is not None and
                            resilience.timeouts.connect_s else cfg.connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -128,7 +131,7 @@ class Upstream:
         return self._pool
 
     async def open(self) -> None:
-        if self.cfg.upstream_client == "raw":
+        if self.client == "raw":
             self._pool = RawPool(self._connect_s, keepalive_s=60.0)
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=self.cfg.max_connections_per_backend,

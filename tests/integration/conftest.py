@@ -1,10 +1,10 @@
 """The gateway's two HTTP stacks: modules marked `both_stacks` run every test on each.
 
-`uvicorn` is uvicorn + aiohttp (the default); `fast` is the gateway's own server and upstream client
-(`server: {engine: fast, upstream_client: raw}`, docs/decisions/0006-http-server.md). A gateway
+`fast` is the gateway's own server and upstream client (the default: `server: {engine: fast,
+upstream_client: auto}`, docs/decisions/0005, 0006); `uvicorn` is uvicorn + aiohttp. A gateway
 started by `tests.support.procs.start_gateway` inside such a module gets the stack of its run (a
 module-scoped fixture that starts one must ask for `gateway_stack`, or pytest reuses it across both);
-so does every test when GRAVITY_TEST_STACK=fast is set for a whole run.
+so does every test when GRAVITY_TEST_STACK=uvicorn is set for a whole run.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def gateway_stack(request: pytest.FixtureRequest) -> Iterator[str]:
     stack = getattr(request, "param", None)
     if stack is None:
-        yield os.environ.get("GRAVITY_TEST_STACK", "uvicorn")
+        yield os.environ.get("GRAVITY_TEST_STACK", "fast")
         return
     old = os.environ.get("GRAVITY_TEST_STACK")
     os.environ["GRAVITY_TEST_STACK"] = stack

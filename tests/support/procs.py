@@ -109,11 +109,11 @@ def start_gateway(tmp: Path, cfg: dict[str, object], port: int | None = None,
     port = port or free_port()
     server = dict(cfg.get("server", {}))  # type: ignore[call-overload]
     server.update(host="127.0.0.1", port=port)
-    # GRAVITY_TEST_STACK=fast runs the gateway on its own server and upstream client (a test's own
-    # choice wins): how the integration suite is run against both stacks (Makefile: test-fast-stack).
-    if os.environ.get("GRAVITY_TEST_STACK") == "fast":
-        server.setdefault("engine", "fast")
-        server.setdefault("upstream_client", "raw")
+    # GRAVITY_TEST_STACK=uvicorn runs the gateway on uvicorn + aiohttp instead of its own server and
+    # client (a test's own choice wins): how the integration suite runs on both stacks (conftest.py).
+    if os.environ.get("GRAVITY_TEST_STACK") == "uvicorn":
+        server.setdefault("engine", "uvicorn")
+        server.setdefault("upstream_client", "aiohttp")
     cfg = {**cfg, "server": server}
     path = write_config(tmp, cfg)
     args = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]

@@ -80,7 +80,7 @@ async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[Upstream]:
 
 
 def _transport(up: Upstream) -> AiohttpTransport | RawTransport:
-    return RawTransport(up) if up.cfg.upstream_client == "raw" else AiohttpTransport(up)
+    return RawTransport(up) if up.client == "raw" else AiohttpTransport(up)
 
 
 def _request(port: int) -> UpstreamRequest:
