@@ -76,3 +76,15 @@ def test_shipped_configs_validate() -> None:
     assert shipped, "config/ should ship example configs"
     for path in shipped:
         load_config(path)
+
+
+@pytest.mark.parametrize(("client", "urls", "resolved"), [
+    ("auto", ["http://a:1", "http://b:1"], "raw"),
+    ("auto", ["http://a:1", "https://b:1"], "aiohttp"),  # the raw client speaks no TLS
+    ("aiohttp", ["http://a:1"], "aiohttp"),
+    ("raw", ["http://a:1"], "raw"),
+])
+def test_the_upstream_client_auto_picks_raw_only_for_plain_http(client: str, urls: list[str], resolved: str) -> None:
+    cfg = parse_config({"server": {"upstream_client": client},
+                        "backends": [{"name": f"b{i}", "url": u} for i, u in enumerate(urls)]})
+    assert cfg.upstream_client == resolved
