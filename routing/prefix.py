@@ -73,8 +73,13 @@ class ApproxPrefixIndex:
         block_size: int,
         max_blocks: int,
         capacity_of: Callable[[str], int],
+        tail_first: bool = False,
     ) -> None:
         self.block_size = block_size
+        # Evict a prompt's last blocks before its first, as the engines do (vLLM frees a request's blocks
+        # tail first, so those are the least recently used): a prefix then fades to a shorter match instead
+        # of vanishing with its first block.
+        self._tail_first = tail_first
         self.max_blocks = max_blocks
         self._capacity_of = capacity_of
         self._holders: dict[int, dict[str, None]] = {}
@@ -130,7 +135,7 @@ class ApproxPrefixIndex:
         hashes = self.hashes(req)
         lru = self._lru.setdefault(endpoint, OrderedDict())
         refresh, holders = lru.move_to_end, self._holders
-        for h in hashes:
+        for h in (reversed(hashes) if self._tail_first else hashes):
             if h in lru:
                 refresh(h)
             else:

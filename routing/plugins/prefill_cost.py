@@ -31,6 +31,12 @@ class PrefillCostParams(Params):
         description="count prompt tokens awaiting prefill net of the progress the endpoint's measured prefill "
         "rate (times this) implies since its backlog began; 0 counts them all until the first token",
     )
+    all_waiting: bool = Field(
+        default=False,
+        description="charge waiting_tokens for every request the endpoint reports waiting, ours included (a "
+        "request queued for KV space waits for running ones to finish, not just for prefill); false: only "
+        "the waiting beyond our own in-flight requests (another gateway's)",
+    )
     hot_replication: bool = Field(
         default=False,
         description="divide the extra miss weight by how many replicas' worth of traffic the prefix carries "
@@ -60,11 +66,16 @@ class PrefillCostScorer:
         if p.hot_replication and prefix is not None and prefix.share > 0:
             extra_miss /= max(1.0, prefix.share * len(endpoints))
         drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
+        all_waiting = p.all_waiting
         now = self._clock()
         out = []
         for e in endpoints:
-            # Scraped waiting overlaps the gateways' in-flight requests; only the excess is someone else's.
-            foreign_waiting = e.unaccounted_waiting()
+            if all_waiting:
+                m = e.trusted_metrics()
+                foreign_waiting = m.waiting if m is not None else 0
+            else:
+                # Scraped waiting overlaps the gateways' in-flight requests; only the excess is someone else's.
+                foreign_waiting = e.unaccounted_waiting()
             hit = matched.get(e.name, 0.0)
             cost = (
                 e.pending_prefill_tokens(now, drain)

@@ -40,6 +40,11 @@ class PrefixParams(Params):
         description="first blocks remembered to tell a recurring prefix from a one-off prompt: only a prefix "
         "seen before (evicted, or a group that recurs) gets a home; 0 gives every uncached prompt a home",
     )
+    evict_tail_first: bool = Field(
+        default=False,
+        description="the index forgets a prompt's last blocks before its first, as the engines evict; false: "
+        "first blocks first, so a prefix is forgotten whole once its first block ages out",
+    )
     share_window_s: float = Field(
         default=10.0, gt=0,
         description="time constant of the decayed request counts behind PrefixMatch.share (the prefix's "
@@ -151,7 +156,7 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
             return params.fallback_capacity
         return int(m.kv_capacity_tokens * params.bytes_per_token / params.block_size)
 
-    index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of)
+    index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of, params.evict_tail_first)
     deps.datastore.add_restart_listener(index.drop)
     return PrefixCacheScorer(name, index, params.block_size, params.home_seen_capacity, deps.clock,
                              params.share_window_s)

@@ -58,6 +58,19 @@ def test_lru_is_bounded_and_evicts_oldest() -> None:
     assert index.match(_req(b"2" * 128), ["a"]) == [1.0]
 
 
+def test_tail_first_eviction_keeps_a_prefix_head_as_the_engine_does() -> None:
+    # A document of 4 blocks, then one new block: the engine (vLLM, the simulator) evicts the document's
+    # last block, so 3 of its 4 blocks are still hits. An index that forgets the first block instead
+    # believes the whole document gone and sends its next request elsewhere, to be computed again.
+    doc = _req(b"d" * 128)
+    for tail_first, expected in ((True, 0.75), (False, 0.0)):
+        index = ApproxPrefixIndex(32, 64, lambda _e: 4, tail_first=tail_first)
+        index.observe(doc, "a")
+        index.observe(_req(b"q" * 32), "a")
+        assert index.size("a") == 4
+        assert index.match(_req(b"d" * 128), ["a"]) == [expected]
+
+
 def test_partial_and_multi_endpoint_match() -> None:
     index = ApproxPrefixIndex(32, 64, lambda _e: 1000)
     index.observe(_req(b"x" * 64), "a")

@@ -199,6 +199,14 @@ COST_CASES: list[tuple[str, dict[str, float], list[EndpointView], dict[str, floa
         None,
         [1000 + 20 + 300, 1000],
     ),
+    (
+        "all_waiting charges every waiting request the engine reports, ours included",
+        {"per_request_tokens": 10, "waiting_tokens": 100, "all_waiting": True},
+        [view("a", inflight_requests=2, metrics=M(waiting=2), fresh=True), view("b")],
+        {},
+        None,
+        [1000 + 20 + 200, 1000],
+    ),
 ]
 
 
@@ -276,6 +284,22 @@ def test_rendezvous_spreads_keys_and_moves_only_the_removed_endpoints() -> None:
     fewer = names[:3]
     moved = [k for k, o in owners.items() if rendezvous(k * 0x9E3779B97F4A7C15 & (2**64 - 1), fewer) != o]
     assert all(owners[k] == "ep-3" for k in moved)
+
+
+def test_a_cached_holder_whose_engine_queues_our_requests_for_kv_loses_to_an_idle_replica() -> None:
+    # The holder has the whole prompt cached, so its queue holds almost no prefill work; but its engine
+    # reports 8 of our requests waiting (KV full: they wait for running requests to finish decoding).
+    # Counted only as prefill work the holder still looks cheapest; counted as waiting, it does not.
+    from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
+
+    views = [view("holder", inflight_requests=10, inflight_prompt_tokens=400, metrics=M(waiting=8), fresh=True),
+             view("idle")]
+    ctx = context(*views, prompt_tokens=1000)
+    ctx.prefix = PrefixMatch({"holder": 1.0})
+    ours_only = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048))
+    every = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048, all_waiting=True))
+    assert ours_only.score(ctx, views)[0] > ours_only.score(ctx, views)[1]
+    assert every.score(ctx, views)[0] < every.score(ctx, views)[1]
 
 
 def test_prefill_cost_prefers_a_backlog_about_to_finish_over_a_fresh_one() -> None:
