@@ -31,11 +31,11 @@ class PrefillCostParams(Params):
         description="count prompt tokens awaiting prefill net of the progress the endpoint's measured prefill "
         "rate (times this) implies since its backlog began; 0 counts them all until the first token",
     )
-    all_waiting: bool = Field(
-        default=False,
-        description="charge waiting_tokens for every request the endpoint reports waiting, ours included (a "
-        "request queued for KV space waits for running ones to finish, not just for prefill); false: only "
-        "the waiting beyond our own in-flight requests (another gateway's)",
+    waiting_floor_tokens: float = Field(
+        default=0.0, ge=0,
+        description="each request an endpoint reports waiting, ours included, counts as at least this many "
+        "tokens of queued work: a request queued for KV space waits for running ones to finish decoding, "
+        "which the prefill estimate (its few uncached tokens) does not show; 0: off",
     )
     hot_replication: bool = Field(
         default=False,
@@ -66,23 +66,24 @@ class PrefillCostScorer:
         if p.hot_replication and prefix is not None and prefix.share > 0:
             extra_miss /= max(1.0, prefix.share * len(endpoints))
         drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
-        all_waiting = p.all_waiting
+        floor = p.waiting_floor_tokens
         now = self._clock()
         out = []
         for e in endpoints:
-            if all_waiting:
+            # Scraped waiting overlaps the gateways' in-flight requests; only the excess is someone else's.
+            foreign = e.unaccounted_waiting()
+            queued = e.pending_prefill_tokens(now, drain)
+            if floor:
                 m = e.trusted_metrics()
-                foreign_waiting = m.waiting if m is not None else 0
-            else:
-                # Scraped waiting overlaps the gateways' in-flight requests; only the excess is someone else's.
-                foreign_waiting = e.unaccounted_waiting()
+                if m is not None and m.waiting * floor > queued:
+                    queued = m.waiting * floor
             hit = matched.get(e.name, 0.0)
             cost = (
-                e.pending_prefill_tokens(now, drain)
+                queued
                 + (1.0 - hit) * prompt
                 + extra_miss * (best_match - hit) * prompt
                 + per_request * e.inflight_requests
-                + per_waiting * foreign_waiting
+                + per_waiting * foreign
             )
             if e.name == home:
                 cost = max(0.0, cost - p.home_fraction * prompt)

@@ -200,12 +200,13 @@ COST_CASES: list[tuple[str, dict[str, float], list[EndpointView], dict[str, floa
         [1000 + 20 + 300, 1000],
     ),
     (
-        "all_waiting charges every waiting request the engine reports, ours included",
-        {"per_request_tokens": 10, "waiting_tokens": 100, "all_waiting": True},
-        [view("a", inflight_requests=2, metrics=M(waiting=2), fresh=True), view("b")],
+        "waiting_floor_tokens: each waiting request, ours included, is at least that much queued work",
+        {"per_request_tokens": 10, "waiting_tokens": 100, "waiting_floor_tokens": 300},
+        [view("a", inflight_requests=2, inflight_prompt_tokens=200, metrics=M(waiting=2), fresh=True),
+         view("b", inflight_requests=2, inflight_prompt_tokens=900, metrics=M(waiting=2), fresh=True)],
         {},
         None,
-        [1000 + 20 + 200, 1000],
+        [600 + 1000 + 20, 900 + 1000 + 20],
     ),
 ]
 
@@ -290,6 +291,7 @@ def test_a_cached_holder_whose_engine_queues_our_requests_for_kv_loses_to_an_idl
     # The holder has the whole prompt cached, so its queue holds almost no prefill work; but its engine
     # reports 8 of our requests waiting (KV full: they wait for running requests to finish decoding).
     # Counted only as prefill work the holder still looks cheapest; counted as waiting, it does not.
+    # A queue of long uncached prompts is already costed by its prefill work: the floor adds nothing.
     from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
 
     views = [view("holder", inflight_requests=10, inflight_prompt_tokens=400, metrics=M(waiting=8), fresh=True),
@@ -297,9 +299,12 @@ def test_a_cached_holder_whose_engine_queues_our_requests_for_kv_loses_to_an_idl
     ctx = context(*views, prompt_tokens=1000)
     ctx.prefix = PrefixMatch({"holder": 1.0})
     ours_only = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048))
-    every = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048, all_waiting=True))
+    every = PrefillCostScorer("c", PrefillCostParams(waiting_floor_tokens=2048))
     assert ours_only.score(ctx, views)[0] > ours_only.score(ctx, views)[1]
     assert every.score(ctx, views)[0] < every.score(ctx, views)[1]
+    prefill_bound = [view("holder", inflight_requests=10, inflight_prompt_tokens=40_000, metrics=M(waiting=8),
+                          fresh=True), views[1]]
+    assert every.costs(ctx, prefill_bound) == ours_only.costs(ctx, prefill_bound)
 
 
 def test_prefill_cost_prefers_a_backlog_about_to_finish_over_a_fresh_one() -> None:
