@@ -26,6 +26,9 @@ POLICIES: dict[str, dict[str, Any]] = {
 # Candidate variants of the default profile, measured with the sweep (docs/routing.md): name ->
 # (replace prefill-cost by predicted-latency, params merged into the cost scorer, picker spec or None).
 CANDIDATES: dict[str, tuple[bool, dict[str, Any], dict[str, Any] | None]] = {
+    # The default before the sweep's tuning (prefill-cost and prefix-cache-scorer version 1): no hot-prefix
+    # replication, no waiting floor, and the prefix index forgets a prompt's first blocks first.
+    "previous": (False, {"hot_replication": False, "waiting_floor_tokens": 0.0}, None),
     "hot": (False, {"hot_replication": True}, None),
     "guard": (False, {}, {"type": "imbalance-guard", "params": {"abs_threshold": 8, "rel_threshold": 1.5}}),
     "pl": (True, {}, None),
@@ -46,6 +49,8 @@ def _candidate(name: str, registry: Registry) -> RoutingConfig:
     plugins = []
     for spec in defaults.plugins:
         data = spec.model_dump()
+        if spec.type == "prefix-cache-scorer" and name == "previous":
+            data["params"] = {**data["params"], "evict_tail_first": False}
         if spec.type == "prefill-cost-scorer":
             if predicted:
                 keep = {k: v for k, v in data["params"].items() if k in ("miss_weight", "home_fraction", "waiting_tokens")}

@@ -1,8 +1,10 @@
 """Scorer ``prefill-cost-scorer``: estimated prefill work ahead of this request's first token on each endpoint.
 
-cost = prompt tokens still awaiting prefill there + this prompt's uncached part (from the prefix
-scorer's match, ``CycleContext.prefix``) + a per-request charge for decode batch load.
-Tokens are one unit for queueing and cache misses, so no weight has to trade them off.
+cost = prompt tokens still awaiting prefill there (at least ``waiting_floor_tokens`` per request the engine
+reports waiting) + this prompt's uncached part (from the prefix scorer's match, ``CycleContext.prefix``),
+the part beyond the best-cached endpoint's weighted by ``miss_weight`` (less for a hot prefix) + a
+per-request charge for decode batch load. Tokens are one unit for queueing and cache misses, so no
+weight has to trade them off.
 """
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ class PrefillCostParams(Params):
         "rate (times this) implies since its backlog began; 0 counts them all until the first token",
     )
     waiting_floor_tokens: float = Field(
-        default=0.0, ge=0,
+        default=1024.0, ge=0,
         description="each request an endpoint reports waiting, ours included, counts as at least this many "
         "tokens of queued work: a request queued for KV space waits for running ones to finish decoding, "
         "which the prefill estimate (its few uncached tokens) does not show; 0: off",
     )
     hot_replication: bool = Field(
-        default=False,
+        default=True,
         description="divide the extra miss weight by how many replicas' worth of traffic the prefix carries "
         "(PrefixMatch.share x candidates), so a hot prefix is copied to a less-loaded replica sooner",
     )
@@ -100,4 +102,5 @@ def _build(name: str, params: PrefillCostParams, deps: BuildContext) -> PrefillC
     return PrefillCostScorer(name, params, deps.clock)
 
 
-FACTORY = PluginFactory("prefill-cost-scorer", "scorer", PrefillCostParams, _build, "estimated prefill work ahead")
+FACTORY = PluginFactory("prefill-cost-scorer", "scorer", PrefillCostParams, _build, "estimated prefill work ahead",
+                        version=2)  # 2: hot_replication and waiting_floor_tokens 1024 on by default

@@ -41,9 +41,9 @@ class PrefixParams(Params):
         "seen before (evicted, or a group that recurs) gets a home; 0 gives every uncached prompt a home",
     )
     evict_tail_first: bool = Field(
-        default=False,
-        description="the index forgets a prompt's last blocks before its first, as the engines evict; false: "
-        "first blocks first, so a prefix is forgotten whole once its first block ages out",
+        default=True,
+        description="the index forgets a prompt's last blocks before its first, as the engines evict; false "
+        "(before version 2): first blocks first, so a prefix was forgotten whole once its first block aged out",
     )
     share_window_s: float = Field(
         default=10.0, gt=0,
@@ -163,5 +163,6 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
 
 
 FACTORY = PluginFactory(
-    "prefix-cache-scorer", "scorer", PrefixParams, _build, "fraction of the prompt cached (approximate)"
+    "prefix-cache-scorer", "scorer", PrefixParams, _build, "fraction of the prompt cached (approximate)",
+    version=2,  # 2: evict_tail_first on by default
 )

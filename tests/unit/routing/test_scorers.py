@@ -220,7 +220,7 @@ def test_prefill_cost(
 ) -> None:
     from routing.plugins.prefill_cost import PrefillCostParams, PrefillCostScorer
 
-    base = {"per_request_tokens": 0.0, "miss_weight": 1.0, "home_fraction": 0.0}
+    base = {"per_request_tokens": 0.0, "miss_weight": 1.0, "home_fraction": 0.0, "waiting_floor_tokens": 0.0}
     scorer = PrefillCostScorer("c", PrefillCostParams(**{**base, **params}))
     ctx = context(*views, prompt_tokens=1000)
     ctx.prefix = PrefixMatch(match, home)
@@ -298,7 +298,7 @@ def test_a_cached_holder_whose_engine_queues_our_requests_for_kv_loses_to_an_idl
              view("idle")]
     ctx = context(*views, prompt_tokens=1000)
     ctx.prefix = PrefixMatch({"holder": 1.0})
-    ours_only = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048))
+    ours_only = PrefillCostScorer("c", PrefillCostParams(waiting_tokens=2048, waiting_floor_tokens=0))
     every = PrefillCostScorer("c", PrefillCostParams(waiting_floor_tokens=2048))
     assert ours_only.score(ctx, views)[0] > ours_only.score(ctx, views)[1]
     assert every.score(ctx, views)[0] < every.score(ctx, views)[1]

@@ -140,12 +140,16 @@ def test_a_changed_plugin_or_evaluator_is_a_new_policy_and_version_one_keeps_old
 
     ref = PolicyRef("default", "default")
     base = oracle_registry(None)  # type: ignore[arg-type]
-    # Runs cached before versions were keyed hold the hash of the config alone: still the key at version 1.
+    # Runs cached before versions were keyed hold the hash of the config alone: still the key while every
+    # plugin a policy runs is at version 1 (round-robin), not once one is past it (the default's, version 2).
+    rr = PolicyRef("round-robin", "round-robin")
+    blob = json.dumps(rr.config(base).model_dump(mode="json"), sort_keys=True)
+    assert rr.digest() == hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
     blob = json.dumps(RoutingConfig().model_dump(mode="json"), sort_keys=True)
-    assert ref.digest() == hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
+    assert ref.digest() != hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
 
     def bumped(type_name: str) -> Registry:
-        return Registry(dataclasses.replace(f, version=2) if f.type_name == type_name else f for f in base)
+        return Registry(dataclasses.replace(f, version=f.version + 1) if f.type_name == type_name else f for f in base)
 
     assert ref.digest(bumped("prefill-cost-scorer")) != ref.digest()  # a plugin the default profile runs
     assert ref.digest(bumped("round-robin")) == ref.digest()  # one it does not
