@@ -7,6 +7,9 @@ seconds) and hit rate per policy, with the p90 ratio against the approximate def
 
 Run: .venv/bin/python loadtests/realtime_kv.py [--backends 4] [--requests 300] [--rate 3.9] [--kv-blocks 4096] [--seed 2]
 With ``--eval`` the same trace is also replayed in the evaluator (virtual time) for the same two policies.
+With ``--replicas 3`` the precise profile runs through one gateway, then through 3 gateway processes
+on the same Redis with requests sprayed round-robin across them, once with their in-flight counts
+shared through Redis (the default) and once with each replica's own (``shared_inflight.enabled: false``).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
-from realtime_routing import replay
+from realtime_routing import one, replay
 
 from routing.eval.metrics import percentile
 from routing.eval.workloads import WorkloadOptions, generate
@@ -59,6 +62,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--eval", action="store_true", help="also run the trace through the evaluator")
     ap.add_argument("--out")
+    ap.add_argument("--replicas", type=int, default=0, help="precise through 1 and N gateways, shared and own counts")
     args = ap.parse_args()
     opts = WorkloadOptions(seed=args.seed, requests=args.requests, rate=args.rate, model=MODEL,
                            kv_tokens_per_backend=args.kv_blocks * 16)
@@ -70,46 +74,55 @@ def main() -> int:
     backends = [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL], "kv_events": e}
                 for i, (s, e) in enumerate(started)]
     policies: dict[str, dict[str, Any]] = {"approximate": {}, "precise": precise_routing()}
+    # name -> (routing, gateway processes, in-flight counts shared through Redis)
+    runs: dict[str, tuple[dict[str, Any], int, bool]] = {name: (r, 1, True) for name, r in policies.items()}
+    if args.replicas:
+        runs = {"precise": (precise_routing(), 1, True),
+                f"precise x{args.replicas} shared": (precise_routing(), args.replicas, True),
+                f"precise x{args.replicas} own": (precise_routing(), args.replicas, False)}
     rows: list[dict[str, Any]] = []
     try:
-        for policy in (["warmup"] if args.warmup else []) + list(policies):
-            routing = policies.get(policy, {"profiles": [{"name": "rr", "picker": "round-robin"}]})
+        for policy in (["warmup"] if args.warmup else []) + list(runs):
+            routing, n_gw, shared = runs.get(policy, ({"profiles": [{"name": "rr", "picker": "round-robin"}]}, 1, True))
             # Idle keep-alive past the run: the client's pool reuses connections that sat idle while
             # the ramp was slow, and a server-side close racing that reuse is a ServerDisconnectedError.
             cfg = {"server": {"debug_headers": True, "read_timeout_s": args.max_s,
                               "limits": {"idle_timeout_s": 2 * args.max_s}},
-                   "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0"}, "backends": backends,
+                   "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0",
+                             "shared_inflight": {"enabled": shared}}, "backends": backends,
                    "routing": {**routing, "scrape_timeout_s": 2.0, "stale_after_s": 10.0}}
-            gw = start_gateway(tmp, cfg)
+            gws = [start_gateway(tmp, cfg) for _ in range(n_gw)]
             try:
-                base = f"http://127.0.0.1:{gw.port}"
+                bases = [f"http://127.0.0.1:{gw.port}" for gw in gws]
                 if policy == "warmup":
                     try:
-                        asyncio.run(replay(base, sims, records[:args.warmup], args.time_scale, args.max_s))
+                        asyncio.run(replay(bases[0], sims, records[:args.warmup], args.time_scale, args.max_s))
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         print(f"warm-up: {type(exc).__name__}: {exc}", file=sys.stderr)
                     continue
                 wall = time.perf_counter()
-                out = asyncio.run(replay(base, sims, records, args.time_scale, args.max_s))
+                out = asyncio.run(spray(bases, sims, records, args.time_scale, args.max_s))
                 wall = time.perf_counter() - wall
             finally:
-                gw.stop()
+                for gw in gws:
+                    gw.stop()
             ttft = [o[0] for o in out]
             prompt, cached = sum(o[1] for o in out), sum(o[2] for o in out)
             rows.append({"policy": policy, "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
-                         "hit_rate": cached / prompt if prompt else 0.0, "wall_s": wall})
+                         "ttft_p99": percentile(ttft, 99), "hit_rate": cached / prompt if prompt else 0.0,
+                         "wall_s": wall})
             print(f"{policy:12s} done in {wall:.0f}s", file=sys.stderr, flush=True)
     finally:
         for p in (*sims, redis):
             p.stop()
-    base_row = next(r for r in rows if r["policy"] == "approximate")
+    base_row = rows[0]
     print(f"{args.backends} h100-8b simulators ({args.kv_blocks} KV blocks) publishing KV events, {args.requests} "
           f"llm-d requests ramping to {args.rate:g}/s, {args.max_tokens} output tokens")
-    print("| policy | TTFT p50 s | TTFT p90 s | hit rate | p90 vs approximate |")
-    print("|---|---|---|---|---|")
+    print(f"| policy | TTFT p50 s | TTFT p90 s | TTFT p99 s | hit rate | p90 vs {base_row['policy']} |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['policy']} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | {r['hit_rate']:.3f} | "
-              f"{base_row['ttft_p90'] / r['ttft_p90']:.2f}x |")
+        print(f"| {r['policy']} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} | {r['ttft_p99']:.3f} | "
+              f"{r['hit_rate']:.3f} | {base_row['ttft_p90'] / r['ttft_p90']:.2f}x |")
     if args.eval:
         print("The same trace in the evaluator (virtual time, same engine profile and KV):")
         print("| policy | TTFT p50 s | TTFT p90 s | hit rate | p90 vs approximate |")
@@ -123,6 +136,29 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+async def spray(bases: list[str], sims: list[Proc], records: list[Any], time_scale: float,
+                max_s: float) -> list[tuple[float, int, int, str]]:
+    """`replay`, with request i sent to gateway i mod len(bases)."""
+    if len(bases) == 1:
+        return await replay(bases[0], sims, records, time_scale, max_s)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max_s)) as session:
+        for s in sims:
+            async with session.post(f"http://127.0.0.1:{s.port}/admin/reset") as r:
+                r.raise_for_status()
+        await asyncio.sleep(0.5)
+        sem = asyncio.Semaphore(256)
+        t0 = time.perf_counter()
+        tasks = []
+        for i, rec in enumerate(records):
+            delay = rec.t / time_scale - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = {"model": MODEL, "messages": list(rec.messages), "max_tokens": rec.max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}, "ignore_eos": True}
+            tasks.append(asyncio.create_task(one(session, bases[i % len(bases)], body, time_scale, sem)))
+        return await asyncio.wait_for(asyncio.gather(*tasks), max_s)
 
 
 def _evaluate(records: list[Any], policy: str, args: argparse.Namespace) -> dict[str, Any]:
