@@ -51,6 +51,20 @@ def _runner(port: int) -> dict[str, float]:
         return {"wall_busy_s": 0.0, "engine_busy_s": 0.0, "slipped_s": 0.0}
 
 
+def working_set_blocks(records: list[TraceRecord], block_size: int = 16) -> int:
+    """Distinct full KV blocks the trace's prompts need (as the simulator tokenizes and hashes them):
+    the cache the whole trace would need to hit every shared prefix."""
+    from simulator.kvcache import block_hashes
+    from simulator.openai_api import chat_prompt_text
+    from simulator.tokenizer import encode
+
+    seen: set[int] = set()
+    for rec in records:
+        ids = encode(chat_prompt_text({"model": MODEL, "messages": list(rec.messages or ())}))
+        seen.update(block_hashes(ids, block_size))
+    return len(seen)
+
+
 def _calls(port: int) -> dict[str, int]:
     """Requests per route a simulator served (/admin/calls), or none from an older simulator."""
     try:
@@ -166,8 +180,12 @@ def run(s: Stack, systems: list[str], *, backends: int, time_scale: float, kv_bl
     for w, name in enumerate(workloads):
         records = trace(name, requests, seed, backends, max_tokens)
         write_trace(traces_dir / f"{name}.jsonl", records)
+        blocks = working_set_blocks(records)
         out["workloads"][name] = {"requests": len(records), "rate": len(records) / max(records[-1].t, 1e-9),
+                                  "working_set_blocks": blocks, "working_set_per_replica_cache": blocks / kv_blocks,
                                   "trace": str(traces_dir / f"{name}.jsonl"), "systems": {}}
+        log(f"{name}: {len(records)} requests, working set {blocks:,} blocks = {blocks / kv_blocks:.1f}x one "
+            f"replica's KV ({kv_blocks:,} blocks)")
         order = systems[w % len(systems):] + systems[: w % len(systems)]  # rotate: no system always first
         for system in order:
             port = start_system(s, system, workers, MODEL, f"-{name}", commands, launched)

@@ -27,6 +27,16 @@ from peers import PINS, SYSTEMS, ensure_venv
 RESULTS = REPO / "loadtests" / "results" / "headtohead" / "headtohead.json"
 
 
+def _commit() -> str:
+    """The checkout Gravity runs from: its commit, marked when the gateway's files differ from it."""
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "routing", "policies"],
+                           check=False, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return head + ("+changes" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("overhead", "routing", "all"), default="all")
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "loadtests/headtohead/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "pins": PINS, "machine": _machine(), "busy_processes_at_start": _busy_processes(),
+        "load_average_at_start": os.getloadavg(), "gravity_commit": _commit(),
     }
     if args.part in ("overhead", "all"):
         import overhead

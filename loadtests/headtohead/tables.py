@@ -66,17 +66,20 @@ def _calls(r: dict[str, Any]) -> str:
 def routing(rep: dict[str, Any]) -> str:
     out = []
     for wl, rows in rep["workloads"].items():
-        out += [f"\n**{wl}** ({rows['requests']} requests)\n",
+        ws = (f", working set {rows['working_set_blocks']:,} KV blocks = {rows['working_set_per_replica_cache']:.1f}x "
+              "one replica's cache" if "working_set_blocks" in rows else "")
+        out += [f"\n**{wl}** ({rows['requests']} requests at {rows['rate']:.1f}/s{ws})\n",
                 ("| system | TTFT p50 / p90 / p99 s | ITL p50 / p99 ms | e2e p50 / p90 s | tok/s | errors "
-                "| hit rate | requests per replica | max / mean | other calls per request | keep-up |"),
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| hit rate | requests per replica | max / mean | other calls per request | TTFT added before the engine, mean ms "
+                "| keep-up |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows["systems"].items():
             out.append(
                 f"| {NAMES.get(name, name)} | {_n(r['ttft_p50'], '.3f')} / {_n(r['ttft_p90'], '.3f')} / "
                 f"{_n(r['ttft_p99'], '.3f')} | {_n(r['itl_p50'] * 1000, '.1f')} / {_n(r['itl_p99'] * 1000, '.1f')} | "
                 f"{_n(r['e2e_p50'], '.2f')} / {_n(r['e2e_p90'], '.2f')} | {_n(r['tokens_per_s'], ',.0f')} | "
                 f"{r['errors']} | {_n(r['hit_rate'], '.3f')} | {' / '.join(str(x) for x in r['per_replica'])} | "
-                f"{_n(r.get('spread'), '.2f')} | {_calls(r)} | {_n(r['keep_up_min'], '.2f')} |")
+                f"{_n(r.get('spread'), '.2f')} | {_calls(r)} | {_n((r.get('added_ttft_mean') or float('nan')) * 1000, '.0f')} "
+                f"| {_n(r['keep_up_min'], '.2f')} |")
     return "\n".join(out)
 
 
