@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "connections": args.connections,
                                           "stream_connections": args.stream_connections}
         report["overhead"]["load_average_1m_at_end"] = os.getloadavg()[0]
+        report["overhead"]["gravity_commit"] = report["gravity_commit"]
+        report["overhead"]["date"] = report["date"]
     if args.part in ("routing", "all"):
         import routing_part
         with stack() as s:
@@ -109,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
                 workloads=args.workloads.split(","), requests=args.requests, max_tokens=args.max_tokens,
                 seed=args.seed, sim_source=args.sim_source.resolve())
         report["routing"]["load_average_1m_at_end"] = os.getloadavg()[0]
+        report["routing"]["gravity_commit"] = report["gravity_commit"]
+        report["routing"]["date"] = report["date"]
     import tables
     print(tables.render(report))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.exists() and args.part != "all":
         # A part run on its own keeps the other part's last figures.
         old = json.loads(args.output.read_text())
-        for key in ("overhead", "routing"):
+        for key in ("overhead", "routing", "calibration"):
             if key not in report and key in old:
                 report[key] = old[key]
+                report[key].setdefault("gravity_commit", old.get("gravity_commit"))
+                report[key].setdefault("date", old.get("date"))
     args.output.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.output}")
     if args.plots:
