@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.telemetry.tracing import current_trace_id
+from gateway.telemetry.context import current_trace_id
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange

@@ -19,13 +19,12 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.telemetry.config import BatchConfig
-from gateway.telemetry.otlp import encode_encoded, encode_span
+from gateway.telemetry.otlp import encode_span, request_prefix
 from gateway.telemetry.spans import LiteSpan
 
 log = logging.getLogger("gravity.telemetry")
 
 __all__ = ["ExportCounters", "LoopSpanProcessor"]
-
 
 
 class ExportCounters:
@@ -77,7 +76,7 @@ class LoopSpanProcessor:
         self._max = batch.max_queue_size
         self._shutdown_s = batch.export_timeout_ms / 1000
         self._queue: collections.deque[bytes] = collections.deque()
-        """Encoded `Span` messages."""
+        """Encoded `Span` messages (each as the `spans` field of a ScopeSpans)."""
         self.counters = counters
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -138,7 +137,9 @@ class LoopSpanProcessor:
             await self._export(batch)
 
     async def _export(self, batch: Sequence[bytes]) -> None:
-        body = encode_encoded(batch, self._prefix)
+        parts = [request_prefix(self._prefix, sum(map(len, batch)))]
+        parts += batch
+        body = b"".join(parts)
         if self._gzip:
             body = gzip.compress(body, compresslevel=1)
         session = self._session

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -27,7 +27,8 @@ from opentelemetry.trace import (
 
 from gateway.telemetry.config import BatchConfig
 from gateway.telemetry.export import ExportCounters
-from gateway.telemetry.spans import RemoteParent
+from gateway.telemetry.otlp import Shape
+from gateway.telemetry.spans import RemoteParent, error_type, mark_error
 
 __all__ = ["CountingExporter", "CountingThreadProcessor", "SdkRecorder"]
 
@@ -69,6 +70,9 @@ class _SdkSpan:
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         self.span.set_attributes(attributes)
 
+    def record(self, shape: Shape, values: tuple[Any, ...]) -> None:
+        self.span.set_attributes(shape.pairs(values))
+
     def set_error(self, message: str | None = None) -> None:
         self.span.set_status(Status(StatusCode.ERROR, message))
 
@@ -77,6 +81,14 @@ class _SdkSpan:
 
     def end(self) -> None:
         self.span.end()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+        self.end()
 
     def traceparent(self) -> str:
         c = self._ctx

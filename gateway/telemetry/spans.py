@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from time import time_ns
+from typing import Any, Protocol, Self
+
+from gateway.telemetry.names import ERROR_TYPE
+from gateway.telemetry.otlp import Shape, attribute
 
 __all__ = [
     "CLIENT",
@@ -21,6 +24,8 @@ __all__ = [
     "Recorder",
     "RemoteParent",
     "Sampler",
+    "error_type",
+    "mark_error",
     "parse_traceparent",
     "sampler",
 ]
@@ -82,24 +87,40 @@ def sampler(name: str, ratio: float) -> Sampler:
     return parent_based
 
 
-class LiteSpan:
-    """A recording span: what OTLP carries of it, and the queue it goes to when it ends."""
+def error_type(exc: BaseException) -> str:
+    """A low-cardinality name for what went wrong: the OpenAI error code when there is one, else the class."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    return type(exc).__qualname__
 
-    __slots__ = ("_sink", "attributes", "end_ns", "kind", "name", "parent_id", "span_id", "start_ns",
+
+def mark_error(span: Any, kind: str, message: str | None = None) -> None:
+    span.set_attribute(ERROR_TYPE, kind)
+    span.set_error(message)
+
+
+class LiteSpan:
+    """A recording span: what OTLP carries of it, its attributes already encoded (otlp.py), and the
+    queue it goes to when it ends. As a context manager it ends at the block's end, an exception
+    marking it failed."""
+
+    __slots__ = ("_sink", "attrs", "end_ns", "kind", "name", "parent_id", "span_id", "start_ns",
                  "status_code", "status_message", "trace_id", "tracestate")
     sampled = True
     flags = 0x01
 
     def __init__(self, name: str, kind: int, trace_id: bytes, span_id: bytes, parent_id: bytes,
-                 tracestate: str | None, attributes: dict[str, Any] | None, sink: Callable[[LiteSpan], None]) -> None:
+                 tracestate: str | None, sink: Callable[[LiteSpan], None]) -> None:
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
         self.tracestate = tracestate
-        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
-        self.start_ns = time.time_ns()
+        self.attrs: list[bytes] = []
+        """Encoded `Span.attributes` fields."""
+        self.start_ns = time_ns()
         self.end_ns = 0
         self.status_code = UNSET
         self.status_message: str | None = None
@@ -108,11 +129,14 @@ class LiteSpan:
     def is_recording(self) -> bool:
         return self.end_ns == 0
 
+    def record(self, shape: Shape, values: tuple[Any, ...]) -> None:
+        self.attrs.append(shape.encode(values))
+
     def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
+        self.attrs.append(attribute(key, value))
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        self.attributes.update(attributes)
+        self.attrs += [attribute(k, v) for k, v in attributes.items()]
 
     def set_error(self, message: str | None = None) -> None:
         self.status_code = ERROR
@@ -123,11 +147,19 @@ class LiteSpan:
 
     def end(self) -> None:
         if self.end_ns == 0:
-            self.end_ns = time.time_ns()
+            self.end_ns = time_ns()
             self._sink(self)
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+        self.end()
 
 
 class _Unsampled:
@@ -142,6 +174,9 @@ class _Unsampled:
 
     def is_recording(self) -> bool:
         return False
+
+    def record(self, shape: Shape, values: tuple[Any, ...]) -> None:
+        pass
 
     def set_attribute(self, key: str, value: Any) -> None:
         pass
@@ -161,6 +196,12 @@ class _Unsampled:
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-00"
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
 
 class Recorder(Protocol):
     def start(self, name: str, kind: int, attributes: dict[str, Any] | None, parent: Any) -> Any:
@@ -178,12 +219,15 @@ class LiteRecorder:
 
     def start(self, name: str, kind: int, attributes: dict[str, Any] | None, parent: Any) -> LiteSpan | _Unsampled:
         rng = self._rng
-        span_id = rng.getrandbits(64).to_bytes(8, "big") or b"\x00" * 7 + b"\x01"
+        span_id = (rng.getrandbits(64) or 1).to_bytes(8, "big")  # all-zero ids are invalid (W3C)
         if parent is None:
-            trace_id = rng.getrandbits(128).to_bytes(16, "big")
+            trace_id = (rng.getrandbits(128) or 1).to_bytes(16, "big")
             parent_id, state = b"", None
         else:
             trace_id, parent_id, state = parent.trace_id, parent.span_id, parent.tracestate
         if not self._sample(parent, trace_id):
             return _Unsampled(trace_id, span_id, state)
-        return LiteSpan(name, kind, trace_id, span_id, parent_id, state, attributes, self._sink)
+        span = LiteSpan(name, kind, trace_id, span_id, parent_id, state, self._sink)
+        if attributes:
+            span.set_attributes(attributes)
+        return span

@@ -70,3 +70,30 @@ def test_a_root_span_has_no_parent_and_no_status_when_ok() -> None:
     (s,) = _decode(encode_request(out, resource_prefix({}, "gravity"))).resource_spans[0].scope_spans[0].spans
     assert s.parent_span_id == b"" and s.status.code == 0 and s.kind == SERVER and len(s.trace_id) == 16
     assert len(out) == 1
+
+
+def test_strings_of_every_length_across_the_one_byte_length_boundary_decode() -> None:
+    # Short strings take a path that writes their three lengths as single bytes: the boundary is where
+    # a length stops fitting in one byte (127), for the string and for the fields around it.
+    attrs = {f"k{n}": "é" * (n // 2) + "x" * (n % 2) for n in range(300)}
+    spans = _spans(1, **attrs)
+    req = _decode(encode_request(spans, resource_prefix({}, "gravity")))
+    (s,) = req.resource_spans[0].scope_spans[0].spans
+    assert {kv.key: _value(kv.value) for kv in s.attributes} == attrs
+
+
+def test_shapes_encode_their_values_once_and_skip_absent_ones() -> None:
+    from gateway.telemetry.otlp import Shape
+
+    shape = Shape("a", "b", "c", cached=True)
+    out: list[LiteSpan] = []
+    rec = LiteRecorder(sampler("always_on", 1.0), out.append)
+    for _ in range(3):
+        span = rec.start("x", SERVER, None, None)
+        span.record(shape, ("one", None, ("p", "q")))
+        span.record(Shape("d", "e"), (1.5, True))
+        span.end()
+    req = _decode(encode_request(out, resource_prefix({}, "gravity")))
+    got = [{kv.key: _value(kv.value) for kv in s.attributes} for s in req.resource_spans[0].scope_spans[0].spans]
+    assert got == [{"a": "one", "c": ["p", "q"], "d": 1.5, "e": True}] * 3
+    assert shape.pairs(("one", None, ("p", "q"))) == {"a": "one", "c": ["p", "q"]}
