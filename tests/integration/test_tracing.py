@@ -407,7 +407,14 @@ def test_the_sdk_processor_exports_the_same_tree(tmp_path: Path, stack: Stack) -
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x", max_retries=0)
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SECRET}], max_tokens=3,
                                   extra_headers={"traceparent": header})
-        spans = stack.receiver.wait_for(_complete, trace_id)
+        # The whole tree, not just the SERVER span: the SDK's worker thread exports on its own clock, and
+        # what a test sees first must not depend on where a batch happened to be cut.
+        spans = stack.receiver.wait_for(lambda got: {"SERVER", "CLIENT"} <= {x.kind for x in got} and {
+            "gravity.auth", "gravity.rate_limit", "gravity.route"} <= {x.name for x in got}, trace_id)
+        # The simulator's record of the upstream request, which it may write after answering.
+        deadline = time.monotonic() + 10
+        while not _upstream_traceparents(stack, trace_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         gw.stop()
     server = _one(spans, kind="SERVER")
