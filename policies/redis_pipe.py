@@ -44,14 +44,7 @@ class RedisPipe:
         conn = self._conn
         if conn is None or not conn.is_connected:
             conn = await self._connect()
-        loop = asyncio.get_running_loop()
-        if not self._out:
-            loop.call_soon(self._write, conn)
-        self._out += conn.pack_command(*args)
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append(fut)
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(conn), name="gravity-limiter-redis")
+        fut = self._queue(conn, args)
         # Its private writer: send_packed_command would spawn a task per write (through wait_for).
         writer = conn._writer
         if writer.transport.get_write_buffer_size() > _HIGH_WATER:
@@ -65,6 +58,11 @@ class RedisPipe:
         conn = self._conn
         if conn is None or not conn.is_connected:
             return None
+        return self._queue(conn, args)
+
+    def _queue(self, conn: Any, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Append a command to this loop turn's write (scheduled at the turn's end) and a future for
+        its reply, in order; start the reader if none runs."""
         loop = asyncio.get_running_loop()
         if not self._out:
             loop.call_soon(self._write, conn)
