@@ -68,14 +68,14 @@ class Relay:
     async def _relay_whole(self, body: bytes) -> None:
         ex, resp = self.ex, self.resp
         assert resp is not None
-        if b'"usage"' in body:
-            try:
-                usage = orjson.loads(body).get("usage")
-            except (orjson.JSONDecodeError, AttributeError):
-                usage = None
+        # One parse of the answer, shared by the usage count and the attempt span (and skipped when
+        # neither needs it: no usage in the body and the span is not recording).
+        payload = _json_object(body) if self.span.recording or b'"usage"' in body else None
+        if payload is not None:
+            usage = payload.get("usage")
             if isinstance(usage, dict):
                 ex.usage = usage
-        self.span.body(body)
+            self.span.answer(payload)
         headers = forwardable_response_headers(resp.headers)
         headers["content-length"] = str(len(body))
         await self._start(resp.status, headers)
@@ -160,3 +160,11 @@ class Relay:
 
 async def _never_receive() -> MutableMapping[str, Any]:
     raise RuntimeError("error responses do not read the request")
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None

@@ -34,7 +34,7 @@ class _NoAttempt:
     def events(self, events: list[bytes]) -> None:
         pass
 
-    def body(self, body: bytes) -> None:
+    def answer(self, payload: dict[str, Any]) -> None:
         pass
 
     def failed(self, failure: str, status: int | None = None) -> None:
@@ -89,15 +89,9 @@ class AttemptSpan:
                     self._identify(payload)
                 self._choices(payload, "delta")
 
-    def body(self, body: bytes) -> None:
-        """A whole (non-streamed) answer."""
+    def answer(self, payload: dict[str, Any]) -> None:
+        """A whole (non-streamed) answer, parsed once by the relay."""
         if not self.recording:
-            return
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(payload, dict):
             return
         self._identify(payload)
         self._choices(payload, "message")
