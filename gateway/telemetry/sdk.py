@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -28,14 +28,14 @@ from opentelemetry.trace import (
 from gateway.telemetry.config import BatchConfig
 from gateway.telemetry.export import ExportCounters
 from gateway.telemetry.otlp import Shape
-from gateway.telemetry.spans import RemoteParent, error_type, mark_error
+from gateway.telemetry.spans import RemoteParent, SpanScope
 
 __all__ = ["CountingExporter", "CountingThreadProcessor", "SdkRecorder"]
 
 _KINDS = {1: SpanKind.INTERNAL, 2: SpanKind.SERVER, 3: SpanKind.CLIENT}
 
 
-class _SdkSpan:
+class _SdkSpan(SpanScope):
     __slots__ = ("span",)
 
     def __init__(self, span: trace.Span) -> None:
@@ -82,13 +82,6 @@ class _SdkSpan:
     def end(self) -> None:
         self.span.end()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None:
-            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
-        self.end()
 
     def traceparent(self) -> str:
         c = self._ctx

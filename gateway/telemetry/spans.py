@@ -100,7 +100,25 @@ def mark_error(span: Any, kind: str, message: str | None = None) -> None:
     span.set_error(message)
 
 
-class LiteSpan:
+class SpanScope:
+    """A span as a context manager, shared by the recorder's spans and the SDK's: it ends at the
+    block's end, an exception marking it failed (`error.type`)."""
+
+    __slots__ = ()
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+        self.end()
+
+
+class LiteSpan(SpanScope):
     """A recording span: what OTLP carries of it, its attributes already encoded (otlp.py), and the
     queue it goes to when it ends. As a context manager it ends at the block's end, an exception
     marking it failed."""
@@ -153,13 +171,6 @@ class LiteSpan:
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None:
-            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
-        self.end()
 
 
 class _Unsampled:
