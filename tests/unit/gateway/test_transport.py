@@ -23,15 +23,14 @@ from gateway.transport import AiohttpTransport, ConnectFailed, StreamBroken, Ups
 from gateway.upstream import Upstream
 
 
-class IdleClosingServer:
-    def __init__(self, reset: bool) -> None:
-        self.reset = reset
-        """Close with an RST (SO_LINGER 0) instead of a FIN."""
-        self.connections = 0
-        self.answered = 0
-        self.dropped = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
+class LoopbackServer:
+    """A server on a free loopback port for the test's lifetime; subclasses answer in `_serve`."""
+
+    port = 0
+    _server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -42,6 +41,15 @@ class IdleClosingServer:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+
+class IdleClosingServer(LoopbackServer):
+    def __init__(self, reset: bool) -> None:
+        self.reset = reset
+        """Close with an RST (SO_LINGER 0) instead of a FIN."""
+        self.connections = 0
+        self.answered = 0
+        self.dropped = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -116,22 +124,11 @@ async def test_a_refused_connection_is_an_attempt_failure_not_a_resend(upstream:
     assert transport.stale_resends == 0
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Answers each request with `script(writer)`: raw bytes, so the answer's framing is the test's."""
 
     def __init__(self, script: Any) -> None:
         self.script = script
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
