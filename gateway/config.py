@@ -143,6 +143,15 @@ class LoggingConfig(_Model):
     """One line per API request on the `gravity.access` logger, at INFO whatever `level` is."""
 
 
+class MetricsConfig(_Model):
+    """What `/metrics` labels (docs/metrics.md)."""
+
+    key_label: bool = False
+    """Label the token counter, and a per-key request counter, with the API key's name (never the key)."""
+    key_label_max: int = Field(100, ge=1, le=1000)
+    """Key names labelled per process, the first seen; the rest share the label `other`."""
+
+
 class ExtprocConfig(_Model):
     """`gravity extproc`: Gravity as an Envoy ext_proc endpoint picker (docs/extproc.md)."""
 
@@ -227,6 +236,7 @@ class GatewayConfig(_Model):
     telemetry: TelemetryConfig = TelemetryConfig()
     """Traces (docs/tracing.md); the OTEL_* environment variables override every field."""
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _legacy_server_timeouts(self) -> GatewayConfig:

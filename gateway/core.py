@@ -127,7 +127,7 @@ class Core:
 def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     """`transport` replaces the aiohttp one (unit tests script the backends through it, as httpx's
     `Client(transport=...)`)."""
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(cfg.metrics.key_label_max if cfg.metrics.key_label else 0)
     tracing = build_tracing(cfg.telemetry, metrics.registry)
     outcomes = OutcomeLog(log)
     access = AccessLog(cfg.logging.access_log)

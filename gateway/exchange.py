@@ -27,6 +27,8 @@ class Exchange:
     """The client's own x-request-id when sane: echoed and logged, never an identity."""
     started: float = field(default_factory=time.perf_counter)
     tenant: str = "default"
+    key_name: str | None = None
+    """The accepted API key's name (never the key): the `key` label of metrics.key_label."""
     decision: Decision | None = None
     backend: str | None = None
     attempts: int = 0

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from routing.types import Decision
 
-__all__ = ["OVERFLOW", "UNROUTED", "GatewayMetrics", "decided_by"]
+__all__ = ["KEY_NONE", "KEY_OTHER", "OVERFLOW", "UNROUTED", "GatewayMetrics", "decided_by"]
 
 UNROUTED = "_unrouted"
 """The model label of requests that never reached a backend: a client-chosen name must not
@@ -32,6 +32,12 @@ become a label value (unbounded cardinality)."""
 
 OVERFLOW = "_overflow"
 """Every label of a series past a metric's series cap (a bug or an attack, never normal traffic)."""
+
+KEY_OTHER = "other"
+"""The `key` label of every key name past `metrics.key_label_max`."""
+
+KEY_NONE = "_none"
+"""The `key` label of requests no API key was accepted for (refused before or at authentication)."""
 
 MAX_SERIES = 2000
 """Label sets one metric may hold; later ones are folded into one series labelled OVERFLOW."""
@@ -162,26 +168,30 @@ class _Bundle:
     """The children one kind of exchange (route, model, backend, status, tenant) updates; those not every
     exchange updates (streams, usage) are made on first use, so no empty series is exported."""
 
-    __slots__ = ("_key", "_m", "_tokens", "_ttft", "latency", "requests")
+    __slots__ = ("_key", "_m", "_tokens", "_ttft", "key_requests", "latency", "requests")
 
-    def __init__(self, m: GatewayMetrics, route: str, model: str, backend: str, status: int, tenant: str) -> None:
-        self._m, self._key = m, (route, model, backend, str(status), tenant)
+    def __init__(self, m: GatewayMetrics, route: str, model: str, backend: str, status: int, tenant: str,
+                 key: str | None = None) -> None:
+        self._m, self._key = m, (route, model, backend, str(status), tenant, key)
         self.requests = m.requests.labels(route, model, backend, str(status))
         self.latency = m.latency.labels(route, model, str(status))
+        self.key_requests = None if key is None else m.key_requests.labels(tenant, key, str(status))
         self._ttft: tuple[_HistChild, _HistChild] | None = None
         self._tokens: dict[str, tuple[_Child, _Child | None]] = {}
 
     def ttft_tpot(self) -> tuple[_HistChild, _HistChild]:
         if self._ttft is None:
-            route, model, backend, _, _ = self._key
+            route, model, backend, _, _, _ = self._key
             self._ttft = (self._m.ttft.labels(route, model, backend), self._m.tpot.labels(route, model, backend))
         return self._ttft
 
     def tokens(self, kind: str, n: int) -> None:
         pair = self._tokens.get(kind)
         if pair is None:
-            _, model, backend, _, tenant = self._key
-            pair = self._tokens[kind] = (self._m.tokens.labels(tenant, model, kind),
+            _, model, backend, _, tenant, key = self._key
+            tokens = self._m.tokens
+            pair = self._tokens[kind] = (tokens.labels(tenant, model, kind) if key is None
+                                         else tokens.labels(tenant, key, model, kind),
                                          self._m.backend_tokens.labels(backend, kind) if backend else None)
         pair[0].value += n
         if pair[1] is not None:
@@ -210,8 +220,12 @@ class _Collector:
 class GatewayMetrics:
     """Every metric the gateway updates per request; `registry` also carries admission's own."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_label_max: int = 0) -> None:
+        """`key_label_max` > 0: the `metrics.key_label` option (docs/metrics.md), that many key names labelled."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._key_labels: dict[str, str] | None = {} if key_label_max > 0 else None
+        """API key name -> its `key` label value, the first `key_label_max` names seen (None: option off)."""
+        self._key_label_max = key_label_max
         self._families: list[_Family] = []
         # -- requests -------------------------------------------------------------------------------
         self.requests = self.counter("gravity_requests", "API requests finished, by route, model, the backend "
@@ -233,9 +247,15 @@ class GatewayMetrics:
                               "chunk) / (output tokens - 1) (gen_ai.server.time_per_output_token).",
                               ["route", "model", "backend"], _TPOT_BUCKETS)
         # -- tokens -------------------------------------------------------------------------------------
-        self.tokens = self.counter("gravity_tokens", "Tokens in backends' usage reports, by tenant, model and type "
+        keyed = self._key_labels is not None
+        self.tokens = self.counter("gravity_tokens", "Tokens in backends' usage reports, by tenant, "
+                                   + ("API key name, " if keyed else "") + "model and type "
                                    "(input, output, cached_input: the part of input read from the prefix cache).",
-                                   ["tenant", "model", "type"])
+                                   ["tenant", "key", "model", "type"] if keyed else ["tenant", "model", "type"])
+        # Declared either way (the bundles' code is one), exported only with the option on.
+        declare = self.counter if keyed else _Counter
+        self.key_requests = declare("gravity_key_requests", "API requests finished, by tenant, API key name and "
+                                    "HTTP status (metrics.key_label).", ["tenant", "key", "status"])
         self.backend_tokens = self.counter("gravity_backend_tokens", "The same usage by the backend that answered "
                                            "(cached_input / input is the backend's prefix-cache hit rate).",
                                            ["backend", "type"])
@@ -272,7 +292,7 @@ class GatewayMetrics:
                                     "gateway waits for them, by operation.", ["operation"], _REDIS_BUCKETS)
         self.redis_errors = self.counter("gravity_redis_operation_errors", "Redis commands that failed, by "
                                          "operation and error class.", ["operation", "error"])
-        self._bundles: dict[tuple[str, str, str, int, str], _Bundle] = {}
+        self._bundles: dict[tuple[str, str, str, int, str, str | None], _Bundle] = {}
         self._profiles: dict[str, _ProfileSeries] = {}
         self.registry.register(_Collector(self._families))
 
@@ -297,11 +317,14 @@ class GatewayMetrics:
         """Record one finished exchange (one dict lookup per group of series: this runs per request)."""
         backend = ex.backend or ""
         model = ex.model if backend else UNROUTED
-        key = (ex.route, model, backend, ex.status, ex.tenant)
+        key = (ex.route, model, backend, ex.status, ex.tenant,
+               None if self._key_labels is None else self._key_label(ex.key_name))
         b = self._bundles.get(key)
         if b is None:
             b = self._bundle(key)
         b.requests.value += 1
+        if b.key_requests is not None:
+            b.key_requests.value += 1
         started = ex.started
         end = ex.finished_at or started
         b.latency.observe(end - started)
@@ -329,7 +352,20 @@ class GatewayMetrics:
         if decision is not None and decision.ranked:
             self._decision(decision)
 
-    def _bundle(self, key: tuple[str, str, str, int, str]) -> _Bundle:
+    def _key_label(self, name: str | None) -> str:
+        """The `key` label of an API key's name: its own for the first `key_label_max` names, then KEY_OTHER."""
+        labels = self._key_labels
+        assert labels is not None
+        if name is None:
+            return KEY_NONE
+        label = labels.get(name)
+        if label is None:
+            if len(labels) >= self._key_label_max:
+                return KEY_OTHER  # not remembered: the map stays bounded however many keys there are
+            label = labels[name] = name or "_unnamed"
+        return label
+
+    def _bundle(self, key: tuple[str, str, str, int, str, str | None]) -> _Bundle:
         if len(self._bundles) >= 4 * MAX_SERIES:  # only a cache: the series stay in their families
             self._bundles.clear()
         b = self._bundles[key] = _Bundle(self, *key)

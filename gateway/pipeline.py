@@ -88,6 +88,7 @@ class Pipeline:
     async def authenticate(self, ex: Exchange, headers: Mapping[str, str]) -> ApiKey:
         with self._tracing.span(spans.SPAN_AUTH) as span:
             key = await self.admission.authenticate(ex, headers)
+            ex.key_name = key.name
             profile = headers.get("x-gravity-profile")
             if profile:
                 # Only keys whose `profiles:` list names it may pick a profile: the baselines can be far worse

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import MAX_SERIES, OVERFLOW, GatewayMetrics, decided_by
+from gateway.config import parse_config
+from gateway.core import build_core
+from gateway.exchange import Exchange
+from gateway.metrics import KEY_NONE, KEY_OTHER, MAX_SERIES, OVERFLOW, GatewayMetrics, decided_by
+from gateway.openai_requests import parse_body
 from routing.types import Candidate, Decision
 
 
@@ -92,3 +97,40 @@ def test_decided_by_without_weights_or_candidates() -> None:
     assert decided_by(Decision(model="m", profile="p", ranked=[])) == "none"
     d = Decision(model="m", profile="p", ranked=[Candidate("a", "u", 2.0, {}), Candidate("b", "u", 1.0, {})])
     assert decided_by(d) == "score"
+
+
+def _finished(m: GatewayMetrics, ex: Exchange, key_name: str | None) -> None:
+    ex.key_name, ex.status, ex.backend, ex.outcome = key_name, 200, "b", "ok"
+    ex.usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    m.observe(ex)
+
+
+def _exchange() -> Exchange:
+    core = build_core(parse_config({"backends": [{"name": "b", "url": "http://127.0.0.1:9", "models": ["m"]}]}))
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    return core.pipeline.exchange("chat/completions", parse_body("chat/completions", raw), raw, {}, "rid", {})
+
+
+def test_key_names_past_the_cap_share_the_label_other() -> None:
+    m = GatewayMetrics(key_label_max=100)
+    ex = _exchange()
+    for i in range(500):
+        _finished(m, ex, f"key-{i}")
+    _finished(m, ex, None)  # no key accepted
+    got = _samples(m)
+    keys = {dict(ls)["key"] for n, ls in got if n == "gravity_key_requests_total"}
+    assert keys == {f"key-{i}" for i in range(100)} | {KEY_OTHER, KEY_NONE}
+    assert got[("gravity_key_requests_total", frozenset(
+        {("tenant", "default"), ("key", KEY_OTHER), ("status", "200")}))] == 400
+    tokens = {dict(ls)["key"] for n, ls in got if n == "gravity_tokens_total"}
+    assert tokens == keys
+    assert len(m._key_labels or {}) == 100  # the names past the cap are not even remembered
+
+
+def test_without_the_option_no_series_has_a_key_label() -> None:
+    m = GatewayMetrics()
+    _finished(m, _exchange(), "key-0")
+    got = _samples(m)
+    assert not [n for n, ls in got if "key" in dict(ls)]
+    assert not [n for n, _ in got if n.startswith("gravity_key_requests")]
+    assert got[("gravity_tokens_total", frozenset({("tenant", "default"), ("model", "m"), ("type", "input")}))] == 3
