@@ -1,6 +1,6 @@
 """The simulator's HTTP face: a Starlette app speaking vLLM's OpenAI-compatible API over the engine.
 
-Also serves /metrics with vLLM names and /admin endpoints for faults, resets and request records.
+Also serves /metrics with vLLM names; the tokenizer endpoints are in token_routes.py, /admin in admin_routes.py.
 """
 from __future__ import annotations
 
@@ -28,15 +28,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from simulator import tokenizer
+from simulator.admin_routes import AdminRoutes
 from simulator.embeddings import embedding, embedding_dims, embedding_inputs
 from simulator.engine import Engine, EngineConfig, SimRequest, TokenEvent
 from simulator.faults import Faults
+from simulator.json_io import api_error, json_body, json_response
 from simulator.kv_events import KVEventsSetup, SimKVEvents
 from simulator.metrics import build_registry, render
 from simulator.openai_api import (
     ApiError,
     GenerateParams,
-    chat_prompt_text,
     chunk,
     full_response,
     parse_generate,
@@ -46,6 +47,7 @@ from simulator.openai_api import (
 )
 from simulator.profiles import get_profile
 from simulator.runner import EngineRunner, RequestStream
+from simulator.token_routes import TokenRoutes
 from simulator.tools import message_shapes
 
 
@@ -69,10 +71,6 @@ class SimServerConfig:
     @property
     def names(self) -> list[str]:
         return self.served_model_names or [self.model]
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
 def _sse(body: dict[str, Any]) -> bytes:
@@ -130,7 +128,7 @@ class SimServer:
         return await self._generate(request, "completion")
 
     async def _generate(self, request: Request, kind: str) -> Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         p = parse_generate(kind, body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
                            self.cfg.engine.scheduling_policy == "priority")
         base_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -248,7 +246,7 @@ class SimServer:
 
     # ---- other OpenAI/vLLM endpoints -------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         model, _ = resolve_model(body, self.cfg.names, self.cfg.lora_modules)
         inputs = embedding_inputs(body.get("input"), self.runner.engine.max_model_len)
         fmt = body.get("encoding_format") or "float"
@@ -283,57 +281,6 @@ class SimServer:
         data += [card(n, path, base) for n, path in self.cfg.lora_modules.items()]
         return json_response({"object": "list", "data": data})
 
-    async def render_chat(self, request: Request) -> Response:
-        """vLLM's `POST /v1/chat/completions/render`: the request as token ids, no generation. Routers
-        that index prefixes by token (vllm-router's cache_aware) call it on the workers."""
-        body = await _json_body(request)
-        return json_response(self._rendered(parse_generate(
-            "chat", body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
-            self.cfg.engine.scheduling_policy == "priority"), body))
-
-    async def render_completion(self, request: Request) -> Response:
-        """vLLM's `POST /v1/completions/render`: a list with one rendered request per prompt."""
-        body = await _json_body(request)
-        return json_response([self._rendered(parse_generate(
-            "completion", body, self.cfg.names, self.cfg.lora_modules, self.runner.engine.max_model_len,
-            self.cfg.engine.scheduling_policy == "priority"), body)])
-
-    @staticmethod
-    def _rendered(p: GenerateParams, body: dict[str, Any]) -> dict[str, Any]:
-        """vLLM's GenerateRequest shape: the prompt's token ids plus the sampling parameters that the
-        simulator honours (vLLM's SamplingParams has many more; they are not modelled here)."""
-        options = body.get("stream_options")
-        return {"request_id": uuid.uuid4().hex, "token_ids": p.prompt_token_ids, "features": None,
-                "sampling_params": {"n": 1, "max_tokens": p.max_tokens, "seed": p.seed,
-                                    "ignore_eos": p.ignore_eos, "temperature": body.get("temperature", 1.0),
-                                    "top_p": body.get("top_p", 1.0), "stop": body.get("stop") or [],
-                                    "stop_token_ids": body.get("stop_token_ids") or []},
-                "model": p.model, "stream": p.stream, "stream_options": options if isinstance(options, dict) else None,
-                "cache_salt": p.cache_salt, "priority": p.priority, "kv_transfer_params": None}
-
-    async def tokenize(self, request: Request) -> Response:
-        body = await _json_body(request)
-        resolve_model(body, self.cfg.names, self.cfg.lora_modules)
-        if "messages" in body:
-            ids = tokenizer.encode(chat_prompt_text(body))
-        elif isinstance(body.get("prompt"), str):
-            ids = tokenizer.encode(body["prompt"])
-        else:
-            raise ApiError(400, "prompt must be a string (or send messages)", "prompt")
-        return json_response({"count": len(ids), "max_model_len": self.runner.engine.max_model_len,
-                              "tokens": ids, "token_strs": None})
-
-    async def detokenize(self, request: Request) -> Response:
-        body = await _json_body(request)
-        resolve_model(body, self.cfg.names, self.cfg.lora_modules)
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ApiError(400, "tokens must be a list of integers", "tokens")
-        try:
-            return json_response({"prompt": tokenizer.decode(ids)})
-        except (KeyError, ValueError) as exc:
-            raise ApiError(400, f"invalid token ids: {exc}", "tokens") from exc
-
     async def health(self, request: Request) -> Response:
         return Response(status_code=200)
 
@@ -344,36 +291,6 @@ class SimServer:
         if self.faults.metrics_delay_ms:
             await asyncio.sleep(self.faults.metrics_delay_ms / 1000)
         return Response(render(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-    # ---- admin -----------------------------------------------------------------------------
-    async def admin_requests(self, request: Request) -> Response:
-        return json_response({"requests": list(self.records)})
-
-    async def admin_faults(self, request: Request) -> Response:
-        if request.method == "POST":
-            body = await _json_body(request)
-            try:
-                self.faults.update(body)
-            except ValueError as exc:
-                raise ApiError(400, str(exc)) from exc
-        elif request.method == "DELETE":
-            self.faults = Faults()
-        return json_response(self.faults.to_dict())
-
-    async def admin_runner(self, request: Request) -> Response:
-        """How well the real-time runner keeps up with its time scale (cumulative; take deltas)."""
-        r = self.runner
-        return json_response({"time_scale": r.time_scale, "steps": r.steps, "engine_busy_s": r.engine_busy_s,
-                              "wall_busy_s": r.wall_busy_s, "slipped_s": r.slipped_s, "keep_up": r.keep_up()})
-
-    async def admin_calls(self, request: Request) -> Response:
-        """Requests served per route path since start (cumulative; take deltas): how often a router
-        calls /tokenize or the render endpoints besides generating."""
-        return json_response(dict(self.calls))
-
-    async def admin_reset(self, request: Request) -> Response:
-        self.runner.reset()
-        return json_response({"restarts": self.runner.restarts, "started_at": self.runner.started_at})
 
 
 async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[list[int], TokenEvent | None]:
@@ -391,24 +308,6 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"Invalid JSON body: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    return body
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    headers = {"retry-after": "1"} if exc.status in (429, 503) else {}
-    if rid := request.headers.get("x-request-id"):
-        headers["x-request-id"] = rid
-    return json_response(exc.body(), exc.status, headers)
-
-
 def create_app(cfg: SimServerConfig) -> Starlette:
     """A Starlette app for one simulated replica; its engine loop lives in the app's lifespan."""
     sim = SimServer(cfg)
@@ -418,24 +317,15 @@ def create_app(cfg: SimServerConfig) -> Starlette:
         for route in (
             Route(f"{prefix}/chat/completions", sim.chat, methods=["POST"]),
             Route(f"{prefix}/completions", sim.completions, methods=["POST"]),
-            Route(f"{prefix}/chat/completions/render", sim.render_chat, methods=["POST"]),
-            Route(f"{prefix}/completions/render", sim.render_completion, methods=["POST"]),
             Route(f"{prefix}/embeddings", sim.embeddings, methods=["POST"]),
             Route(f"{prefix}/models", sim.models, methods=["GET"]),
         )
     ] + [
         Route("/health", sim.health, methods=["GET"]),
         Route("/version", sim.version, methods=["GET"]),
-        Route("/tokenize", sim.tokenize, methods=["POST"]),
-        Route("/detokenize", sim.detokenize, methods=["POST"]),
         Route("/metrics", sim.metrics, methods=["GET"]),
-        Route("/admin/requests", sim.admin_requests, methods=["GET"]),
-        Route("/admin/faults", sim.admin_faults, methods=["GET", "POST", "DELETE"]),
-        Route("/admin/reset", sim.admin_reset, methods=["POST"]),
-        Route("/admin/runner", sim.admin_runner, methods=["GET"]),
-        Route("/admin/calls", sim.admin_calls, methods=["GET"]),
-    ]
-    app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: _api_error},
+    ] + TokenRoutes(cfg, sim.runner).routes() + AdminRoutes(sim).routes()
+    app = Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={ApiError: api_error},
                     middleware=[Middleware(_CountCalls, calls=sim.calls)])
     app.state.sim = sim
     return app
