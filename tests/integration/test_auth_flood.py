@@ -62,7 +62,10 @@ async def test_a_flood_of_bad_keys_costs_redis_almost_nothing(tmp_path: Path) ->
             spent = {name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name, 0)}
             print("redis commands", spent)
             assert spent.get("get", 0) <= 2 * (elapsed + 1), spent  # the index's version, not a record each
-            assert sum(spent.values()) <= 4 * (elapsed + 1) + 4, (spent, elapsed)
+            # Per bad key, not per second: background work (the shared in-flight counts' refresh script,
+            # whose inner commands commandstats also counts, and the key index's signature) grows with
+            # the flood's duration on a loaded machine (69 commands in 13 s); a lookup per key costs 2,000.
+            assert sum(spent.values()) <= len(flood) // 20, (spent, elapsed)
             # The good key was never evicted from the cache: still no lookup.
             mark = _calls(sync)
             assert await _status(s, url, good) == 200

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from openai import OpenAI
 
 from tests.support.procs import running, start_gateway, start_redis, start_sim
+
+# Restarts Redis or the gateway and waits for it: an outage drill (make test-outage).
+pytestmark = pytest.mark.outage
 
 
 def test_first_requests_after_a_redis_restart_succeed(tmp_path: Path) -> None:

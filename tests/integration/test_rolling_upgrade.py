@@ -27,7 +27,8 @@ from policies.keys import hash_key
 from policies.limiter import LUA_SHA
 from tests.support.procs import REPO, Proc, free_port, start_gateway, start_redis, start_sim, write_config
 
-pytestmark = pytest.mark.slow
+# Two gateway releases swapped under load on one Redis: an outage drill (make test-outage).
+pytestmark = [pytest.mark.slow, pytest.mark.outage]
 
 OLD_COMMIT = "540546101eddb15a47aeef08c89933e7a843b864"
 """main just before the script's TTL fix and the limiter's own slot members."""

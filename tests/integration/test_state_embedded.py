@@ -7,8 +7,12 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 
 from tests.support.procs import start_gateway, start_sim
+
+# Restarts Redis or the gateway and waits for it: an outage drill (make test-outage).
+pytestmark = pytest.mark.outage
 
 MODEL = "sim-llama"
 
