@@ -188,6 +188,9 @@ class PrefixMatch:
     # Recent share of traffic whose prompt starts with this prompt's first block (0 when not tracked):
     # a prefix carrying more than a replica's fair share is worth copying.
     share: float = 0.0
+    # endpoint -> fraction of its prefix cache believed free (holding nothing the gateway sent), when the
+    # producer tracks it: a copy there evicts nothing. Empty when not tracked.
+    free: Mapping[str, float] = field(default_factory=dict)
 
     def fraction(self, endpoint: str) -> float:
         return self.cached.get(endpoint, 0.0)

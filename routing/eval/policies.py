@@ -16,6 +16,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     "random": {"profiles": [{"name": "random", "picker": "random"}]},
     "least-request": {"profiles": [{"name": "least-request", "plugins": [{"ref": "least-request-scorer"}]}]},
     "cache-aware": {"profiles": [{"name": "cache-aware", "picker": "cache-aware"}]},
+    # cache_aware calibrated to vllm-router's binary: a low match goes to the least-loaded worker, not the
+    # smallest tree (docs/benchmarks.md, head-to-head calibration).
+    "cache-aware-ll": {"plugins": [{"type": "cache-aware", "name": "cache-aware-ll", "params": {"low_match": "least-load"}}],
+                       "profiles": [{"name": "cache-aware-ll", "picker": "cache-aware-ll"}]},
     "oracle": {},  # built from the defaults in policy_config
     # The default profile with the prefix scorer fed by the engines' KV events (routing/eval/kv_feed.py):
     # keyed by the gateway's hash of token ids, or by the engines' own block hashes.
@@ -38,6 +42,18 @@ CANDIDATES: dict[str, tuple[bool, dict[str, Any], dict[str, Any] | None]] = {
     "pl-hot-guard": (True, {"hot_replication": True}, {"type": "imbalance-guard", "params": {
         "load": "predicted", "abs_threshold": 1.0, "rel_threshold": 1.5}}),
 }
+# Params merged into the prefix scorer's, per candidate (the others keep the default's).
+CANDIDATE_PREFIX: dict[str, dict[str, Any]] = {
+    "previous": {"evict_tail_first": False},
+    "deep": {"group_depth": "deepest-seen"},
+}
+CANDIDATES["deep"] = (False, {"home_miss_exempt": True}, None)
+CANDIDATES["deep-share"] = (False, {}, None)  # deep groups for the traffic share and home, no exemption
+CANDIDATE_PREFIX["deep-share"] = {"group_depth": "deepest-seen"}
+CANDIDATES["free"] = (False, {}, None)  # a copy into free cache pays no extra miss weight
+CANDIDATE_PREFIX["free"] = {"track_free": True}
+CANDIDATES["free-deep"] = (False, {}, None)
+CANDIDATE_PREFIX["free-deep"] = {"track_free": True, "group_depth": "deepest-seen"}
 POLICIES.update({name: {} for name in CANDIDATES})
 
 
@@ -49,8 +65,8 @@ def _candidate(name: str, registry: Registry) -> RoutingConfig:
     plugins = []
     for spec in defaults.plugins:
         data = spec.model_dump()
-        if spec.type == "prefix-cache-scorer" and name == "previous":
-            data["params"] = {**data["params"], "evict_tail_first": False}
+        if spec.type == "prefix-cache-scorer" and name in CANDIDATE_PREFIX:
+            data["params"] = {**data["params"], **CANDIDATE_PREFIX[name]}
         if spec.type == "prefill-cost-scorer":
             if predicted:
                 keep = {k: v for k, v in data["params"].items() if k in ("miss_weight", "home_fraction", "waiting_tokens")}

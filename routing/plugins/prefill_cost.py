@@ -49,6 +49,11 @@ class PrefillCostParams(Params):
         description="discount on the prefix's home endpoint, as a fraction of the prompt, when it is cached "
         "nowhere: a new or evicted prefix group goes back to the same replica unless that one is this much busier",
     )
+    home_miss_exempt: bool = Field(
+        default=False,
+        description="the home pays no extra miss weight for a shallower shared prefix it lacks (a system prompt "
+        "cached elsewhere): a document under it then starts on its own home, not where the system prompt is",
+    )
 
 
 class PrefillCostScorer:
@@ -69,6 +74,8 @@ class PrefillCostScorer:
             extra_miss /= max(1.0, prefix.share * len(endpoints))
         drain, per_request, per_waiting = p.drain_rate_fraction, p.per_request_tokens, p.waiting_tokens
         floor = p.waiting_floor_tokens
+        exempt = home if p.home_miss_exempt else None
+        free = prefix.free if prefix is not None else {}
         now = self._clock()
         out = []
         for e in endpoints:
@@ -83,7 +90,8 @@ class PrefillCostScorer:
             cost = (
                 queued
                 + (1.0 - hit) * prompt
-                + extra_miss * (best_match - hit) * prompt
+                + (0.0 if e.name == exempt else
+                   extra_miss * (best_match - hit) * prompt * (1.0 - free.get(e.name, 0.0)))
                 + per_request * e.inflight_requests
                 + per_waiting * foreign
             )

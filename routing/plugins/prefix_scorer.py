@@ -6,9 +6,11 @@ block), so a new or evicted prefix group keeps landing on the same replica inste
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from pydantic import Field
 
@@ -50,18 +52,33 @@ class PrefixParams(Params):
         description="time constant of the decayed request counts behind PrefixMatch.share (the prefix's "
         "recent share of traffic, by first block); needs home_seen_capacity > 0",
     )
+    track_free: bool = Field(
+        default=False,
+        description="report each endpoint's free share of its cache (1 - blocks remembered / capacity) in "
+        "PrefixMatch.free, so cost scorers can see that a copy there evicts nothing",
+    )
+    group_depth: Literal["first-block", "deepest-seen"] = Field(
+        default="first-block",
+        description="what a prefix group is, for its home and its traffic share: the prompt's first block, or "
+        "its deepest leading run of blocks (1, 2, 4, ... blocks) seen in earlier traffic, so documents under "
+        "one system prompt are groups of their own; a group whose prefix is cached nowhere in full gets a home",
+    )
 
 
 class PrefixCacheScorer:
     def __init__(self, name: str, index: PrefixIndex, home_block_size: int = 256, seen_capacity: int = 0,
-                 clock: Callable[[], float] | None = None, share_window_s: float = 10.0) -> None:
+                 clock: Callable[[], float] | None = None, share_window_s: float = 10.0,
+                 deep_groups: bool = False, capacity_of: Callable[[str], int] | None = None) -> None:
         self.name = name
+        self._capacity_of = capacity_of
+        self._deep = deep_groups
         self.index = index
         self._home_block = home_block_size
         self._keys: dict[str, int] = {}
         self._seen_capacity = seen_capacity
-        # In-process first-block hash -> [decayed request count, when it was last decayed], least
-        # recently seen first; with the total's decayed count it gives each prefix's share of traffic.
+        # In-process block hash (the first block, or with deep groups each block at depth 1, 2, 4, ...) ->
+        # [decayed request count, when it was last decayed], least recently seen first; with the total's
+        # decayed count it gives each prefix's share of traffic.
         self._seen: OrderedDict[int, list[float]] = OrderedDict()
         self._clock = clock
         self._tau = share_window_s
@@ -70,6 +87,8 @@ class PrefixCacheScorer:
     def score(self, ctx: CycleContext, endpoints: Sequence[EndpointView]) -> list[float]:
         names = [e.name for e in endpoints]
         scores = self.index.match(ctx.request, names)
+        if self._deep:
+            return self._score_deep(ctx, names, scores)
         # "Cached nowhere" means no endpoint holds even the first block: a chat template's few shared
         # tokens (an exact index sees those) must not disable the home.
         prompt_len = len(ctx.request.prompt)
@@ -81,8 +100,50 @@ class PrefixCacheScorer:
             # prefix seen before is a group that recurs, and its home keeps the groups partitioned.
             home = self.home(ctx.request, names)
         # Producer role: cost-based scorers later in the profile, and the scheduler, read the match.
-        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home, self._share(seen))
+        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home, self._share(seen), self._free(names))
         return scores
+
+    def _score_deep(self, ctx: CycleContext, names: list[str], scores: list[float]) -> list[float]:
+        """Groups by the deepest leading run of blocks seen before (a document under a system prompt, not
+        the system prompt): its share of traffic, and a home while no endpoint caches all of it."""
+        req = ctx.request
+        hashes = self._hashes(req)
+        seen, depth = None, 0
+        d = 1
+        while d <= len(hashes):  # depths 1, 2, 4, ...: the deepest one seen wins
+            entry = self._seen.get(hashes[d - 1])
+            if entry is None:
+                break
+            seen, depth = entry, d
+            d *= 2
+        home = None
+        if names and seen is not None and max(scores) * len(hashes) < depth - 0.5:
+            key = self._group_key(req, depth)
+            if key is not None:
+                home = rendezvous(key, names, self._key)
+        ctx.prefix = PrefixMatch(dict(zip(names, scores, strict=True)), home, self._share(seen), self._free(names))
+        return scores
+
+    def _group_key(self, req: RoutingRequest, depth: int) -> int | None:
+        """A process-independent key of the group's first and last block (every gateway replica agrees)."""
+        if depth <= 1:
+            return stable_block_key(req.prompt, self._home_block, request_seed(req))
+        b = self._home_block
+        data = req.prompt
+        blob = request_seed(req) + data[:b] + data[(depth - 1) * b: depth * b]
+        return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+
+    def _hashes(self, request: RoutingRequest) -> list[int]:
+        index = self.index
+        if isinstance(index, ApproxPrefixIndex) and index.block_size == self._home_block:
+            return index.hashes(request)  # memoised by match()
+        return block_hashes(request.prompt, self._home_block, request_seed(request), 512)
+
+    def _free(self, names: Sequence[str]) -> dict[str, float]:
+        capacity_of, index = self._capacity_of, self.index
+        if capacity_of is None or not isinstance(index, ApproxPrefixIndex):
+            return {}
+        return {n: max(0.0, 1.0 - index.size(n) / max(1, capacity_of(n))) for n in names}
 
     def _share(self, seen: list[float] | None) -> float:
         if seen is None or self._clock is None or self._total[0] <= 0:
@@ -128,21 +189,38 @@ class PrefixCacheScorer:
 
     def observe(self, request: RoutingRequest, endpoint: str) -> None:
         self.index.observe(request, endpoint)
-        if self._seen_capacity:
+        if not self._seen_capacity:
+            return
+        if self._deep:
+            hashes = self._hashes(request)
+            keys = [hashes[d - 1] for d in _depths(len(hashes))]
+        else:
             first = self._first_block(request)
-            if first is not None:
-                seen = self._seen
-                entry = seen.get(first)
-                if entry is None:
-                    entry = seen[first] = [0.0, 0.0]
-                else:
-                    seen.move_to_end(first)
-                if self._clock is not None:
-                    now = self._clock()
-                    self._bump(entry, now)
-                    self._bump(self._total, now)
-                if len(seen) > self._seen_capacity:
-                    seen.popitem(last=False)
+            keys = [] if first is None else [first]
+        if not keys:
+            return
+        seen = self._seen
+        now = self._clock() if self._clock is not None else None
+        for key in keys:
+            entry = seen.get(key)
+            if entry is None:
+                entry = seen[key] = [0.0, 0.0]
+            else:
+                seen.move_to_end(key)
+            if now is not None:
+                self._bump(entry, now)
+        if now is not None:
+            self._bump(self._total, now)
+        while len(seen) > self._seen_capacity:
+            seen.popitem(last=False)
+
+
+def _depths(n: int) -> list[int]:
+    out, d = [], 1
+    while d <= n:
+        out.append(d)
+        d *= 2
+    return out
 
 
 def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheScorer:
@@ -159,7 +237,8 @@ def _build(name: str, params: PrefixParams, deps: BuildContext) -> PrefixCacheSc
     index = ApproxPrefixIndex(params.block_size, params.max_blocks, capacity_of, params.evict_tail_first)
     deps.datastore.add_restart_listener(index.drop)
     return PrefixCacheScorer(name, index, params.block_size, params.home_seen_capacity, deps.clock,
-                             params.share_window_s)
+                             params.share_window_s, params.group_depth == "deepest-seen",
+                             capacity_of if params.track_free else None)
 
 
 FACTORY = PluginFactory(
