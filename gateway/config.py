@@ -105,6 +105,17 @@ class SharedInflightConfig(_Model):
     """After a failed read, how long to route on own counts before asking Redis again."""
     key: str = "gravity:{inflight}"
     """The one Redis hash holding every replica's counts (a hash tag: one slot on Redis Cluster)."""
+    pending: bool = True
+    """Also share the precise prefix scorer's pending marks (blocks sent to an engine that has not reported
+    them yet) in the stream `<key>:pending`, written and read in the same calls as the counts."""
+    pending_max_blocks: int = Field(2048, ge=1)
+    """Keys shared per pick (its first blocks the engine does not hold yet): 8 bytes each."""
+    pending_max_entries: int = Field(4096, ge=1)
+    """Picks kept in the stream (approximately: Redis trims whole nodes); older ones are dropped."""
+    pending_read_count: int = Field(256, ge=1)
+    """The newest other replicas' picks one read returns at most (older unread ones are skipped)."""
+    pending_ttl_s: float = Field(30.0, gt=0)
+    """Marks older than this are trimmed from the stream (the scorer's own pending_ttl_s applies too)."""
 
     @model_validator(mode="after")
     def _heartbeat_below_ttl(self) -> SharedInflightConfig:

@@ -185,7 +185,8 @@ def build_core(cfg: GatewayConfig, transport: Transport | None = None) -> Core:
     shared_cfg = cfg.state.shared_inflight
     shared = None
     if shared_cfg.enabled or (shared_cfg.enabled is None and cfg.state.redis_url):
-        shared = SharedInflight(datastore, shared_cfg, metrics.registry, pipe, client)  # type: ignore[arg-type]
+        shared = SharedInflight(datastore, shared_cfg, metrics.registry, pipe, client,  # type: ignore[arg-type]
+                                pending=kv_state.pending if kv_state is not None else None)
     pipeline = Pipeline(admission, sessions, scheduler, datastore, metrics, res,
                         session_from_user=cfg.routing.session_from_user, circuits=circuits, tracing=tracing,
                         access=access, shared_inflight=shared)

@@ -130,7 +130,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     engine = _engine(case, seed)
     records = _records(case, job["rate"], seed)
     policy = job["policy"]
-    feed = KVFeedOptions(delay_s=job.get("delay", 0.005), mode="tokens") if policy == "precise" else None
+    feed = KVFeedOptions(delay_s=job.get("delay", 0.005), mode="tokens",
+                         share_pending_s=job.get("pending")) if policy == "precise" else None
     replicas = job.get("replicas", 1)
     result = simulate(records, config=lambda reg: policy_config(policy, reg), engine=engine,
                       backends=job["backends"], seed=seed, policy_name=policy, kv_feed=feed, replicas=replicas,
@@ -153,7 +154,8 @@ def _label(job: dict[str, Any]) -> str:
     replicas = job.get("replicas", 1)
     if replicas == 1:
         return str(job["policy"])
-    return f"{job['policy']}x{replicas}" + ("s" if job.get("shared") is not None else "")
+    return (f"{job['policy']}x{replicas}" + ("s" if job.get("shared") is not None else "")
+            + ("p" if job.get("pending") is not None else ""))
 
 
 def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -174,6 +176,9 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                         out += [{**base, "policy": p, "replicas": 3} for p in ("precise", "default")]
                         out += [{**base, "policy": p, "replicas": 3, "shared": args.shared_delay}
                                 for p in ("precise", "default")]
+                        if args.share_pending:
+                            out.append({**base, "policy": "precise", "replicas": 3, "shared": args.shared_delay,
+                                        "pending": args.shared_delay})
     return out
 
 
@@ -228,8 +233,9 @@ def report(rows: list[dict[str, Any]], held_out: set[int]) -> str:
 
 def replicas_report(rows: list[dict[str, Any]]) -> str:
     by = {_key(r): r for r in rows}
-    lines = [("| case | backends | seed | precise p90 s: 1 / 3 own / 3 shared | p99: 1 / 3 own / 3 shared "
-              "| hit: 1 / 3 own / 3 shared | approximate p90 s: 1 / 3 own / 3 shared | hit: 1 / 3 own / 3 shared |"),
+    lines = [("| case | backends | seed | precise p90 s: 1 / 3 own / 3 shared / 3 shared + pending "
+              "| p99: 1 / 3 own / 3 shared / + pending | hit: 1 / 3 own / 3 shared / + pending "
+              "| approximate p90 s: 1 / 3 own / 3 shared | hit: 1 / 3 own / 3 shared |"),
              "|---|---|---|---|---|---|---|---|"]
 
     def cells(rows3: list[dict[str, Any] | None], field: str, fmt: str = ".3f") -> str:
@@ -238,7 +244,7 @@ def replicas_report(rows: list[dict[str, Any]]) -> str:
     for r in sorted((r for r in rows if r["policy"] == "precisex3"),
                     key=lambda r: (list(CASES).index(r["case"]), r["backends"], r["seed"])):
         k = (r["case"], r["backends"], r["load"], r["seed"])
-        p = [by.get((*k, "precise")), r, by.get((*k, "precisex3s"))]
+        p = [by.get((*k, "precise")), r, by.get((*k, "precisex3s")), by.get((*k, "precisex3sp"))]
         d = [by.get((*k, "default")), by.get((*k, "defaultx3")), by.get((*k, "defaultx3s"))]
         if p[0] is None or d[0] is None:
             continue
@@ -294,6 +300,9 @@ def main() -> int:
     ap.add_argument("--replicas", action="store_true", help="add precise and default with 3 gateway replicas (80 %)")
     ap.add_argument("--shared-delay", type=float, default=0.0005,
                     help="with --replicas: how long a change of one replica's in-flight counts takes to reach Redis")
+    ap.add_argument("--share-pending", action="store_true",
+                    help="with --replicas: also precise with the pending marks shared (x3sp), as the gateway shares "
+                    "them; they reach Redis --shared-delay after the pick")
     ap.add_argument("--measure-capacity", action="store_true", help="measure missing capacities and exit")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out and exit")
     ap.add_argument("--out", default=str(OUT))

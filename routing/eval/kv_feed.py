@@ -7,6 +7,7 @@ approximate, precise and oracle routing are compared on the same traces.
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 
 from routing.kv.keys import RequestKeyer
+from routing.kv.pending import ForeignMark, PendingExchange
 from routing.kv.state import KeyMode, KVEventState, SequenceTracker
 from routing.kv.wire import decode_batch
 from routing.plugins.base import BuildContext, PluginFactory
@@ -42,6 +44,10 @@ class KVFeedOptions:
     replay_delay_s: float = 0.002
     mode: KeyMode = "tokens"
     seed: int = 0
+    share_pending_s: float | None = None
+    """With gateway replicas: share the precise scorer's pending marks as the gateway does through Redis
+    (gateway/state/inflight.py): a replica's marks reach "Redis" this many seconds after its pick, and
+    another replica applies them at its next decision (its pre-dispatch read). None: not shared."""
 
 
 class _TraceTokenizer:
@@ -69,6 +75,7 @@ class KVFeed:
         self._buffers: dict[str, dict[int, bytes]] = {}
         self._trackers: dict[str, SequenceTracker] = {}
         self.published = self.lost = 0
+        self._exchanges: list[PendingExchange] = []  # one per replica's precise scorer, when shared
 
     def recorder(self, endpoint: str) -> KVEventRecorder:
         self._seq[endpoint] = 0
@@ -106,6 +113,23 @@ class KVFeed:
         self.state.apply(endpoint, decode_batch(payload))
         self._buffers[endpoint].pop(seq - 10_000, None)  # vLLM keeps the last 10,000 batches
 
+    def _exchange(self) -> PendingExchange | None:
+        delay = self.options.share_pending_s
+        if delay is None:
+            return None
+        ex = PendingExchange()
+        self._exchanges.append(ex)
+
+        def sent() -> None:
+            for endpoint, keys in ex.take():
+                marks = [ForeignMark(endpoint, keys)]
+                for other in self._exchanges:
+                    if other is not ex:
+                        self._schedule(self._clock() + delay, functools.partial(other.deliver, marks))
+
+        ex.attach(sent)
+        return ex
+
     def register(self, registry: Registry, tokens_of: Callable[[RoutingRequest], list[int]]) -> None:
         """Add ``eval-precise-prefix-scorer``: the precise scorer over this feed's index, tokenizing as the engine."""
         tokenizer = _TraceTokenizer(tokens_of)
@@ -124,9 +148,10 @@ class KVFeed:
 
             fallback = ApproxPrefixIndex(fb.block_size, fb.max_blocks, capacity_of)
             index = PreciseIndex(state, keyer, fallback, default_block_size=params.default_block_size,
-                                 cpu_weight=params.cpu_weight, pending_ttl_s=params.pending_ttl_s, clock=deps.clock)
+                                 cpu_weight=params.cpu_weight, pending_ttl_s=params.pending_ttl_s, clock=deps.clock,
+                                 exchange=self._exchange())
             deps.datastore.add_restart_listener(index.drop)
-            return PrefixCacheScorer(name, index, fb.block_size, fb.home_seen_capacity)
+            return PrefixCacheScorer(name, index, fb.block_size, fb.home_seen_capacity, deps.clock, fb.share_window_s)
 
         registry.add(PluginFactory(EVAL_PRECISE, "scorer", PrecisePrefixParams, build,
                                    "precise scorer fed by the evaluator's engines (virtual-time KV events)"))

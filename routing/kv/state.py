@@ -19,6 +19,7 @@ from typing import Any, Literal
 import xxhash
 
 from routing.kv.index import DEFAULT_MAX_KEYS, KVBlockIndex
+from routing.kv.pending import PendingExchange
 from routing.kv.wire import Batch, Cleared, Removed, Stored
 
 __all__ = ["EndpointKV", "KVEventState", "KeyMode", "SeqVerdict", "SequenceTracker", "token_block_keys"]
@@ -132,6 +133,8 @@ class KVEventState:
         self._listeners: list[Callable[[str, Sequence[int]], None]] = []
         self._forget_listeners: list[Callable[[str], None]] = []
         self._removed_listeners: list[Callable[[str, Sequence[int]], None]] = []
+        self.pending = PendingExchange()
+        """The precise scorer's marks shared with other gateway replicas (inactive until a publisher attaches)."""
 
     # -- readers ---------------------------------------------------------------------------
     def endpoint(self, name: str) -> EndpointKV | None:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from routing.kv.keys import RequestKeyer
+from routing.kv.pending import PendingExchange
 from routing.kv.state import KeyMode, KVEventState
 from routing.kv.tokenize import HFTokenizer, PromptTokenizer, SimTokenizer
 from routing.plugins.base import BuildContext, Params, PluginFactory
@@ -50,7 +51,8 @@ class PreciseIndex:
 
     def __init__(self, state: KVEventState, keyer: RequestKeyer, fallback: ApproxPrefixIndex, *,
                  default_block_size: int = 16, cpu_weight: float = 0.5, pending_ttl_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, max_pending: int = 262_144) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_pending: int = 262_144,
+                 exchange: PendingExchange | None = None) -> None:
         self.state = state
         self.keyer = keyer
         self.fallback = fallback
@@ -60,6 +62,8 @@ class PreciseIndex:
         self._clock = clock
         self._max_pending = max_pending
         self._pending: dict[str, OrderedDict[int, float]] = {}
+        # Other gateway replicas' marks arrive here and count as this replica's own (routing/kv/pending.py).
+        self.exchange = exchange
         state.on_stored(self._confirmed)
         # An evicted block is gone whatever this gateway sent: a pick that hit it must not keep it alive.
         state.on_removed(self._confirmed)
@@ -67,6 +71,10 @@ class PreciseIndex:
 
     def match(self, req: RoutingRequest, endpoints: Sequence[str]) -> list[float]:
         state = self.state
+        if self.exchange is not None:
+            for mark in self.exchange.pull():
+                if state.fed(mark.endpoint):
+                    self._mark(mark.endpoint, mark.keys, self._clock() + self.pending_ttl_s - mark.age_s)
         precise = [e for e in endpoints if state.fed(e)]
         tokens = self.keyer.tokens(req) if precise else None
         approx: dict[str, float] = {}
@@ -111,12 +119,24 @@ class PreciseIndex:
         keys = self.keyer.keys(req, self.state.block_size(endpoint) or self.default_block_size)
         if not keys:
             return
+        exchange = self.exchange
+        if exchange is not None and exchange.active:
+            # Only what the engine does not hold yet is news to the other replicas (they see the same events).
+            held = int(self.state.index.matched_blocks(keys, (endpoint,))[endpoint])
+            if held < len(keys):
+                exchange.mark(endpoint, keys[held:])
+        self._mark(endpoint, keys, self._clock() + self.pending_ttl_s)
+
+    def _mark(self, endpoint: str, keys: Sequence[int], expiry: float) -> None:
         now = self._clock()
+        if expiry < now:
+            return
         pending = self._pending.setdefault(endpoint, OrderedDict())
-        expiry = now + self.pending_ttl_s
         for key in keys:
-            pending[key] = expiry
-            pending.move_to_end(key)
+            was = pending.get(key)
+            if was is None or was < expiry:  # another replica's older mark must not shorten ours
+                pending[key] = expiry
+                pending.move_to_end(key)
         # Oldest first: drop what expired, and anything past the cap.
         while pending:
             key, when = next(iter(pending.items()))
@@ -178,7 +198,8 @@ def _build(name: str, params: PrecisePrefixParams, deps: BuildContext) -> Prefix
 
     fallback = ApproxPrefixIndex(fb.block_size, fb.max_blocks, capacity_of)
     index = PreciseIndex(state, build_keyer(params), fallback, default_block_size=params.default_block_size,
-                         cpu_weight=params.cpu_weight, pending_ttl_s=params.pending_ttl_s, clock=deps.clock)
+                         cpu_weight=params.cpu_weight, pending_ttl_s=params.pending_ttl_s, clock=deps.clock,
+                         exchange=state.pending)
     deps.datastore.add_restart_listener(index.drop)
     return PrefixCacheScorer(name, index, fb.block_size, fb.home_seen_capacity, deps.clock, fb.share_window_s)
 
