@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,20 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes
     raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
+def _die_with_parent(args: list[str]) -> list[str]:
+    """`args` run under util-linux's `setpriv --pdeathsig TERM`: Linux SIGTERMs the child when the test
+    process dies.
+
+    A pytest killed by a timeout or a signal runs no fixture teardown; without this its gateways,
+    simulators and redis-servers lived on (seen: a dozen, for an hour, on a shared machine). The
+    signal follows the *thread* that started the child, so a child started off the main thread (or
+    where setpriv is missing) is started as before rather than dying when that thread ends."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return args
+    return [setpriv, "--pdeathsig", "TERM", "--", *args]
+
+
 @dataclass
 class Proc:
     """A child process with its log file; `stop()` is idempotent."""
@@ -48,7 +63,8 @@ class Proc:
     def start(self, env: dict[str, str] | None = None, timeout: float = 20.0) -> Proc:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         full_env = {**os.environ, **(env or {})}
-        self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+        self.popen = subprocess.Popen(_die_with_parent(self.args), stdout=log, stderr=subprocess.STDOUT,
+                                      env=full_env, cwd=REPO)
         log.close()
         try:
             wait_for_port(self.port, timeout, self.popen)
