@@ -67,9 +67,9 @@ class Verdict:
     @classmethod
     def from_reply(cls, reply: list[int | bytes]) -> Verdict:
         """Decode the Lua script's reply (an array of integers, the kind as a string)."""
-        kind = reply[3]
-        n = [int(x) for x in (reply[:3] + reply[4:])]
-        return cls(bool(n[0]), n[1], n[2], kind.decode() if isinstance(kind, bytes) else str(kind), *n[3:])
+        a, retry, scope, kind, lr, rr, sr, lt, rt, st = reply
+        return cls(a == 1, int(retry), int(scope), kind.decode() if isinstance(kind, bytes) else str(kind),
+                   int(lr), int(rr), int(sr), int(lt), int(rt), int(st))
 
 
 @dataclass
