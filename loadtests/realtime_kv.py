@@ -8,8 +8,12 @@ seconds) and hit rate per policy, with the p90 ratio against the approximate def
 Run: .venv/bin/python loadtests/realtime_kv.py [--backends 4] [--requests 300] [--rate 3.9] [--kv-blocks 4096] [--seed 2]
 With ``--eval`` the same trace is also replayed in the evaluator (virtual time) for the same two policies.
 With ``--replicas 3`` the precise profile runs through one gateway, then through 3 gateway processes
-on the same Redis with requests sprayed round-robin across them, once with their in-flight counts
-shared through Redis (the default) and once with each replica's own (``shared_inflight.enabled: false``).
+on the same Redis with requests sprayed round-robin across them: with their in-flight counts and the
+precise scorer's pending marks shared through Redis (the default), with the counts only
+(``shared_inflight.pending: false``), and with ``--own`` also with each replica's own counts
+(``shared_inflight.enabled: false``). ``--workload`` picks another built-in workload than llm-d's;
+``--time-scale`` below 1 runs the engines slower than real time, so a heavier workload's arrivals
+and the gateways' own CPU stay small against the engine seconds measured.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def start_simulator(tmp: Path, kv_blocks: int, time_scale: float) -> tuple[Proc,
             "--profile", "h100-8b", "--kv-blocks", str(kv_blocks), "--time-scale", str(time_scale),
             "--kv-events-config", json.dumps(events)]
     entry = {"endpoint": f"tcp://127.0.0.1:{pub}", "replay_endpoint": f"tcp://127.0.0.1:{rep}", "topic": "kv-events"}
-    return Proc(args, port, tmp / f"sim-{port}.log").start(), entry
+    return Proc(args, port, tmp / f"sim-{port}.log").start(timeout=90.0), entry
 
 
 def main() -> int:
@@ -62,11 +66,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--eval", action="store_true", help="also run the trace through the evaluator")
     ap.add_argument("--out")
-    ap.add_argument("--replicas", type=int, default=0, help="precise through 1 and N gateways, shared and own counts")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="precise through 1 and N gateways: counts and pending marks shared, counts only")
+    ap.add_argument("--own", action="store_true", help="with --replicas: also N gateways sharing nothing")
+    ap.add_argument("--workload", default="llm-d")
     args = ap.parse_args()
     opts = WorkloadOptions(seed=args.seed, requests=args.requests, rate=args.rate, model=MODEL,
                            kv_tokens_per_backend=args.kv_blocks * 16)
-    records = [dataclasses.replace(r, max_tokens=args.max_tokens) for r in generate("llm-d", opts)]
+    records = [dataclasses.replace(r, max_tokens=args.max_tokens) for r in generate(args.workload, opts)]
     tmp = Path(tempfile.mkdtemp(prefix="gravity-rtkv-"))
     redis = start_redis(tmp)
     started = [start_simulator(tmp, args.kv_blocks, args.time_scale) for _ in range(args.backends)]
@@ -74,24 +81,27 @@ def main() -> int:
     backends = [{"name": f"sim-{i}", "url": f"http://127.0.0.1:{s.port}", "models": [MODEL], "kv_events": e}
                 for i, (s, e) in enumerate(started)]
     policies: dict[str, dict[str, Any]] = {"approximate": {}, "precise": precise_routing()}
-    # name -> (routing, gateway processes, in-flight counts shared through Redis)
-    runs: dict[str, tuple[dict[str, Any], int, bool]] = {name: (r, 1, True) for name, r in policies.items()}
+    # name -> (routing, gateway processes, shared_inflight settings)
+    runs: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {name: (r, 1, {}) for name, r in policies.items()}
     if args.replicas:
-        runs = {"precise": (precise_routing(), 1, True),
-                f"precise x{args.replicas} shared": (precise_routing(), args.replicas, True),
-                f"precise x{args.replicas} own": (precise_routing(), args.replicas, False)}
+        n = args.replicas
+        runs = {"precise": (precise_routing(), 1, {}),
+                f"precise x{n} shared counts + pending": (precise_routing(), n, {}),
+                f"precise x{n} shared counts": (precise_routing(), n, {"pending": False})}
+        if args.own:
+            runs[f"precise x{n} own"] = (precise_routing(), n, {"enabled": False})
     rows: list[dict[str, Any]] = []
     try:
         for policy in (["warmup"] if args.warmup else []) + list(runs):
-            routing, n_gw, shared = runs.get(policy, ({"profiles": [{"name": "rr", "picker": "round-robin"}]}, 1, True))
+            routing, n_gw, shared = runs.get(policy, ({"profiles": [{"name": "rr", "picker": "round-robin"}]}, 1, {}))
             # Idle keep-alive past the run: the client's pool reuses connections that sat idle while
             # the ramp was slow, and a server-side close racing that reuse is a ServerDisconnectedError.
             cfg = {"server": {"debug_headers": True, "read_timeout_s": args.max_s,
                               "limits": {"idle_timeout_s": 2 * args.max_s}},
                    "state": {"redis_url": f"redis://127.0.0.1:{redis.port}/0",
-                             "shared_inflight": {"enabled": shared}}, "backends": backends,
+                             "shared_inflight": shared}, "backends": backends,
                    "routing": {**routing, "scrape_timeout_s": 2.0, "stale_after_s": 10.0}}
-            gws = [start_gateway(tmp, cfg) for _ in range(n_gw)]
+            gws = [start_gateway(tmp, cfg, timeout=90.0) for _ in range(n_gw)]
             try:
                 bases = [f"http://127.0.0.1:{gw.port}" for gw in gws]
                 if policy == "warmup":
@@ -116,8 +126,9 @@ def main() -> int:
         for p in (*sims, redis):
             p.stop()
     base_row = rows[0]
-    print(f"{args.backends} h100-8b simulators ({args.kv_blocks} KV blocks) publishing KV events, {args.requests} "
-          f"llm-d requests ramping to {args.rate:g}/s, {args.max_tokens} output tokens")
+    print(f"{args.backends} h100-8b simulators ({args.kv_blocks} KV blocks, time scale {args.time_scale:g}) publishing "
+          f"KV events, {args.requests} {args.workload} requests at {args.rate:g}/s (llm-d: ramping to it), "
+          f"{args.max_tokens} output tokens")
     print(f"| policy | TTFT p50 s | TTFT p90 s | TTFT p99 s | hit rate | p90 vs {base_row['policy']} |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -11,7 +11,7 @@ from tests.support.procs import REPO, Proc, free_port, start_sim
 
 
 def start_kv_sim(tmp: Path, model: str = "sim-llama", extra: list[str] | None = None,
-                 replay: bool = True) -> tuple[Proc, dict[str, Any]]:
+                 replay: bool = True, timeout: float = 20.0) -> tuple[Proc, dict[str, Any]]:
     """A simulator publishing KV events on free ports, and its backend `kv_events` config entry."""
     pub, rep = free_port(), free_port()
     cfg: dict[str, Any] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{pub}",
@@ -20,7 +20,8 @@ def start_kv_sim(tmp: Path, model: str = "sim-llama", extra: list[str] | None = 
     if replay:
         cfg["replay_endpoint"] = f"tcp://*:{rep}"
         entry["replay_endpoint"] = f"tcp://127.0.0.1:{rep}"
-    sim = start_sim(tmp, model, [*(extra or ["--profile", "tiny"]), "--kv-events-config", json.dumps(cfg)])
+    sim = start_sim(tmp, model, [*(extra or ["--profile", "tiny"]), "--kv-events-config", json.dumps(cfg)],
+                    timeout=timeout)
     return sim, entry
 
 

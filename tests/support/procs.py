@@ -107,11 +107,11 @@ def start_redis(tmp: Path, port: int | None = None, extra: list[str] | None = No
 
 
 def start_sim(tmp: Path, model: str = "sim-llama", extra: list[str] | None = None,
-              port: int | None = None) -> Proc:
+              port: int | None = None, timeout: float = 20.0) -> Proc:
     port = port or free_port()
     args = [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(port),
             "--model", model, *(extra or [])]
-    return Proc(args, port, tmp / f"sim-{port}.log").start()
+    return Proc(args, port, tmp / f"sim-{port}.log").start(timeout=timeout)
 
 
 def write_config(tmp: Path, cfg: dict[str, object]) -> Path:
@@ -121,7 +121,7 @@ def write_config(tmp: Path, cfg: dict[str, object]) -> Path:
 
 
 def start_gateway(tmp: Path, cfg: dict[str, object], port: int | None = None,
-                  env: dict[str, str] | None = None) -> Proc:
+                  env: dict[str, str] | None = None, timeout: float = 20.0) -> Proc:
     port = port or free_port()
     server = dict(cfg.get("server", {}))  # type: ignore[call-overload]
     server.update(host="127.0.0.1", port=port)
@@ -133,7 +133,7 @@ def start_gateway(tmp: Path, cfg: dict[str, object], port: int | None = None,
     cfg = {**cfg, "server": server}
     path = write_config(tmp, cfg)
     args = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
-    return Proc(args, port, tmp / f"gateway-{port}.log").start(env=env)
+    return Proc(args, port, tmp / f"gateway-{port}.log").start(env=env, timeout=timeout)
 
 
 @contextlib.contextmanager
