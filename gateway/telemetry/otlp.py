@@ -183,7 +183,7 @@ def encode_trace(root: LiteSpan) -> tuple[bytes, int]:
             s.span_id = ids[8 * i:8 * i + 8]
             for c in s.children:
                 c.parent_id = s.span_id
-    out = []
+    out: list[bytes] = []
     byte = _BYTE
     pack_q, pack_d = _pack_q, _pack_d
     for s in spans:
@@ -228,12 +228,20 @@ def encode_trace(root: LiteSpan) -> tuple[bytes, int]:
                 elif cls is bool:
                     parts += (b"J", byte[len(k) + 4], k, b"\x12\x02\x10\x01" if v else b"\x12\x02\x10\x00")
                     continue
+                elif cls is tuple:
+                    arr = _array(v)
+                    n = len(arr)
+                    if n < 0x70 and len(k) + n + 6 < 0x80:  # a few finish reasons, candidates, scores
+                        parts += (b"J", byte[len(k) + n + 4], k, b"\x12", byte[n + 2], b"\x2a", byte[n], arr)
+                        continue
                 parts.append(_field(k, v))
         if s.status_code:
             message = s.status_message
             status = (_ld(b"\x12", message.encode()) if message else b"") + b"\x18" + byte[s.status_code]
             parts.append(_ld(b"\x7a", status))
-        out.append(_ld(b"\x12", b"".join(parts)))
+        body = b"".join(parts)
+        n = len(body)
+        out += (b"\x12", byte[n] if n < 0x80 else varint(n), body)
     return b"".join(out), len(spans)
 
 

@@ -183,6 +183,17 @@ class LiteSpan(SpanScope):
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
+        if self.end_ns == 0:  # end(), inline: a child block's end is the common case
+            self.end_ns = time_ns()
+            parent = self.parent
+            if parent is not None and parent.end_ns == 0:
+                parent.children.append(self)
+            else:
+                self._rec.sink(self)
+
 
 class _Unsampled:
     """A span the sampler left out: its ids still propagate (flag 00), nothing is recorded."""

@@ -18,7 +18,15 @@ from gateway.telemetry import names as N
 from gateway.telemetry.attempt import NO_ATTEMPT, AttemptSpan, _NoAttempt, input_messages
 from gateway.telemetry.context import CURRENT, NO_SERVER, ServerSpan, _NoServer, current_trace_id
 from gateway.telemetry.otlp import Shape
-from gateway.telemetry.spans import CLIENT, INTERNAL, SERVER, Recorder, error_type, parse_traceparent
+from gateway.telemetry.spans import (
+    CLIENT,
+    INTERNAL,
+    SERVER,
+    LiteSpan,
+    Recorder,
+    error_type,
+    parse_traceparent,
+)
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -133,6 +141,11 @@ class Tracing:
             # Every sampler here decides a child as its parent (parent-based, or the same trace id's
             # ratio): a child of a span sampled out would be too, and an internal one is never propagated.
             return _NULL
+        if parent.__class__ is LiteSpan and kind == INTERNAL and not attributes:
+            # The admission and routing children: the recorder's start without its call (no id yet, the
+            # parent's sampling decision).
+            return LiteSpan(name, INTERNAL, parent.trace_id, b"", parent.span_id, parent.tracestate, parent._rec,
+                            parent)
         span: contextlib.AbstractContextManager[Any] = self._tracer.start(
             name, kind, dict(attributes) if attributes else None, parent)
         return span
