@@ -68,7 +68,7 @@ def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, s
     s.procs.append(proc)
     s.pids[name] = proc.pid
     try:
-        wait_port(port, proc, timeout=120)
+        wait_port(port, proc, timeout=600)  # a gateway under callgrind on a busy machine is slow to start
     except SystemExit:
         print((s.tmp / f"{name}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
