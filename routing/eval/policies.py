@@ -53,6 +53,8 @@ CANDIDATE_PREFIX["deep-share"] = {"group_depth": "deepest-seen"}
 CANDIDATES["free"] = (False, {}, None)  # a copy into free cache pays no extra miss weight
 CANDIDATE_PREFIX["free"] = {"track_free": True}
 CANDIDATES["free-deep"] = (False, {}, None)
+CANDIDATES["pressure-deep"] = (False, {"free_needs_pressure": True}, None)  # free cache discounted by the holder's fullness
+CANDIDATE_PREFIX["pressure-deep"] = {"track_free": True, "group_depth": "deepest-seen"}
 CANDIDATE_PREFIX["free-deep"] = {"track_free": True, "group_depth": "deepest-seen"}
 POLICIES.update({name: {} for name in CANDIDATES})
 

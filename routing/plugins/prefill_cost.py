@@ -49,6 +49,11 @@ class PrefillCostParams(Params):
         description="discount on the prefix's home endpoint, as a fraction of the prompt, when it is cached "
         "nowhere: a new or evicted prefix group goes back to the same replica unless that one is this much busier",
     )
+    free_needs_pressure: bool = Field(
+        default=False,
+        description="with PrefixMatch.free, a copy into free cache is spared the extra miss weight only as far "
+        "as the best-cached endpoint's own cache is full (1 - its free share)",
+    )
     home_miss_exempt: bool = Field(
         default=False,
         description="the home pays no extra miss weight for a shallower shared prefix it lacks (a system prompt "
@@ -76,6 +81,12 @@ class PrefillCostScorer:
         floor = p.waiting_floor_tokens
         exempt = home if p.home_miss_exempt else None
         free = prefix.free if prefix is not None else {}
+        if free and p.free_needs_pressure:
+            # A copy into free cache evicts nothing, but it only relieves anything when the prefix's holder
+            # is full (its content being evicted); where everything fits a copy is just recomputation.
+            holder = max(matched, key=lambda n: matched[n], default=None) if best_match > 0 else None
+            pressure = 1.0 - free.get(holder, 1.0) if holder is not None else 1.0
+            free = {n: f * pressure for n, f in free.items()}
         now = self._clock()
         out = []
         for e in endpoints:

@@ -83,3 +83,16 @@ def test_a_copy_into_free_cache_pays_no_extra_miss_weight() -> None:
     assert costs[1] == pytest.approx(1000.0)  # b recomputes the prompt, and evicts nothing for it
     assert costs[2] == pytest.approx(1000.0 + 4.0 * hit * 1000.0)  # c's copy would evict: weighted
     assert costs[0] < costs[1] < costs[2]
+
+
+@pytest.mark.parametrize(("holder_free", "extra_paid"), [(0.0, 0.0), (0.75, 0.75), (1.0, 1.0)])
+def test_with_pressure_a_free_copy_is_spared_only_as_far_as_the_holder_is_full(
+        holder_free: float, extra_paid: float) -> None:
+    # Where everything fits (the holder's cache mostly free) a copy evicts nothing but relieves nothing
+    # either: it is recomputation, and pays the extra miss weight as before.
+    views = [view("a"), view("b")]
+    ctx = context(*views, prompt=b"x" * 64, prompt_tokens=1000)
+    ctx.prefix = PrefixMatch({"a": 0.8, "b": 0.0}, None, 0.0, {"a": holder_free, "b": 1.0})
+    costs = PrefillCostScorer("c", PrefillCostParams(home_fraction=0.0, hot_replication=False,
+                                                     free_needs_pressure=True), clock=lambda: 0.0).costs(ctx, views)
+    assert costs[1] == pytest.approx(1000.0 + extra_paid * 4.0 * 0.8 * 1000.0)
