@@ -50,6 +50,10 @@ class _NoAttempt:
 NO_ATTEMPT = _NoAttempt()
 
 
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 class AttemptSpan:
     """One upstream attempt as a CLIENT span `{gen_ai.operation.name} {gen_ai.request.model}`.
 
@@ -60,7 +64,7 @@ class AttemptSpan:
 
     def __init__(self, span: Any, capture: bool) -> None:
         self.span = span
-        self.recording = span.recording
+        self.recording = span.is_recording()
         self._started = time.perf_counter()
         self._identity = False
         self._finish: list[str] = []
@@ -110,12 +114,12 @@ class AttemptSpan:
     def _identify(self, payload: dict[str, Any]) -> None:
         self._identity = True
         rid, model = payload.get("id"), payload.get("model")
-        self.span.attrs.append((_IDENTITY, (rid if isinstance(rid, str) else None,
-                                     model if isinstance(model, str) else None)))
+        self.span.record(_IDENTITY, (rid if isinstance(rid, str) else None,
+                                     model if isinstance(model, str) else None))
 
     def failed(self, failure: str, status: int | None = None) -> None:
         span = self.span
-        span.attrs.append((_FAILED, (failure, status)))
+        span.record(_FAILED, (failure, status))
         mark_error(span, str(status) if status is not None else failure)
         span.end()
 
@@ -124,11 +128,9 @@ class AttemptSpan:
         if self.recording:
             usage: Mapping[str, Any] = ex.usage or {}
             details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if details.__class__ is dict else None
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            span.attrs.append((_OUTCOME, (tuple(self._finish) or None, prompt if prompt.__class__ is int else None,
-                                          completion if completion.__class__ is int else None,
-                                          cached if cached.__class__ is int else None, ex.status or None)))
+            cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+            span.record(_OUTCOME, (tuple(self._finish) or None, _int(usage.get("prompt_tokens")),
+                                   _int(usage.get("completion_tokens")), cached, ex.status or None))
             if self._text is not None:
                 span.set_attribute(N.GEN_AI_OUTPUT_MESSAGES, orjson.dumps([
                     {"role": "assistant", "parts": [{"type": "text", "content": "".join(self._text)}],

@@ -65,7 +65,7 @@ class ServerSpan:
         try:
             scope = self._scope
             status = 0
-            if scope is not None and span.recording:
+            if scope is not None and span.is_recording():
                 template = getattr(scope.get("route"), "path", None)
                 route = self._route
                 if isinstance(template, str):
@@ -74,7 +74,7 @@ class ServerSpan:
                     route = template
                 status = scope["state"].get("response_status") or 0
                 if route is not None or status:
-                    span.attrs.append((_ANSWER, (route, status or None)))
+                    span.record(_ANSWER, (route, status or None))
             if isinstance(exc, Exception) and scope is None:
                 # The ext_proc edge answers refusals itself: the error's status is the answer.
                 failed = to_gateway_error(exc).status

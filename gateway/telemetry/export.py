@@ -1,8 +1,7 @@
 """Getting finished spans to the collector without ever making a request wait for it.
 
-`LoopSpanProcessor` (the default) encodes each request's spans when its SERVER span ends (otlp.py,
-one pass) and queues the bytes, so span objects die with their request (the queue holds nothing the
-garbage collector walks), and a task
+`LoopSpanProcessor` (the default) encodes each LiteSpan as it ends (otlp.py) and queues the bytes, so
+a span object dies with its request (the queue holds nothing the garbage collector walks), and a task
 on the event loop posts batches as OTLP/HTTP protobuf with aiohttp: no thread, no blocking client. A dead or slow collector costs dropped spans, counted in
 `gravity_trace_spans_dropped_total`, nothing else (docs/decisions/0004-span-recorder.md).
 """
@@ -20,7 +19,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.telemetry.config import BatchConfig
-from gateway.telemetry.otlp import encode_trace, request_prefix
+from gateway.telemetry.otlp import encode_span, request_prefix
 from gateway.telemetry.spans import LiteSpan
 
 log = logging.getLogger("gravity.telemetry")
@@ -76,10 +75,8 @@ class LoopSpanProcessor:
         self._batch = batch.max_export_batch_size
         self._max = batch.max_queue_size
         self._shutdown_s = batch.export_timeout_ms / 1000
-        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
-        """(encoded `spans` fields of a ScopeSpans, how many spans): one entry per trace (request)."""
-        self._queued = 0
-        """Spans in the queue: the OTEL_BSP_* sizes count spans."""
+        self._queue: collections.deque[bytes] = collections.deque()
+        """Encoded `Span` messages (each as the `spans` field of a ScopeSpans)."""
         self.counters = counters
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,16 +84,13 @@ class LoopSpanProcessor:
 
     # -- the recorder's sink --------------------------------------------------------------------------
     def on_end(self, span: LiteSpan) -> None:
-        """A finished root span, with the spans that ended inside it."""
-        data, n = encode_trace(span)
-        queued = self._queued + n
-        if queued > self._max:
-            self.counters.drop(n, "queue_full")
+        queue = self._queue
+        if len(queue) >= self._max:
+            self.counters.drop(1, "queue_full")
             return
-        self._queue.append((data, n))
-        self._queued = queued
+        queue.append(encode_span(span))
         wake = self._wake
-        if wake is not None and queued >= self._batch and not wake.is_set():
+        if wake is not None and len(queue) >= self._batch and not wake.is_set():
             wake.set()
 
     # -- the export task ------------------------------------------------------------------------------
@@ -117,9 +111,8 @@ class LoopSpanProcessor:
             async with asyncio.timeout(self._shutdown_s):
                 await self._drain()
         if self._queue:
-            self.counters.drop(self._queued, "shutdown")
+            self.counters.drop(len(self._queue), "shutdown")
             self._queue.clear()
-            self._queued = 0
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -143,23 +136,19 @@ class LoopSpanProcessor:
     async def _drain(self, full_only: bool = False) -> None:
         """Export what is queued now, or only its full batches. Not what arrives meanwhile: chasing the
         queue sent a batch of a few spans after every export (one HTTP request per few requests served,
-        2/3 of tracing's cost: docs/tracing.md). A batch is whole traces of at most
-        OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans (one larger trace goes alone)."""
+        2/3 of tracing's cost: docs/tracing.md)."""
         queue = self._queue
         size = self._batch
-        left = self._queued
-        while left > 0 and queue and (not full_only or left >= size):
-            batch: list[bytes] = []
-            n = 0
-            while queue and left > 0 and (n == 0 or n + queue[0][1] <= size):
-                data, k = queue.popleft()
-                batch.append(data)
-                n += k
-                left -= k
-            self._queued -= n
-            await self._export(batch, n)
+        left = len(queue)
+        while left > 0 and (not full_only or left >= size):
+            n = min(size, left, len(queue))
+            if n == 0:
+                break
+            left -= n
+            batch = [queue.popleft() for _ in range(n)]
+            await self._export(batch)
 
-    async def _export(self, batch: Sequence[bytes], count: int) -> None:
+    async def _export(self, batch: Sequence[bytes]) -> None:
         parts = [request_prefix(self._prefix, sum(map(len, batch)))]
         parts += batch
         body = b"".join(parts)
@@ -167,20 +156,20 @@ class LoopSpanProcessor:
             body = gzip.compress(body, compresslevel=1)
         session = self._session
         if session is None:
-            self.counters.drop(count, "shutdown")
+            self.counters.drop(len(batch), "shutdown")
             return
         try:
             async with session.post(self._url, data=body, headers=self._headers) as resp:
                 await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self.counters.drop(count, "unreachable" if not isinstance(exc, TimeoutError) else "timeout")
+            self.counters.drop(len(batch), "unreachable" if not isinstance(exc, TimeoutError) else "timeout")
             _note(f"the trace collector at {self._url} is unreachable ({type(exc).__name__}): spans are dropped")
             return
         if 200 <= status < 300:
-            self.counters.ok(count)
+            self.counters.ok(len(batch))
         else:
-            self.counters.drop(count, f"http_{status // 100}xx")
+            self.counters.drop(len(batch), f"http_{status // 100}xx")
             _note(f"the trace collector at {self._url} answered HTTP {status}: spans are dropped")
 
 

@@ -1,9 +1,9 @@
-"""OTLP protobuf encoding of the gateway's spans: a request's spans in one pass when its SERVER span ends.
+"""OTLP protobuf encoding of the gateway's spans: attributes become wire bytes as they are recorded.
 
-The wire format is small and stable (opentelemetry-proto trace/v1). The hooks record attributes in
-fixed groups (`Shape`) as raw values; `encode_trace` writes a whole trace in one loop, and a group of
-low-cardinality values (model, endpoint, tenant, kind...) is encoded once and then looked up. The
-test suite decodes the output with opentelemetry-proto.
+The wire format is small and stable (opentelemetry-proto trace/v1). A span's attributes are kept as
+their encoded `Span.attributes` fields, so ending a span joins bytes and nothing more; the hooks record
+attributes in fixed groups (`Shape`), and a group of low-cardinality values (model, endpoint, tenant,
+kind...) is encoded once and then looked up. The test suite decodes the output with opentelemetry-proto.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.telemetry.spans import LiteSpan
 
-__all__ = ["Shape", "attribute", "encode_request", "encode_span", "encode_trace", "request_prefix", "resource_prefix",
-           "single"]
+__all__ = ["Shape", "attribute", "encode_request", "encode_span", "request_prefix", "resource_prefix"]
 
 CACHE_MAX = 4096
 """Entries per cache: a full one is cleared (what churns it is ids and counts; hot entries come back)."""
@@ -53,7 +52,7 @@ def _any(v: Any) -> bytes:
     if cls is float:
         return b"\x21" + _pack_d(v)
     if cls is tuple or cls is list:
-        return _ld(b"\x2a", _array(v))
+        return _ld(b"\x2a", b"".join([_ld(b"\x0a", _any(x)) for x in v]))
     # Subclasses (an IntEnum, a str enum) as their base type's value.
     if isinstance(v, bool):
         return _any(bool(v))
@@ -68,25 +67,6 @@ def _any(v: Any) -> bytes:
     if isinstance(v, bytes):
         return _ld(b"\x3a", v)
     return _ld(b"\x0a", str(v).encode())
-
-
-def _array(v: tuple[Any, ...] | list[Any]) -> bytes:
-    """ArrayValue's `values` fields; short strings and doubles (the gateway's arrays) without a call each."""
-    parts: list[bytes] = []
-    byte = _BYTE
-    for x in v:
-        cls = x.__class__
-        if cls is str:
-            b = x.encode()
-            n = len(b)
-            if n < 0x7E:
-                parts += (b"\x0a", byte[n + 2], b"\x0a", byte[n], b)
-                continue
-        elif cls is float:
-            parts += (b"\x0a\x09\x21", _pack_d(x))
-            continue
-        parts.append(_ld(b"\x0a", _any(x)))
-    return b"".join(parts)
 
 
 _keys: dict[str, bytes] = {}
@@ -150,104 +130,28 @@ class Shape:
                 if v is not None}
 
 
-_singles: dict[str, Shape] = {}
-
-
-def single(name: str) -> Shape:
-    """The one-attribute Shape of `name` (set_attribute's; the gateway's own names: a few dozen)."""
-    shape = _singles.get(name)
-    if shape is None:
-        shape = Shape(name)
-        if len(_singles) < CACHE_MAX:
-            _singles[name] = shape
-    return shape
-
-
 _heads: dict[tuple[str, int], bytes] = {}
 
 
-def encode_trace(root: LiteSpan) -> tuple[bytes, int]:
-    """`root` and every span that ended inside it, as `spans` fields of a ScopeSpans, and their count.
-
-    One pass over a request's spans: the children's ids are drawn together here (nothing propagated
-    them), the attribute groups are encoded in this loop (a cached group is one lookup; a str, int,
-    float or bool is written inline, the rest by `_field`)."""
-    spans = [root]
-    for s in spans:  # the list grows while it is walked: children, then theirs
-        if s.children:
-            spans += s.children
-    missing = [s for s in spans if not s.span_id]
-    if missing:
-        ids = (root._rec.rng.getrandbits(64 * len(missing)) | 1).to_bytes(8 * len(missing), "big")
-        for i, s in enumerate(missing):
-            s.span_id = ids[8 * i:8 * i + 8]
-            for c in s.children:
-                c.parent_id = s.span_id
-    out: list[bytes] = []
-    byte = _BYTE
-    pack_q, pack_d = _pack_q, _pack_d
-    for s in spans:
-        head = _heads.get((s.name, s.kind))
-        if head is None:
-            head = _ld(b"\x2a", s.name.encode()) + b"\x30" + byte[s.kind] + b"\x39"
-            if len(_heads) < CACHE_MAX:  # route and model names: bounded by the config
-                _heads[(s.name, s.kind)] = head
-        parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
-        if s.tracestate:
-            parts.append(_ld(b"\x1a", s.tracestate.encode()))
-        if s.parent_id:
-            parts += (b"\x22\x08", s.parent_id)
-        parts += (head, pack_q(s.start_ns), b"\x41", pack_q(s.end_ns))
-        for shape, values in s.attrs:
-            cache = shape._cache
-            if cache is not None:
-                hit = cache.get(values)
-                parts.append(hit if hit is not None else shape.encode(values))
-                continue
-            for k, v in zip(shape._keys, values, strict=True):
-                if v is None:
-                    continue
-                cls = v.__class__ if len(k) < 0x70 else None  # a long key: every length below fits one byte
-                if cls is str:
-                    b = v.encode()
-                    n = len(b)
-                    total = len(k) + n + 4
-                    if total < 0x80:  # a short string: every length fits one byte
-                        parts += (b"J", byte[total], k, b"\x12", byte[n + 2], b"\n", byte[n], b)
-                        continue
-                elif cls is int:
-                    if 0 <= v < 0x80:
-                        parts += (b"J", byte[len(k) + 4], k, b"\x12\x02\x18", byte[v])
-                        continue
-                    if 0 <= v < 0x4000:  # a port, a token count: two varint bytes
-                        parts += (b"J", byte[len(k) + 5], k, b"\x12\x03\x18", byte[(v & 0x7F) | 0x80], byte[v >> 7])
-                        continue
-                elif cls is float:
-                    parts += (b"J", byte[len(k) + 11], k, b"\x12\x09\x21", pack_d(v))
-                    continue
-                elif cls is bool:
-                    parts += (b"J", byte[len(k) + 4], k, b"\x12\x02\x10\x01" if v else b"\x12\x02\x10\x00")
-                    continue
-                elif cls is tuple:
-                    arr = _array(v)
-                    n = len(arr)
-                    if n < 0x70 and len(k) + n + 6 < 0x80:  # a few finish reasons, candidates, scores
-                        parts += (b"J", byte[len(k) + n + 4], k, b"\x12", byte[n + 2], b"\x2a", byte[n], arr)
-                        continue
-                parts.append(_field(k, v))
-        if s.status_code:
-            message = s.status_message
-            status = (_ld(b"\x12", message.encode()) if message else b"") + b"\x18" + byte[s.status_code]
-            parts.append(_ld(b"\x7a", status))
-        body = b"".join(parts)
-        n = len(body)
-        out += (b"\x12", byte[n] if n < 0x80 else varint(n), body)
-    return b"".join(out), len(spans)
-
-
 def encode_span(s: LiteSpan) -> bytes:
-    """One span with those that ended inside it, as `spans` fields (encode_trace without the count)."""
-    return encode_trace(s)[0]
+    """One `Span` message as the `spans` field (2) of a ScopeSpans: the bytes the export queue holds."""
+    head = _heads.get((s.name, s.kind))
+    if head is None:
+        head = _ld(b"\x2a", s.name.encode()) + b"\x30" + _BYTE[s.kind] + b"\x39"
+        if len(_heads) < CACHE_MAX:  # route and model names: bounded by the config
+            _heads[(s.name, s.kind)] = head
+    parts = [b"\x0a\x10", s.trace_id, b"\x12\x08", s.span_id]
+    if s.tracestate:
+        parts.append(_ld(b"\x1a", s.tracestate.encode()))
+    if s.parent_id:
+        parts += (b"\x22\x08", s.parent_id)
+    parts += (head, _pack_q(s.start_ns), b"\x41", _pack_q(s.end_ns))
+    parts += s.attrs
+    if s.status_code:
+        message = s.status_message
+        status = (_ld(b"\x12", message.encode()) if message else b"") + b"\x18" + _BYTE[s.status_code]
+        parts.append(_ld(b"\x7a", status))
+    return _ld(b"\x12", b"".join(parts))
 
 
 def resource_prefix(resource: Mapping[str, Any], scope: str, version: str = "") -> tuple[bytes, bytes]:

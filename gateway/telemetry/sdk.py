@@ -35,16 +35,6 @@ __all__ = ["CountingExporter", "CountingThreadProcessor", "SdkRecorder"]
 _KINDS = {1: SpanKind.INTERNAL, 2: SpanKind.SERVER, 3: SpanKind.CLIENT}
 
 
-class _SdkAttributes:
-    __slots__ = ("span",)
-
-    def __init__(self, span: trace.Span) -> None:
-        self.span = span
-
-    def append(self, group: tuple[Shape, tuple[Any, ...]]) -> None:
-        self.span.set_attributes(group[0].pairs(group[1]))
-
-
 class _SdkSpan(SpanScope):
     __slots__ = ("span",)
 
@@ -73,15 +63,6 @@ class _SdkSpan(SpanScope):
 
     def is_recording(self) -> bool:
         return self.span.is_recording()
-
-    @property
-    def recording(self) -> bool:
-        return self.span.is_recording()
-
-    @property
-    def attrs(self) -> _SdkAttributes:
-        """The hooks' `span.attrs.append((shape, values))`, as the SDK's attributes."""
-        return _SdkAttributes(self.span)
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.span.set_attribute(key, value)

@@ -13,7 +13,7 @@ from time import time_ns
 from typing import Any, Protocol, Self
 
 from gateway.telemetry.names import ERROR_TYPE
-from gateway.telemetry.otlp import Shape, single
+from gateway.telemetry.otlp import Shape, attribute
 
 __all__ = [
     "CLIENT",
@@ -37,7 +37,6 @@ UNSET, OK, ERROR = 0, 1, 2
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
-_ZERO_TRACE_ID = bytes(16)
 
 
 class RemoteParent:
@@ -120,49 +119,42 @@ class SpanScope:
 
 
 class LiteSpan(SpanScope):
-    """A recording span: what OTLP carries of it, its attributes as raw (Shape, values) groups, encoded
-    when its trace is (otlp.encode_trace). A span started under another of this process ends into its
-    parent's `children` while the parent is open, so a request's spans reach the export queue as one
-    entry encoded in one pass; a root (or a child outliving its parent) goes to the recorder's sink.
-    As a context manager it ends at the block's end, an exception marking it failed."""
+    """A recording span: what OTLP carries of it, its attributes already encoded (otlp.py), and the
+    queue it goes to when it ends. As a context manager it ends at the block's end, an exception
+    marking it failed."""
 
-    __slots__ = ("_rec", "attrs", "children", "end_ns", "kind", "name", "parent", "parent_id", "span_id",
-                 "start_ns", "status_code", "status_message", "trace_id", "tracestate")
+    __slots__ = ("_sink", "attrs", "end_ns", "kind", "name", "parent_id", "span_id", "start_ns",
+                 "status_code", "status_message", "trace_id", "tracestate")
     sampled = True
-    recording = True
     flags = 0x01
 
     def __init__(self, name: str, kind: int, trace_id: bytes, span_id: bytes, parent_id: bytes,
-                 tracestate: str | None, rec: LiteRecorder, parent: LiteSpan | None = None) -> None:
+                 tracestate: str | None, sink: Callable[[LiteSpan], None]) -> None:
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
         self.span_id = span_id
-        """b"" for a child nothing propagates: its id is drawn when its trace is encoded."""
         self.parent_id = parent_id
         self.tracestate = tracestate
-        self.attrs: list[tuple[Shape, tuple[Any, ...]]] = []
-        """Attribute groups as recorded: (Shape, values in its names' order, None for absent)."""
-        self.children: list[LiteSpan] = []
-        """Spans started under this one that ended while it was open."""
-        self.parent = parent
+        self.attrs: list[bytes] = []
+        """Encoded `Span.attributes` fields."""
         self.start_ns = time_ns()
         self.end_ns = 0
         self.status_code = UNSET
         self.status_message: str | None = None
-        self._rec = rec
+        self._sink = sink
 
     def is_recording(self) -> bool:
         return self.end_ns == 0
 
     def record(self, shape: Shape, values: tuple[Any, ...]) -> None:
-        self.attrs.append((shape, values))
+        self.attrs.append(shape.encode(values))
 
     def set_attribute(self, key: str, value: Any) -> None:
-        self.attrs.append((single(key), (value,)))
+        self.attrs.append(attribute(key, value))
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        self.attrs += [(single(k), (v,)) for k, v in attributes.items()]
+        self.attrs += [attribute(k, v) for k, v in attributes.items()]
 
     def set_error(self, message: str | None = None) -> None:
         self.status_code = ERROR
@@ -174,25 +166,11 @@ class LiteSpan(SpanScope):
     def end(self) -> None:
         if self.end_ns == 0:
             self.end_ns = time_ns()
-            parent = self.parent
-            if parent is not None and parent.end_ns == 0:
-                parent.children.append(self)
-            else:
-                self._rec.sink(self)
+            self._sink(self)
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id.hex()}-{self.span_id.hex()}-01"
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None:
-            mark_error(self, error_type(exc) if not isinstance(exc, BaseExceptionGroup) else "error")
-        if self.end_ns == 0:  # end(), inline: a child block's end is the common case
-            self.end_ns = time_ns()
-            parent = self.parent
-            if parent is not None and parent.end_ns == 0:
-                parent.children.append(self)
-            else:
-                self._rec.sink(self)
 
 
 class _Unsampled:
@@ -200,7 +178,6 @@ class _Unsampled:
 
     __slots__ = ("span_id", "trace_id", "tracestate")
     sampled = False
-    recording = False
     flags = 0x00
 
     def __init__(self, trace_id: bytes, span_id: bytes, tracestate: str | None) -> None:
@@ -244,34 +221,24 @@ class Recorder(Protocol):
 
 
 class LiteRecorder:
-    """Starts LiteSpans; `sink` receives each finished root span (its children inside it)."""
-
     def __init__(self, sample: Sampler, sink: Callable[[LiteSpan], None]) -> None:
         self._sample = sample
-        self.sink = sink
-        self.rng = random.Random(random.SystemRandom().getrandbits(64))
+        self._sink = sink
+        self._bits = random.SystemRandom().getrandbits(64)
+        self._rng = random.Random(self._bits)
         """Ids need uniqueness, not secrecy: a seeded PRNG, 10x cheaper than os.urandom per id."""
 
     def start(self, name: str, kind: int, attributes: dict[str, Any] | None, parent: Any) -> LiteSpan | _Unsampled:
-        if parent.__class__ is LiteSpan:
-            # Every sampler here decides a child as its parent (parent-based, or the same trace id's
-            # ratio). An internal child's id is drawn at encoding (one draw per trace); a CLIENT one is
-            # propagated (traceparent), so it needs its own now.
-            span = LiteSpan(name, kind, parent.trace_id,
-                            (self.rng.getrandbits(64) | 1).to_bytes(8, "big") if kind == CLIENT else b"",
-                            parent.span_id, parent.tracestate, self, parent)
+        rng = self._rng
+        span_id = (rng.getrandbits(64) or 1).to_bytes(8, "big")  # all-zero ids are invalid (W3C)
+        if parent is None:
+            trace_id = (rng.getrandbits(128) or 1).to_bytes(16, "big")
+            parent_id, state = b"", None
         else:
-            if parent is None:
-                ids = (self.rng.getrandbits(192) | 1).to_bytes(24, "big")  # the trace's and the span's, one draw
-                trace_id, span_id, parent_id, state = ids[:16], ids[16:], b"", None
-                if trace_id == _ZERO_TRACE_ID:
-                    trace_id = b"\x00" * 15 + b"\x01"  # all-zero ids are invalid (W3C)
-            else:
-                trace_id, parent_id, state = parent.trace_id, parent.span_id, parent.tracestate
-                span_id = (self.rng.getrandbits(64) | 1).to_bytes(8, "big")
-            if not self._sample(parent, trace_id):
-                return _Unsampled(trace_id, span_id, state)
-            span = LiteSpan(name, kind, trace_id, span_id, parent_id, state, self)
+            trace_id, parent_id, state = parent.trace_id, parent.span_id, parent.tracestate
+        if not self._sample(parent, trace_id):
+            return _Unsampled(trace_id, span_id, state)
+        span = LiteSpan(name, kind, trace_id, span_id, parent_id, state, self._sink)
         if attributes:
             span.set_attributes(attributes)
         return span

@@ -18,15 +18,7 @@ from gateway.telemetry import names as N
 from gateway.telemetry.attempt import NO_ATTEMPT, AttemptSpan, _NoAttempt, input_messages
 from gateway.telemetry.context import CURRENT, NO_SERVER, ServerSpan, _NoServer, current_trace_id
 from gateway.telemetry.otlp import Shape
-from gateway.telemetry.spans import (
-    CLIENT,
-    INTERNAL,
-    SERVER,
-    LiteSpan,
-    Recorder,
-    error_type,
-    parse_traceparent,
-)
+from gateway.telemetry.spans import CLIENT, INTERNAL, SERVER, Recorder, error_type, parse_traceparent
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -72,6 +64,10 @@ def _number(v: object) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 class Tracing:
     """Span helpers over one recorder (or none: the no-op path)."""
 
@@ -112,12 +108,12 @@ class Tracing:
         parent = parse_traceparent(traceparent, tracestate) if traceparent is not None else None
         method = scope["method"]
         span = tracer.start(f"{method} {route}" if route else method, SERVER, None, parent)
-        if span.recording:  # a span sampled out costs its ids and nothing more
+        if span.is_recording():  # a span sampled out costs its ids and nothing more
             client = scope.get("client")
-            span.attrs.append((_REQUEST, (method, scope["path"], scope.get("scheme", "http"), client[0] if client else None)))
+            span.record(_REQUEST, (method, scope["path"], scope.get("scheme", "http"), client[0] if client else None))
             request_id = scope.get("state", {}).get("request_id")
             if request_id:
-                span.attrs.append((_REQUEST_ID, (request_id,)))
+                span.record(_REQUEST_ID, (request_id,))
         return ServerSpan(span, scope, route)
 
     def pick(self, headers: Mapping[str, str], method: str, path: str) -> ServerSpan | _NoServer:
@@ -141,11 +137,6 @@ class Tracing:
             # Every sampler here decides a child as its parent (parent-based, or the same trace id's
             # ratio): a child of a span sampled out would be too, and an internal one is never propagated.
             return _NULL
-        if parent.__class__ is LiteSpan and kind == INTERNAL and not attributes:
-            # The admission and routing children: the recorder's start without its call (no id yet, the
-            # parent's sampling decision).
-            return LiteSpan(name, INTERNAL, parent.trace_id, b"", parent.span_id, parent.tracestate, parent._rec,
-                            parent)
         span: contextlib.AbstractContextManager[Any] = self._tracer.start(
             name, kind, dict(attributes) if attributes else None, parent)
         return span
@@ -153,70 +144,70 @@ class Tracing:
     def annotate_current(self, attributes: Mapping[str, Any]) -> None:
         if self._tracer is not None:
             span = CURRENT.get()
-            if span is not None and span.recording:
+            if span is not None and span.is_recording():
                 span.set_attributes(attributes)
 
     # -- what the layers record --------------------------------------------------------------------------
     @staticmethod
     def authenticated(span: Any, ex: Exchange, key: ApiKey) -> None:
-        if span is None or not span.recording:
+        if span is None or not span.is_recording():
             return
-        span.attrs.append((_AUTH, (ex.tenant, ex.routing.priority, "ok")))
+        span.record(_AUTH, (ex.tenant, ex.routing.priority, "ok"))
 
     @staticmethod
     def reserved(span: Any, ex: Exchange) -> None:
-        if span is None or not span.recording:
+        if span is None or not span.is_recording():
             return
         held = ex.extras.get("admission")
         if held is None:
-            span.attrs.append((_UNLIMITED, ("unlimited",)))
+            span.record(_UNLIMITED, ("unlimited",))
             return
         reservation = held[0]
         v = reservation.verdict
-        span.attrs.append((_ALLOWED, ("allowed", tuple([s.label for s in reservation.scopes]), reservation.where)))
-        span.attrs.append((_BUDGET, (reservation.reserved, v.remaining_tokens if v.remaining_tokens >= 0 else None,
-                              v.remaining_requests if v.remaining_requests >= 0 else None)))
+        span.record(_ALLOWED, ("allowed", tuple([s.label for s in reservation.scopes]), reservation.where))
+        span.record(_BUDGET, (reservation.reserved, v.remaining_tokens if v.remaining_tokens >= 0 else None,
+                              v.remaining_requests if v.remaining_requests >= 0 else None))
 
     @staticmethod
     def refused(span: Any, exc: BaseException) -> None:
         """A rate-limit refusal: which scope bound and on what."""
-        if span is None or not span.recording:
+        if span is None or not span.is_recording():
             return
         if getattr(exc, "code", None) != "rate_limit_exceeded":
             span.set_attribute(N.RATELIMIT_DECISION, "error")
             return
         scope = getattr(exc, "scope", None)
         kind = getattr(exc, "error_type", None)
-        span.attrs.append((_REFUSED, ("rejected", scope if isinstance(scope, str) else None,
-                               kind if isinstance(kind, str) else None)))
+        span.record(_REFUSED, ("rejected", scope if isinstance(scope, str) else None,
+                               kind if isinstance(kind, str) else None))
 
     @staticmethod
     def routed(span: Any, ex: Exchange) -> None:
-        if span is None or not span.recording or ex.decision is None:
+        if span is None or not span.is_recording() or ex.decision is None:
             return
         d = ex.decision
         ranked = d.ranked
         best = ranked[0]
         routing = ex.routing
-        span.attrs.append((_ROUTE, (d.profile, best.endpoint, tuple([c.endpoint for c in ranked]),
+        span.record(_ROUTE, (d.profile, best.endpoint, tuple([c.endpoint for c in ranked]),
                              (routing.session_endpoint is not None) if routing.session_id else None,
-                             ex.model if ex.fallback_from else None)))
+                             ex.model if ex.fallback_from else None))
         scores = best.scores
         prompt = routing.prompt_tokens
         ratio = max(0.0, 1.0 - best.uncached_tokens / prompt) if scores and prompt > 0 else None
-        span.attrs.append((_ROUTE_FIGURES, (tuple([float(c.score) for c in ranked]), d.latency_s, ratio)))
+        span.record(_ROUTE_FIGURES, (tuple([float(c.score) for c in ranked]), d.latency_s, ratio))
         if scores:
-            span.attrs.append((_scores(tuple(scores)), tuple([float(x) for x in scores.values()])))
+            span.record(_scores(tuple(scores)), tuple([float(x) for x in scores.values()]))
 
     def finished(self, ex: Exchange) -> None:
         """The request's outcome on the current (SERVER) span."""
         if self._tracer is None:
             return
         span = CURRENT.get()
-        if span is None or not span.recording:
+        if span is None or not span.is_recording():
             return
         # The rest (tenant, model, endpoint) is on the children: one copy per trace is enough.
-        span.attrs.append((_OUTCOME, (ex.outcome, ex.attempts)))
+        span.record(_OUTCOME, (ex.outcome, ex.attempts))
 
     # -- upstream attempts ----------------------------------------------------------------------------
     def attempt(self, ex: Exchange, number: int, kind: str, target: BackendTarget,
@@ -232,7 +223,7 @@ class Tracing:
             headers["tracestate"] = span.tracestate
         else:  # a tracestate without a valid traceparent means nothing (W3C trace context)
             headers.pop("tracestate", None)
-        if not span.recording:
+        if not span.is_recording():
             return NO_ATTEMPT  # sampled out: the backend still gets the trace and the decision
         self._attempt_attributes(span, ex, op, number, kind, target)
         return AttemptSpan(span, self.capture_content)
@@ -245,18 +236,12 @@ class Tracing:
             parts = urlsplit(target.api_base)
             server = self._servers[target.api_base] = (parts.hostname or "",
                                                        parts.port or (443 if parts.scheme == "https" else 80))
-        # Inline type tests rather than helper calls: this runs per attempt.
-        n = body.get("n")
-        most = body.get("max_completion_tokens", body.get("max_tokens"))
-        temperature, top_p = body.get("temperature"), body.get("top_p")
-        span.attrs.append((_TARGET, (
+        n = _int(body.get("n"))
+        span.record(_TARGET, (
             op, N.PROVIDER.get(target.kind, target.kind), ex.model, ex.stream, server[0], server[1], number, kind,
-            target.name, most if most.__class__ is int else None,
-            temperature if temperature is None or temperature.__class__ is float else _number(temperature),
-            top_p if top_p is None or top_p.__class__ is float else _number(top_p),
-            n if n.__class__ is int and n != 1 else None)))
-        seed = ex.pin_seed if ex.pin_seed is not None else body.get("seed")
-        seed = seed if seed.__class__ is int else None
+            target.name, _int(body.get("max_completion_tokens", body.get("max_tokens"))),
+            _number(body.get("temperature")), _number(body.get("top_p")), n if n != 1 else None))
+        seed = _int(ex.pin_seed if ex.pin_seed is not None else body.get("seed"))
         turn = ex.extras.get("state.turn")
         req = getattr(turn, "req", None)
         conversation = getattr(req, "conversation_id", None)
@@ -265,7 +250,7 @@ class Tracing:
             session = ex.routing.session_id
             conversation = session if session and not session.startswith("thread:") else None
         if seed is not None or conversation is not None or isinstance(previous, str):
-            span.attrs.append((_REQUEST_IDS, (seed, conversation, previous if isinstance(previous, str) else None)))
+            span.record(_REQUEST_IDS, (seed, conversation, previous if isinstance(previous, str) else None))
         if self.capture_content:
             span.set_attribute(N.GEN_AI_INPUT_MESSAGES, input_messages(body))
 

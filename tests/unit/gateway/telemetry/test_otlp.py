@@ -97,37 +97,3 @@ def test_shapes_encode_their_values_once_and_skip_absent_ones() -> None:
     got = [{kv.key: _value(kv.value) for kv in s.attributes} for s in req.resource_spans[0].scope_spans[0].spans]
     assert got == [{"a": "one", "c": ["p", "q"], "d": 1.5, "e": True}] * 3
     assert shape.pairs(("one", None, ("p", "q"))) == {"a": "one", "c": ["p", "q"]}
-
-
-def test_a_request_s_spans_are_encoded_together_with_their_parents_ids() -> None:
-    from gateway.telemetry.otlp import Shape
-    from gateway.telemetry.spans import INTERNAL
-
-    out: list[LiteSpan] = []
-    rec = LiteRecorder(sampler("parentbased_always_on", 1.0), out.append)
-    shape = Shape("port", "reasons", "scores", "n", "ratio", "ok", "big", cached=False)
-    values = (8000, ("stop", "length"), (0.5, 1.25), 127, 0.75, True, 2**40)
-    with rec.start("POST /v1/chat/completions", SERVER, None, None) as server:
-        for name in ("gravity.auth", "gravity.route"):
-            with rec.start(name, INTERNAL, None, server) as child:
-                child.record(shape, values)
-        attempt = rec.start("chat m", CLIENT, None, server)
-        assert len(attempt.span_id) == 8  # propagated in its traceparent: an id from the start
-        attempt.record(shape, values)
-        attempt.end()
-        assert out == []  # the children wait for their parent
-    late = rec.start("gravity.state save_response", CLIENT, None, server)
-    late.end()  # outlived its parent: encoded alone
-    assert len(out) == 2
-    req = _decode(encode_request(out, resource_prefix({}, "gravity")))
-    got = req.resource_spans[0].scope_spans[0].spans
-    assert [s.name for s in got] == ["POST /v1/chat/completions", "gravity.auth", "gravity.route", "chat m",
-                                     "gravity.state save_response"]
-    root = got[0]
-    assert all(s.parent_span_id == root.span_id and s.trace_id == root.trace_id for s in got[1:])
-    assert len({s.span_id for s in got}) == 5 and all(len(s.span_id) == 8 for s in got)
-    assert got[3].span_id == attempt.span_id
-    want = {"port": 8000, "reasons": ["stop", "length"], "scores": [0.5, 1.25], "n": 127, "ratio": 0.75,
-            "ok": True, "big": 2**40}
-    for s in got[1:4]:
-        assert {kv.key: _value(kv.value) for kv in s.attributes} == want
