@@ -38,6 +38,7 @@ from gateway.transport import (
     UpstreamRequest,
 )
 from gateway.upstream import BackendTarget
+from gateway.watchdog import StallWatch
 from policies.attempts import Attempt, AttemptPlan, AttemptPolicy, Failure, Stop, StopReason
 from policies.circuit import CircuitBoard
 from policies.resilience import ResilienceConfig
@@ -294,24 +295,29 @@ class _Run(Relay):
         state = self.state
         resumed = attempt.resume
         splitter = EventSplitter()
-        stall = plan.policy.stall_timeout_s
+        clock = d._clock
+        watch = StallWatch(plan.policy.stall_timeout_s, plan.deadline, clock)
         chunk: bytes | None = first
         try:
-            while chunk:
-                events = splitter.feed(chunk)
-                if events:
-                    if self.span.recording:
-                        self.span.events(events)
-                    out = self._filter(events, state, resumed)
+            try:
+                while chunk:
+                    out = self._pass(splitter, chunk, state, resumed)
                     if out:
                         await self.send({"type": "http.response.body", "body": out, "more_body": True})
                     if self.error_event:
                         raise StreamBroken("the backend ended the stream with an error event")
-                try:
-                    async with asyncio.timeout(min(stall, max(0.0, plan.deadline - d._clock()))):
-                        chunk = await anext(chunks, b"")
-                except TimeoutError:
+                    now = clock()
+                    if now >= plan.deadline:
+                        raise _Stalled()
+                    watch.since = now
+                    chunk = await anext(chunks, b"")
+                    watch.since = None
+            except asyncio.CancelledError:
+                if watch.stalled():
                     raise _Stalled() from None
+                raise
+            finally:
+                watch.close()
         except (_Stalled, StreamBroken) as exc:
             failure = Failure.STALLED if isinstance(exc, _Stalled) else Failure.BROKEN
             if state is not None:

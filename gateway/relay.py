@@ -15,7 +15,7 @@ from gateway.errors import error_response, is_expected, to_gateway_error
 from gateway.exchange import Exchange
 from gateway.logs import OutcomeLog
 from gateway.resume import ResumeState
-from gateway.sse import usage_of
+from gateway.sse import EventSplitter, only_null_usage, usage_of
 from gateway.telemetry.tracing import NO_ATTEMPT, AttemptSpan
 from gateway.transport import UpstreamResponse
 from gateway.upstream import forwardable_response_headers
@@ -82,6 +82,22 @@ class Relay:
         ex.outcome = "ok"
         await self._last(body)
         self._attempt_done()
+
+    def _pass(self, splitter: EventSplitter, chunk: bytes, state: ResumeState | None, resumed: bool) -> bytes:
+        """What the client gets of one upstream chunk. A chunk of whole events that carries no usage
+        and no error event, on a first attempt with no span recording, goes on as it came: no split,
+        no parse (the usage chunk, error events, partial events and continuations take `_filter`)."""
+        if not resumed and chunk.endswith(b"\n\n") and not splitter.pending and b'{"error"' not in chunk \
+                and only_null_usage(chunk) and not self.span.recording:
+            if state is not None:
+                state.events.append(chunk)
+            return chunk
+        events = splitter.feed(chunk)
+        if not events:
+            return b""
+        if self.span.recording:
+            self.span.events(events)
+        return self._filter(events, state, resumed)
 
     def _filter(self, events: list[bytes], state: ResumeState | None, resumed: bool) -> bytes:
         ex = self.ex

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import event_json
+from gateway.sse import event_json, split_events
 
 __all__ = ["ResumeState", "resumable"]
 
@@ -39,7 +39,7 @@ class ResumeState:
     body: dict[str, Any]
     """The client's request as first sent upstream (usage asked for)."""
     events: list[bytes] = field(default_factory=list)
-    """Raw events of the current attempt, kept until it ends."""
+    """Raw events of the current attempt, kept until it ends (a piece may hold several whole events)."""
     identity: dict[str, Any] | None = None
     """`id`, `created`, `model`, `system_fingerprint` of the first chunk the client saw."""
     text: str = ""
@@ -58,7 +58,7 @@ class ResumeState:
         """Fold the current attempt's events into what the client has received."""
         counted = 0
         usage_tokens: int | None = None
-        for raw in self.events:
+        for raw in (event for blob in self.events for event in split_events(blob)):
             payload = event_json(raw)
             if not isinstance(payload, dict):
                 continue

@@ -37,10 +37,29 @@ class EventSplitter:
         self._buf = buf[start:]
         return events
 
+    @property
+    def pending(self) -> bool:
+        """Part of an event is buffered (the next chunk completes it)."""
+        return bool(self._buf)
+
     def rest(self) -> bytes:
         """Whatever followed the last separator (a backend that ended without one)."""
         rest, self._buf = self._buf, b""
         return rest
+
+
+def split_events(raw: bytes) -> list[bytes]:
+    """The events in `raw`, which holds whole events (a chunk the relay passed on unsplit)."""
+    splitter = EventSplitter()
+    events = splitter.feed(raw)
+    rest = splitter.rest()
+    return [*events, rest] if rest else events
+
+
+def only_null_usage(chunk: bytes) -> bool:
+    """Every `"usage"` in `chunk` is `"usage":null` (backends that send the key on every chunk)."""
+    n = chunk.count(b'"usage"')
+    return n == 0 or n == chunk.count(b'"usage":null')
 
 
 def event_json(event: bytes) -> Any | None:
@@ -58,7 +77,7 @@ def event_json(event: bytes) -> Any | None:
 
 def usage_of(event: bytes) -> tuple[dict[str, Any] | None, bool]:
     """(usage, usage_only) for one event: usage_only marks the extra chunk include_usage adds."""
-    if b'"usage"' not in event:
+    if only_null_usage(event):
         return None, False
     payload = event_json(event)
     if not isinstance(payload, dict):

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream", type=int, default=0, metavar="CHUNKS",
                     help="streamed requests instead: the SSE upstream answers CHUNKS chunks 1 ms apart; also "
                          "prints instructions per relayed chunk")
+    ap.add_argument("--interval-ms", type=float, default=1.0,
+                    help="with --stream: the gap between chunks; one long enough that the slowed gateway reads "
+                         "each chunk on its own (10) makes the per-chunk count independent of timing")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             port_a, port_b = free_port(), free_port()
             s.start("direct-sse", [sys.executable, str(Path(__file__).with_name("sse_upstream.py")), "--port",
                                    str(port_a), "--port", str(port_b), "--chunks", str(args.stream),
-                                   "--interval-ms", "1"], port_a)
+                                   "--interval-ms", str(args.interval_ms)], port_a)
             body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Stream, please."}],
                                "max_tokens": args.stream, "stream": True}).encode()
         workers = [f"http://127.0.0.1:{p}" for p in (port_a, port_b)]

@@ -24,3 +24,11 @@ def test_usage_only_chunk_is_recognised() -> None:
     assert usage is None and not only
     assert usage_of(b"data: [DONE]\n\n") == (None, False)
     assert usage_of(b'data: {"choices":[{"delta":{"content":"usage"}}]}\n\n') == (None, False)
+
+
+def test_only_null_usage_and_whole_event_pieces_split_back() -> None:
+    from gateway.sse import only_null_usage, split_events
+    assert only_null_usage(b'data: {"choices":[],"usage":null}\n\ndata: {"usage":null}\n\n')
+    assert not only_null_usage(b'data: {"usage":null}\n\ndata: {"usage":{"prompt_tokens":1}}\n\n')
+    assert split_events(b"data: 1\n\ndata: 2\n\n") == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert split_events(b"data: 1\n\ndata: 2") == [b"data: 1\n\n", b"data: 2"]
