@@ -112,6 +112,7 @@ class Core:
             self.redis = None
         with contextlib.suppress(Exception):
             await self.tracing.stop()  # the last spans (bounded by OTEL_BSP_EXPORT_TIMEOUT)
+        self.access.flush()  # the access lines of the last loop turn
 
     def configured_models(self) -> set[str]:
         return {m for b in self.cfg.backends for m in (b.models or ())}

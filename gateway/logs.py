@@ -6,6 +6,8 @@ timings, never headers, keys, prompts or completions (docs/metrics.md, "Logs").
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import re
 import sys
@@ -79,7 +81,7 @@ def client_trace_id(ex: Exchange) -> str | None:
 def trace_id_of(ex: Exchange) -> str | None:
     """The request's trace id for its log line: the current span's when tracing records one, else the
     client's `traceparent` (so a line still joins the client's trace with tracing off)."""
-    return _current_trace_id() or client_trace_id(ex)
+    return current_trace_id() or _traceparent_id(ex.forward_headers.get("traceparent"))
 
 
 def _cut(value: str | None) -> str | None:
@@ -101,32 +103,41 @@ class AccessLog:
         self.enabled = enabled
         self._log = logger or logging.getLogger(ACCESS_LOGGER)
         self._trace_id = trace_id
+        self._pending: list[tuple[float, str, dict[str, object]]] = []
 
     def exchange(self, ex: Exchange) -> None:
         """The line of a request the pipeline admitted or refused (an Exchange exists)."""
         if not self.enabled:
             return
-        usage = ex.usage or {}
-        details = usage.get("prompt_tokens_details")
+        usage = ex.usage
+        tokens_in = tokens_out = tokens_cached = None
+        if usage:
+            tokens_in = _int(usage.get("prompt_tokens"))
+            tokens_out = _int(usage.get("completion_tokens"))
+            details = usage.get("prompt_tokens_details")
+            tokens_cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        started = ex.started
         end = ex.finished_at or time.perf_counter()
+        first = ex.first_chunk_at
+        model, fallback = ex.model, ex.fallback_from
         fields: dict[str, object] = {
             "request_id": ex.request_id,
             "client_request_id": ex.client_request_id,
             "trace_id": self._trace_id(ex),
             "tenant": ex.tenant,
             "route": ex.route,
-            "model": _cut(ex.model),
-            "fallback_from": _cut(ex.fallback_from),
+            "model": model if len(model) <= _MAX_FIELD else _cut(model),
+            "fallback_from": fallback if fallback is None else _cut(fallback),
             "stream": ex.stream,
             "endpoint": ex.backend,
             "attempts": ex.attempts,
             "status": ex.status,
             "outcome": ex.outcome,
-            "tokens_in": _int(usage.get("prompt_tokens")),
-            "tokens_out": _int(usage.get("completion_tokens")),
-            "tokens_cached": _int(details.get("cached_tokens")) if isinstance(details, dict) else None,
-            "ttft_ms": _ms(ex.first_chunk_at - ex.started) if ex.first_chunk_at is not None else None,
-            "duration_ms": _ms(end - ex.started),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "tokens_cached": tokens_cached,
+            "ttft_ms": round((first - started) * 1000, 3) if first is not None else None,
+            "duration_ms": round((end - started) * 1000, 3),
         }
         self._emit(f"{ex.route} {ex.status} {ex.outcome}", fields)
 
@@ -147,19 +158,37 @@ class AccessLog:
         self._emit(f"{method} {_cut(path)} {status}", fields)
 
     def _emit(self, message: str, fields: dict[str, object]) -> None:
+        pending = self._pending
+        pending.append((time.time(), message, fields))
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (a tool, a test): write it now
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the lines queued since the last flush. On the event loop they are written once per
+        turn of the loop (one call for all of them), after the responses of that turn went out; the
+        composition root flushes what is left at shutdown."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         log = self._log
         if not log.isEnabledFor(logging.INFO):
             return
         handler = _only_handler(log)
         if handler is None:
-            log.info(message, extra={"fields": fields})
+            for _, message, fields in pending:
+                log.info(message, extra={"fields": fields})
             return
-        # The process's logging is configure_logging's one handler: the same line, written straight to
+        # The process's logging is configure_logging's one handler: the same lines, written straight to
         # it (Logger.info's caller lookup and LogRecord cost ~3x the line itself, once per request).
-        line = handler.formatter.line(time.time(), "INFO", log.name, message, fields) + "\n"  # type: ignore[union-attr]
+        line = handler.formatter.line  # type: ignore[union-attr]
+        name = log.name
+        text = "".join([line(created, "INFO", name, message, fields) + "\n" for created, message, fields in pending])
         handler.acquire()
         try:
-            handler.stream.write(line)
+            handler.stream.write(text)
             handler.flush()
         finally:
             handler.release()
@@ -212,9 +241,7 @@ class JsonFormatter(_LineFormatter):
     @staticmethod
     def line(created: float, level: str, name: str, msg: str, fields: dict[str, object] | None,
              exc: str | None = None) -> str:
-        out: dict[str, object] = {"ts": _iso(created), "level": level, "logger": name, "msg": msg}
-        if fields:
-            out.update(fields)
+        out: dict[str, object] = {"ts": _iso(created), "level": level, "logger": name, "msg": msg, **(fields or {})}
         if exc:
             out["exc"] = exc
         return orjson.dumps(out, default=str).decode()
@@ -239,8 +266,14 @@ def _text(v: object) -> str:
     return orjson.dumps(s).decode() if (not s or any(c in s for c in ' "=\n\r\t')) else s
 
 
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    """One whole second's text: the lines written within a second share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _iso(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"{_second(int(created))}.{int(created % 1 * 1000):03d}Z"
 
 
 def configure_logging(level: str, fmt: str, access_log: bool) -> None:

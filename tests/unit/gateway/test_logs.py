@@ -103,3 +103,29 @@ def test_the_direct_write_and_the_logging_path_give_the_same_line(fmt: str) -> N
     direct = run(GravityHandler(), "t.direct")
     through_logging = run(logging.StreamHandler(), "t.direct")
     assert direct == through_logging and direct.count("\n") == 2
+
+
+async def test_on_the_event_loop_lines_are_written_once_per_loop_turn_in_order() -> None:
+    import asyncio
+    import io
+    import json
+
+    from gateway.logs import AccessLog, GravityHandler, JsonFormatter
+
+    stream = io.StringIO()
+    handler = GravityHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("t.batched")
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    access = AccessLog(logger=logger)
+    for i in range(3):
+        access.exchange(_exchange(status=200 + i, outcome="ok"))  # type: ignore[arg-type]
+    access.refused("r9", None, "GET", "/v1/nope", 404, 0.0)
+    assert stream.getvalue() == ""  # the request path only queued them
+    await asyncio.sleep(0)
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [x["status"] for x in lines] == [200, 201, 202, 404]
+    access.exchange(_exchange(status=500, outcome="error"))  # type: ignore[arg-type]
+    access.flush()  # what shutdown does
+    assert stream.getvalue().count("\n") == 5
