@@ -93,6 +93,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[Any, ...] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._due: float | None = None
+        """When the current deadline passes (loop time); None: no deadline now."""
+        self._respond = True
         self._outstanding = 0
         """Request heads received whose responses the app has not finished."""
         self._head_bytes = 0
@@ -130,7 +134,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._cancel()
+        self._stop_timer()
         self._guard._forget(self._peer, self)
         self._inner.connection_lost(exc)
 
@@ -169,17 +173,43 @@ class GuardedProtocol(asyncio.Protocol):
             if self._head_bytes > self._guard.limits.max_head_bytes:
                 self._close(_TOO_LARGE)
 
+    # A deadline is a time kept here, not a timer per request: the one timer of a connection wakes
+    # at most every min(header, idle) timeout, and only a deadline it finds passed closes anything.
     def _arm(self, delay: float, respond: bool = True) -> None:
-        self._cancel()
-        self._timer = self._loop.call_later(delay, self._expired, respond)
+        now = self._loop.time()
+        due = now + delay
+        self._due, self._respond = due, respond
+        if self._timer is None or self._timer_at > due:
+            self._stop_timer()
+            self._schedule(now, due)
 
     def _cancel(self) -> None:
+        self._due = None  # the timer, if one is set, finds nothing due
+
+    def _schedule(self, now: float, due: float) -> None:
+        limits = self._guard.limits
+        at = min(due, now + min(limits.header_timeout_s, limits.idle_timeout_s))
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._check)
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _expired(self, respond: bool) -> None:
+    def _check(self) -> None:
         self._timer = None
+        due = self._due
+        if due is None or self._closed:
+            return
+        now = self._loop.time()
+        if now < due:
+            self._schedule(now, due)
+            return
+        self._due = None
+        self._expired(self._respond)
+
+    def _expired(self, respond: bool) -> None:
         if self._closed or self._outstanding:
             return
         self._guard.timed_out += 1
@@ -187,7 +217,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _close(self, answer: bytes | None) -> None:
         self._closed = True
-        self._cancel()
+        self._stop_timer()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
