@@ -38,7 +38,7 @@ from gateway.transport import (
     UpstreamRequest,
 )
 from gateway.upstream import BackendTarget
-from gateway.watchdog import StallWatch
+from gateway.watchdog import Deadline, StallWatch
 from policies.attempts import Attempt, AttemptPlan, AttemptPolicy, Failure, Stop, StopReason
 from policies.circuit import CircuitBoard
 from policies.resilience import ResilienceConfig
@@ -184,9 +184,9 @@ class _Run(Relay):
         if target.auth_header:
             headers["authorization"] = target.auth_header
         self.span = d._tracing.attempt(ex, attempt.number, kind, target, headers)
-        now = d._clock()
+        deadline = Deadline(plan.first_byte_timeout(d._clock()))
         try:
-            async with asyncio.timeout(plan.first_byte_timeout(now)):
+            try:
                 self.resp = await d._transport.send(UpstreamRequest(f"{target.api_base}/{ex.route}", headers, body))
                 if self.resp.status >= 400:
                     return await self._upstream_error(plan, attempt)
@@ -198,6 +198,12 @@ class _Run(Relay):
                         raise StreamBroken("the backend answered the stream with an error event")
                 else:
                     whole = await self.resp.read()
+            except asyncio.CancelledError:
+                if deadline.expired():
+                    raise TimeoutError from None
+                raise
+            finally:
+                deadline.close()
         except ConnectFailed as exc:
             return self._failed(plan, Failure.CONNECT, f"connect failed: {exc}", refused=exc.refused,
                                 streamed=attempt.resume)

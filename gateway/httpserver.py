@@ -23,10 +23,13 @@ import httptools
 
 log = logging.getLogger("gravity.server")
 
-__all__ = ["WATCH_DISCONNECT", "HttpProtocol", "ServerState"]
+__all__ = ["WATCH_DISCONNECT", "WHOLE_BODY", "HttpProtocol", "ServerState"]
 
 WATCH_DISCONNECT = "gravity.watch_disconnect"
 """ASGI scope extension: `watch(callback)` calls back when the client leaves mid-response."""
+WHOLE_BODY = "gravity.whole_body"
+"""ASGI scope extension: `whole_body()` is the request's body when all of it has arrived and none was
+received yet (then it counts as received), else None: the caller reads it with receive() as usual."""
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
@@ -115,7 +118,19 @@ class _Cycle:
         self._head: bytes | None = None
         self._head_only = scope["method"] == "HEAD"
         self.on_gone: Callable[[], None] | None = None
-        scope["extensions"] = {WATCH_DISCONNECT: self.watch}
+        scope["extensions"] = {WATCH_DISCONNECT: self.watch, WHOLE_BODY: self.whole_body}
+
+    def whole_body(self) -> bytes | None:
+        if not self.complete or self.delivered or self.proto.lost:
+            return None
+        body = self.body
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.body_size = 0
+        self.delivered = True
+        self.expect_continue = False
+        self.proto.resume()
+        return data
 
     def watch(self, on_gone: Callable[[], None] | None) -> None:
         """Call `on_gone` if the client leaves before the response ends (None: stop watching). Saves the

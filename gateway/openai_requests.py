@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import BodyTooLarge, InvalidRequest, RequestTimeout
+from gateway.httpserver import WHOLE_BODY
 
 ROUTES = ("chat/completions", "completions", "embeddings")
 
@@ -185,6 +186,14 @@ def parse_body(route: str, raw: bytes) -> ParsedBody:
 async def read_body(scope: MutableMapping[str, Any], receive: Any, limit: int, timeout_s: float | None = None
                     ) -> bytes:
     """The whole request body, refused with 413 past `limit` bytes or 408 past `timeout_s` seconds."""
+    extensions = scope.get("extensions")
+    whole = extensions.get(WHOLE_BODY) if extensions else None
+    if whole is not None:
+        body = whole()
+        if body is not None:  # it had all arrived: nothing to wait for, no deadline to set
+            if len(body) > limit:
+                raise BodyTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes.")
+            return body
     for k, v in scope["headers"]:
         if k == b"content-length" and v.isdigit() and int(v) > limit:
             raise BodyTooLarge(f"Request body of {v.decode()} bytes exceeds the limit of {limit} bytes.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-__all__ = ["StallWatch"]
+__all__ = ["Deadline", "StallWatch"]
 
 
 class StallWatch:
@@ -56,6 +56,35 @@ class StallWatch:
     def stalled(self) -> bool:
         """In an `except CancelledError`: True when this watch cancelled the task (its cancel is then
         taken back, as asyncio.timeout does); False for any other cancellation."""
+        return self.fired and self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class Deadline:
+    """`asyncio.timeout(delay)` for the calling task in one timer and no coroutine of its own: the
+    task is cancelled when `delay` passes; `expired()` tells that cancellation from any other."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "fired")
+
+    def __init__(self, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """In an `except CancelledError`: True when the deadline cancelled the task (taken back)."""
         return self.fired and self._task.uncancel() <= self._cancelling
 
     def close(self) -> None:

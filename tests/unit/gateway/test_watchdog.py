@@ -65,3 +65,18 @@ async def test_another_cancellation_is_not_a_stall() -> None:
     await asyncio.sleep(0.01)
     task.cancel()  # the client left
     assert await task is False
+
+
+async def test_a_deadline_cancels_once_it_passes_and_says_so() -> None:
+    from gateway.watchdog import Deadline
+
+    deadline = Deadline(0.03)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(1)
+    assert deadline.expired()
+    deadline.close()
+    quick = Deadline(1)
+    await asyncio.sleep(0.01)
+    quick.close()
+    await asyncio.sleep(0)
+    assert not quick.fired
