@@ -115,7 +115,7 @@ def _totals(out: Path) -> int:
 def count(s: Stack, name: str, argv: list[str], env: dict[str, str], port: int, n: int, warmup: int,
           cwd: Path = REPO, body: bytes = REQUEST) -> dict[str, float]:
     out = s.tmp / f"callgrind.{name}.out"
-    start_proc(s, name, _callgrind(argv, out), port, env, cwd=cwd)
+    start_proc(s, name, _callgrind(argv, out), port, env, cwd=cwd, timeout=600)  # slow start under valgrind
     wait_answers(port, body, timeout=600)
     pid = _serving_pid(s.pids[name])
     out = out.with_name(f"{out.name}.{pid}")

@@ -59,7 +59,8 @@ def wait_answers(port: int, body: bytes, timeout: float = 120.0) -> None:
     raise SystemExit(f"port {port} never answered a chat completion (last: {last})")
 
 
-def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, str], cwd: Path = REPO) -> None:
+def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, str], cwd: Path = REPO,
+               timeout: float = 600) -> None:
     """Stack.start with an environment of the caller's (the peers need their own variables)."""
     import subprocess
 
@@ -68,7 +69,7 @@ def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, s
     s.procs.append(proc)
     s.pids[name] = proc.pid
     try:
-        wait_port(port, proc, timeout=600)  # a gateway under callgrind on a busy machine is slow to start
+        wait_port(port, proc, timeout=timeout)
     except SystemExit:
         print((s.tmp / f"{name}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
