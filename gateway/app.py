@@ -32,7 +32,7 @@ from gateway.errors import (
     is_expected,
 )
 from gateway.kv_routes import kv_routes
-from gateway.proxy import ProxyRoutes
+from gateway.proxy import ECHO_ID, ProxyResponse, ProxyRoutes
 from gateway.state.responses import StateDeps
 from gateway.state.routes import state_routes
 
@@ -113,7 +113,16 @@ class GatewayApp:
                         await self.inner(scope, receive, send_with_id)
                         return
                     response = await self.proxy.handle(route, scope, receive)
-                    await response(scope, receive, send_with_id)
+                    if isinstance(response, ProxyResponse):
+                        # The relay adds x-request-id itself: its chunks go to the server directly.
+                        state[ECHO_ID] = rid
+                        try:
+                            await response(scope, receive, send)
+                        finally:
+                            if response.ex.status:
+                                state["response_status"] = response.ex.status  # for the SERVER span
+                    else:
+                        await response(scope, receive, send_with_id)
                 finally:
                     if "exchange" not in state:
                         # Answered before the pipeline had an exchange (a bad body, an unknown route, state

@@ -97,9 +97,9 @@ class Dispatcher:
         return policy
 
     # -- one request ----------------------------------------------------------------------------
-    async def run(self, ex: Exchange, send: Send) -> None:
+    async def run(self, ex: Exchange, send: Send, echo_id: bytes | None = None) -> None:
         """Answer `ex` on `send`; sets ex.status/outcome/usage/backend. Never raises but CancelledError."""
-        run = _Run(self, ex, send)
+        run = _Run(self, ex, send, echo_id)
         try:
             await run.go()
         finally:
@@ -109,8 +109,8 @@ class Dispatcher:
 class _Run(Relay):
     """The state of one request's dispatch (kept off the Dispatcher, which is shared)."""
 
-    def __init__(self, d: Dispatcher, ex: Exchange, send: Send) -> None:
-        super().__init__(ex, send, debug=d._debug, outcomes=d._outcomes, settle=d._settle)
+    def __init__(self, d: Dispatcher, ex: Exchange, send: Send, echo_id: bytes | None = None) -> None:
+        super().__init__(ex, send, debug=d._debug, outcomes=d._outcomes, settle=d._settle, echo_id=echo_id)
         self.d = d
         self.ticket: InflightTicket | None = None
         self.last_error: GatewayError | None = None

@@ -26,7 +26,11 @@ from gateway.upstream import TrustedProxies, scope_headers
 
 log = logging.getLogger("gravity.proxy")
 
-__all__ = ["ProxyResponse", "ProxyRoutes", "Receive", "Send"]
+__all__ = ["ECHO_ID", "ProxyResponse", "ProxyRoutes", "Receive", "Send"]
+
+ECHO_ID = "echo_request_id"
+"""scope["state"] key: the x-request-id the edge wants on the answer when it hands the ProxyResponse
+the server's own `send` (the relay adds the header; no wrapper per chunk)."""
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -69,7 +73,7 @@ class ProxyResponse:
         else:
             watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await self.dispatcher.run(ex, send)
+            await self.dispatcher.run(ex, send, scope["state"].get(ECHO_ID))
         except asyncio.CancelledError:
             if not left:
                 raise

@@ -36,8 +36,11 @@ class Relay:
     """One request's answer as the client sees it."""
 
     def __init__(self, ex: Exchange, send: Send, *, debug: bool, outcomes: OutcomeLog,
-                 settle: Callable[[Exchange], Awaitable[None]] | None) -> None:
+                 settle: Callable[[Exchange], Awaitable[None]] | None, echo_id: bytes | None = None) -> None:
         self.ex, self.send = ex, send
+        self._echo_id = echo_id
+        """The x-request-id this answer carries, when the edge leaves adding it to the relay (so no
+        wrapper sits between the relay and the server for every chunk)."""
         self._debug = debug
         self._outcomes = outcomes
         self._settle = settle
@@ -58,7 +61,10 @@ class Relay:
             headers["x-gravity-backend"] = ex.backend
             if ex.decision is not None:
                 headers["x-gravity-route"] = ex.decision.header()
-        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        if self._echo_id is not None:
+            out.append((b"x-request-id", self._echo_id))
+        return out
 
     async def _start(self, status: int, extra: dict[str, str]) -> None:
         self.started = True
@@ -87,8 +93,8 @@ class Relay:
         """What the client gets of one upstream chunk. A chunk of whole events that carries no usage
         and no error event, on a first attempt with no span recording, goes on as it came: no split,
         no parse (the usage chunk, error events, partial events and continuations take `_filter`)."""
-        if not resumed and chunk.endswith(b"\n\n") and not splitter.pending and b'{"error"' not in chunk \
-                and only_null_usage(chunk) and not self.span.recording:
+        if not resumed and chunk.endswith(b"\n\n") and not splitter.buf and b'{"error"' not in chunk \
+                and (b'"usage"' not in chunk or only_null_usage(chunk)) and not self.span.recording:
             if state is not None:
                 state.events.append(chunk)
             return chunk
@@ -166,6 +172,8 @@ class Relay:
             headers.pop("x-gravity-attempts", None)
         elif ex.backend:
             headers["x-gravity-backend"] = ex.backend
+        if self._echo_id is not None:
+            headers["x-request-id"] = self._echo_id.decode("latin-1")
         response = error_response(gerr, headers)
         if self._settle is not None:
             await self._settle(ex)

@@ -14,13 +14,14 @@ _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 class EventSplitter:
     """Feed raw chunks; get back the complete events in them (each with its trailing blank line)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("buf",)
 
     def __init__(self) -> None:
-        self._buf = b""
+        self.buf = b""
+        """Part of an event, buffered until the next chunk completes it (read-only outside)."""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
+        buf = self.buf + chunk if self.buf else chunk
         events: list[bytes] = []
         start = 0
         while True:
@@ -34,17 +35,12 @@ class EventSplitter:
                 end = cut + 2
             events.append(buf[start:end])
             start = end
-        self._buf = buf[start:]
+        self.buf = buf[start:]
         return events
-
-    @property
-    def pending(self) -> bool:
-        """Part of an event is buffered (the next chunk completes it)."""
-        return bool(self._buf)
 
     def rest(self) -> bytes:
         """Whatever followed the last separator (a backend that ended without one)."""
-        rest, self._buf = self._buf, b""
+        rest, self.buf = self.buf, b""
         return rest
 
 
