@@ -79,7 +79,7 @@ def start_system(s: Stack, name: str, workers: list[str], model: str, tag: str,
                  commands: dict[str, list[str]], launched: dict[str, Launch] | None = None) -> int:
     port = free_port()
     spec = launch(SYSTEMS[name], s.tmp, port, workers, model)
-    start_proc(s, f"{name}{tag}", spec.argv, port, spec.env)
+    start_proc(s, f"{name}{tag}", spec.argv, port, spec.env, cwd=spec.cwd or REPO)
     commands[f"{name}{tag}"] = spec.argv
     if launched is not None:
         launched[f"{name}{tag}"] = spec

@@ -78,6 +78,8 @@ class Launch:
     """Config files the system reads: name -> content, written into the run's temp dir."""
     metrics_port: int | None = None
     """Where the peer serves its own Prometheus metrics (its routing decisions), if it does."""
+    cwd: Path | None = None
+    """Where it starts (Gravity's baseline: another checkout); None: this checkout."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,17 @@ def _gravity(tmp: Path, port: int, workers: list[str], model: str) -> Launch:
            f"backends:\n{backends}")
     path = tmp / f"gravity-{port}.yaml"
     return Launch([sys.executable, "-m", "gateway", "serve", "--config", str(path)], files={str(path): cfg})
+
+
+def _gravity_base(tmp: Path, port: int, workers: list[str], model: str) -> Launch:
+    """Gravity from the checkout in $GRAVITY_BASE (e.g. `git worktree add /tmp/base main`), same config: a
+    before/after of this checkout in the same run."""
+    source = os.environ.get("GRAVITY_BASE")
+    if not source:
+        raise SystemExit("gravity-base needs GRAVITY_BASE=<checkout dir>")
+    spec = _gravity(tmp, port, workers, model)
+    spec.cwd = Path(source).resolve()
+    return spec
 
 
 def _vllm_router(policy: str) -> Callable[[Path, int, list[str], str], Launch]:
@@ -142,6 +155,7 @@ def _litellm(tmp: Path, port: int, workers: list[str], model: str) -> Launch:
 
 SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("gravity", "Gravity (default profile)", None, _gravity),
+    System("gravity-base", "Gravity at $GRAVITY_BASE (same config)", None, _gravity_base),
     System("vllm-router-ca", "vllm-router cache_aware", "vllm-router", _vllm_router("cache_aware")),
     System("vllm-router-rr", "vllm-router round_robin", "vllm-router", _vllm_router("round_robin")),
     System("smg-ca", "SMG cache_aware", "smg", _smg("cache_aware")),

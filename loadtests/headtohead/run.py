@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("overhead", "routing", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="1 round x 2 s, short traces: a smoke run")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    ap.add_argument("--systems", default=",".join(n for n in SYSTEMS if n != "gravity-base"),
+                    help=f"comma list of {', '.join(SYSTEMS)} (gravity-base: GRAVITY_BASE=<checkout>)")
     g = ap.add_argument_group("overhead")
     g.add_argument("--rounds", type=int, default=3)
     g.add_argument("--seconds", type=float, default=5.0)
