@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from routing.latency import DRAIN_RATE_FRACTION, TTFTModel
+from routing.latency import DRAIN_RATE_FRACTION, PRIOR, TTFTCoefficients, TTFTModel
 from routing.types import EndpointMetrics, EndpointSpec, EndpointView, Snapshot, pending_prefill
 
 __all__ = ["Datastore", "InflightListener", "InflightTicket", "RestartListener"]
@@ -71,6 +71,7 @@ class _State:
     generation: int = 0
     restarts: int = 0
     ttft_model: TTFTModel = dataclasses.field(default_factory=TTFTModel)
+    ttft: TTFTCoefficients = PRIOR  # ttft_model's coefficients as of its last update (views copy them)
     view: EndpointView | None = None  # cached immutable copy; None after any write to this state
 
 
@@ -220,6 +221,7 @@ class Datastore:
             now = self._clock()
             if ticket.generation == state.generation:
                 state.ttft_model.update(ticket.tokens_ahead, ticket.inflight_ahead, now - ticket.started_at)
+                state.ttft = state.ttft_model.coefficients
             # Re-anchor the backlog estimate on every completion, so an error in the rate cannot
             # accumulate over a long busy period; what is still pending is assumed not yet started.
             state.prefill_anchor_at = now
@@ -319,7 +321,7 @@ class Datastore:
             prefill_anchor_at=s.prefill_anchor_at,
             prefill_anchor_tokens=s.prefill_anchor_tokens,
             prefill_tokens_per_s=s.prefill_tokens_per_s,
-            ttft=s.ttft_model.coefficients,
+            ttft=s.ttft,
             generation=s.generation,
         )
 
