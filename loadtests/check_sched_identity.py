@@ -72,13 +72,13 @@ def _direct_cases(policy: str, quick: bool) -> dict[str, Any]:
         for size in (1024, 4096, 32768):
             rng = random.Random(size * 10 + endpoints)
             now = [0.0]
-            ds = Datastore(lambda: now[0], stale_after_s=2.0)
+            ds = Datastore(lambda now=now: now[0], stale_after_s=2.0)
             names = [f"ep-{i}" for i in range(endpoints)]
             for name in names:
                 ds.upsert(EndpointSpec(name, f"http://{name}", frozenset({"m"})))
             ds.set_models(names[0], {"m"}, {"ad-1", "ad-2"})
             scheduler = build_scheduler(policy_config(policy, default_registry()), ds, rng=random.Random(7),
-                                        clock=lambda: now[0])
+                                        clock=lambda now=now: now[0])
 
             def text(n: int, rng: random.Random = rng) -> bytes:
                 return b" ".join(rng.choice(words) for _ in range(n // 3 + 1))[:n]
@@ -174,7 +174,7 @@ def main() -> int:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.against, *SOURCES],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(ref)], input=archive, check=True)
-        print(f"reference: {args.against} ({subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--short', args.against], capture_output=True, text=True, check=True).stdout.strip()}); "  # noqa: E501
+        print(f"reference: {args.against} ({subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--short', args.against], capture_output=True, text=True, check=True).stdout.strip()}); "
               f"this tree: {REPO}", flush=True)
         want = _run(ref, args.policy, args.quick)
     got = _run(REPO, args.policy, args.quick)
