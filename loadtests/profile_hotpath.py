@@ -26,11 +26,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "headtohead"))
-from harness import COMPLETION, METRICS, MODEL, MODELS, REQUEST, stack
+from harness import MODEL, REQUEST, stack
 from instructions import _merge
-from overhead import start_proc, wait_answers
+from overhead import start_nginx, start_proc, wait_answers
 from peers import SYSTEMS, free_port, launch
-from upstreams import nginx_conf
 
 # (layer, substring of "function (file)") in the order they are tried from the innermost frame out.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -97,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     with stack() as s:
-        port_a, port_b = free_port(), free_port()
-        conf = s.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(s.tmp, port_a, port_b, COMPLETION, MODELS, METRICS))
-        s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port_a)
+        port_a, port_b = start_nginx(s, nginx)
         port = free_port()
         spec = launch(SYSTEMS["gravity"], s.tmp, port, [f"http://127.0.0.1:{p}" for p in (port_a, port_b)], MODEL)
         if args.yaml:  # merged, not appended: a second `server:` block would replace the first whole

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -32,10 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (
-    COMPLETION,
-    METRICS,
     MODEL,
-    MODELS,
     REQUEST,
     WRK_LUA,
     Stack,
@@ -44,11 +40,11 @@ from harness import (
     run_rounds,
     stack,
 )
-from instructions import GRAVITY_UNDER_CALLGRIND, _callgrind, _control, _serving_pid, _totals
-from overhead import start_proc
-from upstreams import nginx_conf
+from instructions import GRAVITY_UNDER_CALLGRIND, _callgrind, _control, _serving_pid, _totals, send_requests
+from overhead import start_nginx, start_proc
 
 KEY = "sk-bench-auth-ab"
+AUTH = {"authorization": f"Bearer {KEY}"}
 POLICIES = f"""policies:
   auth:
     enabled: true
@@ -73,20 +69,6 @@ def _wait_answers(port: int, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.25)
-
-
-def _send(port: int, n: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
-    try:
-        for _ in range(n):
-            conn.request("POST", "/v1/chat/completions", body=REQUEST, headers=headers)
-            resp = conn.getresponse()
-            answer = resp.read()
-            if resp.status != 200:
-                raise SystemExit(f"port {port}: {resp.status} {answer[:200]!r}")
-    finally:
-        conn.close()
 
 
 def _redis(port: int, *command: str) -> str:
@@ -118,10 +100,7 @@ def instructions(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     out: dict[str, dict[str, float]] = {}
     with stack() as s:
-        a, b = free_port(), free_port()
-        conf = s.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(s.tmp, a, b, COMPLETION, MODELS, METRICS))
-        s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], a)
+        a, b = start_nginx(s, nginx)
         rport = free_port()
         s.start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no"], rport)
@@ -135,11 +114,11 @@ def instructions(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             _wait_answers(port, timeout=600)
             pid = _serving_pid(s.pids[name])
             dump = dump.with_name(f"{dump.name}.{pid}")
-            _send(port, args.warmup)
+            send_requests(port, args.warmup, headers=AUTH)
             _control("--zero", pid)
             _redis(rport, "CONFIG", "RESETSTAT")
             _control("--instr=on", pid)
-            _send(port, args.requests)
+            send_requests(port, args.requests, headers=AUTH)
             _control("--instr=off", pid)
             _control("--dump", pid)
             stats = _commandstats(rport)
@@ -182,10 +161,7 @@ def main() -> None:
         return
     wrk, nginx = shutil.which("wrk"), shutil.which("nginx") or "/usr/sbin/nginx"
     with stack() as s:
-        a, b = free_port(), free_port()
-        conf = s.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(s.tmp, a, b, COMPLETION, MODELS, METRICS))
-        s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], a)
+        a, b = start_nginx(s, nginx)
         ports: dict[str, int] = {}
         for name, extra in (("plain", ""), ("auth+rl", POLICIES)):
             port = free_port()

@@ -33,10 +33,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import COMPLETION, METRICS, MODEL, MODELS, REPO, REQUEST, Stack, _machine, free_port, stack
-from overhead import start_proc, wait_answers
+from harness import MODEL, REPO, REQUEST, Stack, _machine, free_port, stack
+from overhead import start_nginx, start_proc, wait_answers
 from peers import SYSTEMS, ensure_venv, launch
-from upstreams import nginx_conf
 
 RESULTS = REPO / "loadtests" / "results" / "instructions.json"
 # Under callgrind a request takes ~50x longer, so the gateway's 0.1 s scrape loop would be counted
@@ -92,12 +91,13 @@ def _control(flag: str, pid: int) -> None:
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-def _send(port: int, n: int, body: bytes = REQUEST) -> None:
+def send_requests(port: int, n: int, body: bytes = REQUEST, headers: dict[str, str] | None = None) -> None:
+    """`n` chat completions one after another on one keep-alive connection; any non-200 stops the run."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"content-type": "application/json", **(headers or {})}
     try:
         for _ in range(n):
-            conn.request("POST", "/v1/chat/completions", body=body,
-                         headers={"content-type": "application/json"})
+            conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
             resp = conn.getresponse()
             answer = resp.read()
             if resp.status != 200:
@@ -122,11 +122,11 @@ def count(s: Stack, name: str, argv: list[str], env: dict[str, str], port: int, 
     wait_answers(port, body, timeout=600)
     pid = _serving_pid(s.pids[name])
     out = out.with_name(f"{out.name}.{pid}")
-    _send(port, warmup, body)
+    send_requests(port, warmup, body)
     _control("--zero", pid)  # nothing was counted yet (instrumentation is off), but be sure
     _control("--instr=on", pid)
     t0 = time.monotonic()
-    _send(port, n, body)
+    send_requests(port, n, body)
     seconds = time.monotonic() - t0
     _control("--instr=off", pid)
     _control("--dump", pid)
@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, list[str]] = {}
     started = dt.datetime.now(dt.UTC)
     with stack() as s:
-        port_a, port_b = free_port(), free_port()
-        conf = s.tmp / "nginx.conf"
-        conf.write_text(nginx_conf(s.tmp, port_a, port_b, COMPLETION, MODELS, METRICS))
-        s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port_a)
+        port_a, port_b = start_nginx(s, nginx)
         body = REQUEST
         if args.stream:
             port_a, port_b = free_port(), free_port()

@@ -75,6 +75,16 @@ def start_proc(s: Stack, name: str, argv: list[str], port: int, env: dict[str, s
         raise
 
 
+def start_nginx(s: Stack, nginx: str) -> tuple[int, int]:
+    """nginx as the static upstream on two free ports (the completion, /v1/models and /metrics
+    answers every router's workers serve); returns the two ports."""
+    port_a, port_b = free_port(), free_port()
+    conf = s.tmp / "nginx.conf"
+    conf.write_text(nginx_conf(s.tmp, port_a, port_b, COMPLETION, MODELS, METRICS))
+    s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port_a)
+    return port_a, port_b
+
+
 def start_system(s: Stack, name: str, workers: list[str], model: str, tag: str,
                  commands: dict[str, list[str]], launched: dict[str, Launch] | None = None) -> int:
     port = free_port()
@@ -90,10 +100,7 @@ def run(s: Stack, systems: list[str], *, wrk: str | None, nginx: str, rounds: in
         connections: int, stream_connections: int, chunks: int, interval_ms: float, bare: bool = True,
         hold_streams: int = 1000, hold_chunks: int = 40, hold_interval_ms: float = 500.0,
         log: Any = print) -> dict[str, Any]:
-    port_a, port_b = free_port(), free_port()
-    conf = s.tmp / "nginx.conf"
-    conf.write_text(nginx_conf(s.tmp, port_a, port_b, COMPLETION, MODELS, METRICS))
-    s.start("direct", [nginx, "-c", str(conf), "-p", str(s.tmp), "-e", str(s.tmp / "nginx-error.log")], port_a)
+    port_a, port_b = start_nginx(s, nginx)
     sse_a, sse_b = free_port(), free_port()
     s.start("direct-sse", [sys.executable, str(Path(__file__).with_name("sse_upstream.py")), "--port", str(sse_a),
                            "--port", str(sse_b), "--chunks", str(chunks), "--interval-ms", str(interval_ms)], sse_a)
