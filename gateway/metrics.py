@@ -1,46 +1,44 @@
 """Prometheus metrics of one gateway instance, kept in a registry of its own (no globals).
 
-docs/metrics.md lists every series. The per-request metrics are plain counters in dicts, rendered by
-a collector at scrape time: prometheus_client's children take a lock per update (a histogram
-observation cost ~1.8 µs here, these ~0.3 µs), and a request updates a dozen of them.
+docs/metrics.md lists every series. The per-request ones are the lean families of
+gateway/metric_families.py (a request updates a dozen of them).
 """
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
+
+from gateway.metric_families import (
+    MAX_SERIES,
+    OVERFLOW,
+    Child,
+    CounterFamily,
+    FamiliesCollector,
+    Family,
+    GaugeFamily,
+    HistChild,
+    HistogramFamily,
 )
-from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from routing.types import Decision
 
-__all__ = ["KEY_NONE", "KEY_OTHER", "OVERFLOW", "UNROUTED", "GatewayMetrics", "decided_by"]
+__all__ = ["KEY_NONE", "KEY_OTHER", "MAX_SERIES", "OVERFLOW", "UNROUTED", "GatewayMetrics", "decided_by"]
 
 UNROUTED = "_unrouted"
 """The model label of requests that never reached a backend: a client-chosen name must not
 become a label value (unbounded cardinality)."""
-
-OVERFLOW = "_overflow"
-"""Every label of a series past a metric's series cap (a bug or an attack, never normal traffic)."""
 
 KEY_OTHER = "other"
 """The `key` label of every key name past `metrics.key_label_max`."""
 
 KEY_NONE = "_none"
 """The `key` label of requests no API key was accepted for (refused before or at authentication)."""
-
-MAX_SERIES = 2000
-"""Label sets one metric may hold; later ones are folded into one series labelled OVERFLOW."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The GenAI semantic conventions' advisory boundaries for gen_ai.server.time_to_first_token and
@@ -52,117 +50,6 @@ _PLUGIN_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1
 _REDIS_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 CIRCUIT_STATES = ("closed", "open", "half_open")
-
-Labels = tuple[str, ...]
-
-
-class _Family:
-    """One metric's series, keyed by label values. Not thread-safe: the gateway runs on one event loop,
-    and scrapes are served on it too."""
-
-    kind = ""
-
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
-        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
-        self._children: dict[Labels, _Child] = {}
-
-    def labels(self, *values: str) -> _Child:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            if len(self._children) >= MAX_SERIES:
-                values = (OVERFLOW,) * len(values)
-                child = self._children.get(values)
-            if child is None:
-                child = self._children[values] = self._child()
-        return child
-
-    def _child(self) -> _Child:
-        return _Child()
-
-    def series(self) -> Iterator[tuple[Labels, _Child]]:
-        return iter(list(self._children.items()))
-
-    def family(self) -> Metric:
-        raise NotImplementedError
-
-
-class _Child:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.value -= amount
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-
-class _Counter(_Family):
-    def family(self) -> Metric:
-        out = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for values, child in self.series():
-            out.add_metric(values, child.value)
-        return out
-
-
-class _Gauge(_Family):
-    def family(self) -> Metric:
-        out = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for values, child in self.series():
-            out.add_metric(values, child.value)
-        return out
-
-
-class _HistChild(_Child):
-    __slots__ = ("bounds", "counts")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        super().__init__()
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus buckets are `le`).
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.value += value
-
-
-class _Histogram(_Family):
-    def labels(self, *values: str) -> _HistChild:
-        child = super().labels(*values)
-        assert isinstance(child, _HistChild)
-        return child
-
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str], buckets: Iterable[float]) -> None:
-        super().__init__(name, doc, labelnames)
-        self.bounds = tuple(sorted(float(b) for b in buckets if not math.isinf(b)))
-
-    def _child(self) -> _Child:
-        return _HistChild(self.bounds)
-
-    def family(self) -> Metric:
-        out = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-        les = [_le(b) for b in self.bounds] + ["+Inf"]
-        for values, child in self.series():
-            assert isinstance(child, _HistChild)
-            cumulative, buckets = 0, []
-            for le, n in zip(les, child.counts, strict=True):
-                cumulative += n
-                buckets.append((le, cumulative))
-            out.add_metric(list(values), buckets, child.value)
-        return out
-
-
-def _le(bound: float) -> str:
-    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
-
 
 class _Bundle:
     """The children one kind of exchange (route, model, backend, status, tenant) updates; those not every
@@ -176,10 +63,10 @@ class _Bundle:
         self.requests = m.requests.labels(route, model, backend, str(status))
         self.latency = m.latency.labels(route, model, str(status))
         self.key_requests = None if key is None else m.key_requests.labels(tenant, key, str(status))
-        self._ttft: tuple[_HistChild, _HistChild] | None = None
-        self._tokens: dict[str, tuple[_Child, _Child | None]] = {}
+        self._ttft: tuple[HistChild, HistChild] | None = None
+        self._tokens: dict[str, tuple[Child, Child | None]] = {}
 
-    def ttft_tpot(self) -> tuple[_HistChild, _HistChild]:
+    def ttft_tpot(self) -> tuple[HistChild, HistChild]:
         if self._ttft is None:
             route, model, backend, _, _, _ = self._key
             self._ttft = (self._m.ttft.labels(route, model, backend), self._m.tpot.labels(route, model, backend))
@@ -204,18 +91,8 @@ class _ProfileSeries:
     def __init__(self, m: GatewayMetrics, profile: str) -> None:
         self.schedule = m.schedule_time.labels(profile)
         self.prefix = m.prefix_ratio.labels(profile)
-        self.plugins: dict[str, _HistChild] = {}
-        self.decisions: dict[tuple[str, str], _Child] = {}
-
-
-class _Collector:
-    def __init__(self, families: list[_Family]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        for f in self._families:
-            yield f.family()
-
+        self.plugins: dict[str, HistChild] = {}
+        self.decisions: dict[tuple[str, str], Child] = {}
 
 class GatewayMetrics:
     """Every metric the gateway updates per request; `registry` also carries admission's own."""
@@ -226,7 +103,7 @@ class GatewayMetrics:
         self._key_labels: dict[str, str] | None = {} if key_label_max > 0 else None
         """API key name -> its `key` label value, the first `key_label_max` names seen (None: option off)."""
         self._key_label_max = key_label_max
-        self._families: list[_Family] = []
+        self._families: list[Family] = []
         # -- requests -------------------------------------------------------------------------------
         self.requests = self.counter("gravity_requests", "API requests finished, by route, model, the backend "
                                      "that answered and HTTP status.", ["route", "model", "backend", "status"])
@@ -253,7 +130,7 @@ class GatewayMetrics:
                                    "(input, output, cached_input: the part of input read from the prefix cache).",
                                    ["tenant", "key", "model", "type"] if keyed else ["tenant", "model", "type"])
         # Declared either way (the bundles' code is one), exported only with the option on.
-        declare = self.counter if keyed else _Counter
+        declare = self.counter if keyed else CounterFamily
         self.key_requests = declare("gravity_key_requests", "API requests finished, by tenant, API key name and "
                                     "HTTP status (metrics.key_label).", ["tenant", "key", "status"])
         self.backend_tokens = self.counter("gravity_backend_tokens", "The same usage by the backend that answered "
@@ -294,21 +171,21 @@ class GatewayMetrics:
                                          "operation and error class.", ["operation", "error"])
         self._bundles: dict[tuple[str, str, str, int, str, str | None], _Bundle] = {}
         self._profiles: dict[str, _ProfileSeries] = {}
-        self.registry.register(_Collector(self._families))
+        self.registry.register(FamiliesCollector(self._families))
 
     # -- declaring ------------------------------------------------------------------------------------
-    def counter(self, name: str, doc: str, labelnames: Sequence[str]) -> _Family:
-        return self._add(_Counter(name, doc, labelnames))
+    def counter(self, name: str, doc: str, labelnames: Sequence[str]) -> Family:
+        return self._add(CounterFamily(name, doc, labelnames))
 
-    def gauge(self, name: str, doc: str, labelnames: Sequence[str]) -> _Family:
-        return self._add(_Gauge(name, doc, labelnames))
+    def gauge(self, name: str, doc: str, labelnames: Sequence[str]) -> Family:
+        return self._add(GaugeFamily(name, doc, labelnames))
 
-    def hist(self, name: str, doc: str, labelnames: Sequence[str], buckets: Iterable[float]) -> _Histogram:
-        family = _Histogram(name, doc, labelnames, buckets)
+    def hist(self, name: str, doc: str, labelnames: Sequence[str], buckets: Iterable[float]) -> HistogramFamily:
+        family = HistogramFamily(name, doc, labelnames, buckets)
         self._add(family)
         return family
 
-    def _add(self, family: _Family) -> _Family:
+    def _add(self, family: Family) -> Family:
         self._families.append(family)
         return family
 
