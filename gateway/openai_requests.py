@@ -189,7 +189,7 @@ async def read_body(scope: MutableMapping[str, Any], receive: Any, limit: int, t
     extensions = scope.get("extensions")
     whole = extensions.get(WHOLE_BODY) if extensions else None
     if whole is not None:
-        body = whole()
+        body: bytes | None = whole()
         if body is not None:  # it had all arrived: nothing to wait for, no deadline to set
             if len(body) > limit:
                 raise BodyTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes.")

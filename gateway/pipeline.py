@@ -8,7 +8,6 @@ refunded exactly once.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import zlib
@@ -31,7 +30,7 @@ from policies.resilience import ResilienceConfig
 from routing.datastore import Datastore
 from routing.errors import NoHealthyEndpoint, UnknownProfile
 from routing.scheduler import Scheduler
-from routing.types import RoutingRequest
+from routing.types import RoutingRequest, evolve
 
 log = logging.getLogger("gravity")
 
@@ -97,7 +96,7 @@ class Pipeline:
                     raise ProfileNotAllowed(profile)
                 if profile not in self.scheduler.profiles:
                     raise UnknownProfile(profile)
-                ex.routing = dataclasses.replace(ex.routing, profile=profile)
+                ex.routing = evolve(ex.routing, profile=profile)
             self._tracing.authenticated(span, ex, key)
         return key
 
@@ -161,7 +160,7 @@ class Pipeline:
         ex.model = model
         ex.replace_body({**ex.body, "model": model})
         routed, lora = self.routing_model(model)
-        ex.routing = dataclasses.replace(ex.routing, model=routed, lora=lora)
+        ex.routing = evolve(ex.routing, model=routed, lora=lora)
         ex.response_headers["x-gravity-fallback-model"] = model
         return True
 

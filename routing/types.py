@@ -22,6 +22,7 @@ __all__ = [
     "RoutingRequest",
     "ScoreTable",
     "Snapshot",
+    "evolve",
 ]
 
 _T = TypeVar("_T")
@@ -68,6 +69,20 @@ def _one_write_init(cls: type[_T]) -> type[_T]:
     init.__annotations__ = {**{f.name: f.type for f in dataclasses.fields(cls)}, "return": None}  # type: ignore[arg-type]
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """``dataclasses.replace`` for the classes built with ``_one_write_init`` (EndpointView, Snapshot,
+    RoutingRequest, PrefixMatch): a copy of the instance dict with ``changes`` applied, without
+    running ``__init__`` again (~1 us against ~7 us; the request path evolves a RoutingRequest several
+    times per request). Their ``__init__`` only stores the fields, so the result is the same object
+    ``replace`` builds; an unknown field name is a TypeError, as it is for ``replace``."""
+    fields = obj.__dict__
+    if not changes.keys() <= fields.keys():
+        raise TypeError(f"{type(obj).__name__} has no field {sorted(changes.keys() - fields.keys())}")
+    out = object.__new__(type(obj))
+    object.__setattr__(out, "__dict__", {**fields, **changes})
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ anything the proxy path does not decide the same way.
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -25,7 +24,7 @@ from gateway.exchange import Exchange
 from gateway.extproc.local import LocalAnswer, call_app
 from gateway.metrics import UNROUTED
 from gateway.openai_requests import ParsedBody
-from routing.types import Candidate
+from routing.types import Candidate, evolve
 
 __all__ = ["Decider", "GatewayDecider", "Pick", "PickRequest", "endpoint_address"]
 
@@ -154,7 +153,7 @@ class GatewayDecider:
                                   echo if echo != internal_id else None)
         if req.subset is not None:
             eligible = frozenset(self.name_of[a] for a in req.subset if a in self.name_of)
-            ex.routing = dataclasses.replace(ex.routing, eligible=eligible)
+            ex.routing = evolve(ex.routing, eligible=eligible)
         pick = Pick(exchange=ex, addresses=[], set_headers={}, remove_headers=[], body=b"",
                     echo_request_id=echo)
         # A SERVER span for the decision (docs/tracing.md): admission and routing spans are its children.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -35,6 +34,7 @@ from gateway.state.translate import (
 )
 from gateway.state.turn import Turn, commit, release
 from gateway.upstream import TrustedProxies, scope_headers
+from routing.types import evolve
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -112,7 +112,7 @@ async def prepare_response(deps: StateDeps, request: Request, raw: bytes) -> tup
     scoped = scoped_tenant(request)
     if ex.routing.session_id is None:
         # The thread is the natural session: its continuation wants the backend holding its cache.
-        ex.routing = dataclasses.replace(ex.routing, session_id=f"thread:{thread}")
+        ex.routing = evolve(ex.routing, session_id=f"thread:{thread}")
     turn: Turn | None = None
     try:
         key = await deps.pipeline.authenticate(ex, request.headers)
@@ -131,7 +131,7 @@ async def prepare_response(deps: StateDeps, request: Request, raw: bytes) -> tup
         final = orjson.dumps(chat_body(req, history))
         parsed = parse_body("chat/completions", final)
         ex.replace_body(parsed.body, final)
-        ex.routing = dataclasses.replace(ex.routing, prompt=parsed.prompt, prompt_tokens=len(parsed.prompt) // 4)
+        ex.routing = evolve(ex.routing, prompt=parsed.prompt, prompt_tokens=len(parsed.prompt) // 4)
         await deps.pipeline.reserve(ex, key)
         deps.pipeline.route(ex)
     except BaseException as exc:

@@ -6,7 +6,6 @@ removed or restarted (its KV cache is gone), so the next request routes by score
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from gateway.exchange import Exchange
 from gateway.state.keys import new_hex
 from gateway.state.store import StateStore
 from routing.datastore import Datastore
+from routing.types import evolve
 
 log = logging.getLogger("gravity.state")
 
@@ -71,7 +71,7 @@ class SessionAffinity:
             log.warning("session lookup failed for request %s", ex.request_id, exc_info=True)
             return
         ex.extras["state.session"] = raw
-        ex.routing = dataclasses.replace(ex.routing, session_endpoint=endpoint)
+        ex.routing = evolve(ex.routing, session_endpoint=endpoint)
 
     async def picked(self, ex: Exchange) -> None:
         session = ex.routing.session_id

@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from routing.latency import PRIOR
-from routing.types import EndpointView, PrefixMatch, RoutingRequest, Snapshot, _one_write_init
+from routing.types import EndpointView, PrefixMatch, RoutingRequest, Snapshot, _one_write_init, evolve
 
 FAST = (EndpointView, RoutingRequest, PrefixMatch, Snapshot)
 
@@ -52,3 +52,20 @@ def test_fields_it_cannot_copy_are_refused() -> None:
 
     with pytest.raises(TypeError):
         _one_write_init(NotInit)
+
+
+def test_evolve_builds_what_dataclasses_replace_builds() -> None:
+    base = RoutingRequest(model="m", prompt=b"p" * 100, session_id="s")
+    for changes in ({"prompt_tokens": 7}, {"session_endpoint": "e1", "priority": "batch"}, {}):
+        got, want = evolve(base, **changes), dataclasses.replace(base, **changes)
+        assert got == want and got.__dict__ == want.__dict__ and type(got) is RoutingRequest
+    assert base.prompt_tokens == 0 and base.session_endpoint is None  # the original is untouched
+    match = PrefixMatch(cached={"e": 0.5})
+    assert evolve(match, share=0.25) == dataclasses.replace(match, share=0.25)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolve(base, prompt_tokens=1).prompt_tokens = 2  # type: ignore[misc]
+
+
+def test_evolve_refuses_a_field_the_class_does_not_have() -> None:
+    with pytest.raises(TypeError, match="no field"):
+        evolve(RoutingRequest(model="m", prompt=b""), prompt_token=3)
